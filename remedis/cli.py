@@ -1,0 +1,110 @@
+"""The `remedis` command line.
+
+    remedis run configs/quickstart.yaml --output runs/quickstart
+    remedis data synth --output data/synthetic
+    remedis export --model runs/quickstart/adapted/remedis@1 --name site-x --build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from remedis.config import ConfigError, RunConfig
+
+
+def _summary(result) -> str:
+    report = json.loads(Path(result.report_json).read_text())
+    sites = list(report["sites"])
+    width = max(len(m["name"]) for m in report["models"]) + 2
+    lines = ["test AUROC per site:", "model".ljust(width) + "labels  " + "".join(f"{s} ({report['sites'][s]['role']})".rjust(22) for s in sites)]
+    for m in report["models"]:
+        cells = []
+        for s in sites:
+            a = m["sites"][s]["auroc"]
+            cells.append(("n/a" if a is None else f"{a:.3f}").rjust(22))
+        lines.append(m["name"].ljust(width) + str(m["train_images"]).rjust(6) + "  " + "".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    cfg = RunConfig.from_yaml(args.config)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    from remedis.pipeline import run_pipeline
+
+    result = run_pipeline(cfg, args.output, progress=not args.quiet, build=False if args.no_build else None)
+    print(_summary(result))
+    print(f"report:  {result.report_html}")
+    print(f"         {result.report_json}")
+    if result.bento_tag:
+        print(f"model:   {result.model_tag} (BentoML store)")
+        print(f"bento:   {result.bento_tag}   serve it: bentoml serve {result.bento_tag}")
+    print(f"wall time: {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from remedis.export import build_bento, export_model
+
+    tag = export_model(args.model, args.name, args.report, Path(args.model).name)
+    print(f"model: {tag}")
+    if args.build:
+        print(f"bento: {build_bento(tag)}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from remedis.data.synthetic import SyntheticSpec, generate_synthetic
+
+    path = generate_synthetic(args.output, SyntheticSpec(patients_per_site=args.patients, image_size=args.image_size), seed=args.seed)
+    print(f"manifest: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="remedis", description="REMEDIS-style medical-imaging adaptation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run every stage from a config file")
+    r.add_argument("config")
+    r.add_argument("--output", "-o", required=True, help="run folder")
+    r.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    r.add_argument("--no-build", action="store_true", help="skip export to BentoML and `bentoml build`")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export", help="put an adapted model folder in the BentoML store")
+    e.add_argument("--model", required=True, help="adapted model folder")
+    e.add_argument("--name", required=True, help="BentoML model name")
+    e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")
+    e.add_argument("--build", action="store_true", help="also `bentoml build` the service around it")
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the synthetic multi-site dataset and its manifest")
+    s.add_argument("--output", "-o", required=True)
+    s.add_argument("--patients", type=int, default=150, help="patients per site")
+    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # Bad input: one clear line, no traceback.
+        print(f"remedis: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

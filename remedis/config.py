@@ -1,0 +1,230 @@
+"""Run configuration: typed dataclasses loaded strictly from YAML.
+
+A config file fully describes a run (data, image size, model, steps per stage, seeds). Unknown or
+mistyped keys are an error that names the key, because a silently ignored typo ("epoch: 50") would
+make a run quietly differ from what its author believes it is.
+
+Example:
+    >>> cfg = RunConfig.from_yaml("configs/quickstart.yaml")
+    >>> cfg.pretrain.simclr.temperature
+    0.1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key."""
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded synthetic multi-site dataset (used when no manifest is given)."""
+
+    patients_per_site: int = 150
+    site_patients: dict[str, int] = field(default_factory=dict)  # per-site override, e.g. {site-A: 400}
+    max_images_per_patient: int = 3
+    image_size: int = 96
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = None  # a manifest CSV; None generates the synthetic dataset
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    source_site: str = "site-A"  # labeled upstream site (supervised pretraining)
+    target_site: str = "site-B"  # the new hospital we adapt to
+    positive_label: str | None = None  # binary AUROC positive class; None = last class sorted
+    image_size: int = 64  # network input size (square)
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any name known to remedis.models.create_backbone
+    in_chans: int = 1
+    weights: str | None = None  # local file with external weights (timm / torch state_dict)
+
+
+@dataclass
+class SupervisedConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class SimCLRConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    projection_dim: int = 128
+    min_crop_scale: float = 0.5  # random resized crop keeps 50-100% of the side
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class PretrainConfig:
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+
+
+@dataclass
+class AdaptConfig:
+    fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    backbones: list[str] = field(default_factory=lambda: ["remedis", "supervised"])
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    bootstrap: int = 200  # bootstrap resamples for 95% confidence intervals (patient level)
+
+
+@dataclass
+class ServeConfig:
+    model: str = "remedis@1.0"  # which adapted model to export: "<backbone>@<fraction>"
+    name: str = "remedis-quickstart"  # BentoML model name
+    build: bool = True  # run `bentoml build` after export
+
+
+@dataclass
+class RuntimeConfig:
+    precision: str = "bf16"  # "bf16" (autocast; fast on AVX-512 BF16 CPUs and GPUs) or "fp32"
+    accelerator: str = "auto"  # "cpu", "gpu" or "auto"
+    num_workers: int = 0  # DataLoader workers; data is cached in memory so 0 is usually best
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        try:
+            cfg = from_dict(cls, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.runtime.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"runtime.precision: expected 'bf16' or 'fp32', got {self.runtime.precision!r}")
+        if self.data.image_size < 16:
+            raise ConfigError(f"data.image_size: must be >= 16, got {self.data.image_size}")
+        if abs(sum(self.data.split_fractions) - 1.0) > 1e-6 or len(self.data.split_fractions) != 3:
+            raise ConfigError("data.split_fractions: need three fractions (train, val, test) summing to 1")
+        for f in self.adapt.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"adapt.fractions: {f} is not in (0, 1]")
+        for b in self.adapt.backbones:
+            if b not in ("remedis", "supervised", "random"):
+                raise ConfigError(f"adapt.backbones: unknown backbone {b!r} (remedis, supervised, random)")
+        backbone, _, frac = self.serve.model.partition("@")
+        if backbone not in self.adapt.backbones or not frac or float(frac) not in self.adapt.fractions:
+            raise ConfigError(
+                f"serve.model: {self.serve.model!r} is not one of the adapted models "
+                f"(<backbone>@<fraction> with backbone in {self.adapt.backbones} and fraction in {self.adapt.fractions})"
+            )
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_t, val_t = typing.get_args(tp)
+        return {_coerce(key_t, k, f"{where}"): _coerce(val_t, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

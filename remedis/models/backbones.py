@@ -1,0 +1,44 @@
+"""Backbones built by name through timm.
+
+Every backbone is a timm model created with `num_classes=0`, so `forward_features` gives the feature
+map and `forward_head` the pooled embedding; heads live in remedis. Names are timm's own
+(`resnet18`, `resnet50`, `resnetv2_50x1_bit`, `resnetv2_101x1_bit`, ...) plus `resnetv2_18_bit` and
+`resnetv2_34_bit`: timm's ResNetV2 with the BiT layers (weight-standardised convs + GroupNorm) at
+CPU-friendly depth.
+
+Example:
+    >>> net = create_backbone("resnetv2_18_bit", in_chans=1)
+    >>> emb = net.forward_head(net.forward_features(torch.zeros(2, 1, 64, 64)))   # (2, 512)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import timm
+import torch.nn as nn
+from timm.layers import GroupNormAct, StdConv2d
+
+# Small BiT-style ResNetV2s: same StdConv2d + GroupNorm(32) layers as timm's BiT models.
+_BIT_SMALL = {"resnetv2_18_bit": "resnetv2_18", "resnetv2_34_bit": "resnetv2_34"}
+
+
+def create_backbone(name: str, in_chans: int = 1) -> nn.Module:
+    if name in _BIT_SMALL:
+        return timm.create_model(
+            _BIT_SMALL[name],
+            pretrained=False,
+            num_classes=0,
+            in_chans=in_chans,
+            conv_layer=StdConv2d,
+            norm_layer=partial(GroupNormAct, num_groups=32),
+            stem_type="fixed",
+        )
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone {name!r}: use a timm model name or one of {sorted(_BIT_SMALL)}")
+    # pretrained=False always: weights come from a local file (no downloads at run time).
+    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+
+
+def embedding_dim(backbone: nn.Module) -> int:
+    return int(backbone.num_features)

@@ -1,0 +1,96 @@
+"""Pretraining jobs: supervised upstream, then SimCLR from its weights. Each writes a backbone
+checkpoint folder (see `remedis.models.checkpoint`) that the next stage, or another site, reads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from remedis.config import RunConfig
+from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset
+from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from remedis.models.classifier import Classifier
+from remedis.models.backbones import create_backbone
+from remedis.pretrain.simclr import SimCLRModule
+from remedis.pretrain.supervised import ClassifierModule, class_weights
+from remedis.pretrain.transforms import FineTuneAugment, SimCLRAugment
+from remedis.training import make_trainer
+
+log = logging.getLogger("remedis")
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=cfg.runtime.num_workers, generator=generator,
+                      persistent_workers=cfg.runtime.num_workers > 0)
+
+
+def backbone_meta(cfg: RunConfig, preprocessing, stage_history: list[dict]) -> dict:
+    return {
+        "kind": "backbone",
+        "architecture": cfg.model.backbone,
+        "in_chans": cfg.model.in_chans,
+        "preprocessing": preprocessing.to_dict(),
+        "stage_history": stage_history,
+        "config": cfg.to_dict(),
+    }
+
+
+def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_names: list[str],
+                     positive_index: int, output: Path, manifest_sha256: str | None, progress: bool = True) -> Path:
+    """Supervised upstream pretraining on labeled source images; writes a backbone checkpoint."""
+    sc = cfg.pretrain.supervised
+    model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
+    if cfg.model.weights:
+        from remedis.models.checkpoint import CheckpointError
+
+        try:
+            state = torch.load(cfg.model.weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{cfg.model.weights}: cannot load external weights ({exc})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        load_matching(model.backbone, {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}, cfg.model.weights)
+    train_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed))
+    module = ClassifierModule(model, lr=sc.lr, weight_decay=sc.weight_decay,
+                              class_weights=class_weights(train_ds.targets, len(class_names)),
+                              label_smoothing=sc.label_smoothing, positive_index=positive_index)
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress)
+    trainer.fit(module, _loader(train_ds, sc.batch_size, True, cfg, drop_last=len(train_ds) > sc.batch_size),
+                _loader(LabeledDataset(val, class_names), 256, False, cfg))
+    module.load_best()
+    history = [{"stage": "supervised", "manifest_sha256": manifest_sha256, "sites": sorted({r.site for r in train.records}),
+                "images": len(train), "class_names": class_names, "epochs": module.history}]
+    meta = backbone_meta(cfg, train.preprocessing, history)
+    path = save_checkpoint(output, model.backbone.state_dict(), meta)
+    best = max((h["val_auroc"] for h in module.history), default=float("nan"))
+    log.info("supervised upstream: best val AUROC %.3f -> %s", best, path)
+    return path
+
+
+def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, output: Path,
+                 manifest_sha256: str | None, progress: bool = True) -> Path:
+    """SimCLR on unlabeled images (labels ignored), starting from `init` (the supervised backbone)."""
+    sc = cfg.pretrain.simclr
+    backbone = create_backbone(cfg.model.backbone, cfg.model.in_chans)
+    stage_history: list[dict] = []
+    if init is not None:
+        state, meta = load_checkpoint(init)
+        load_matching(backbone, state, str(init))
+        stage_history = list(meta.get("stage_history", []))
+    module = SimCLRModule(backbone, temperature=sc.temperature, projection_dim=sc.projection_dim, lr=sc.lr,
+                          weight_decay=sc.weight_decay)
+    aug = SimCLRAugment(cfg.data.image_size, sc.min_crop_scale, seed=cfg.seed)
+    batch = min(sc.batch_size, len(unlabeled))
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress)
+    trainer.fit(module, _loader(TwoViewDataset(unlabeled, aug), batch, True, cfg, drop_last=True))
+    stage_history.append({"stage": "simclr", "manifest_sha256": manifest_sha256,
+                          "sites": sorted({r.site for r in unlabeled.records}), "images": len(unlabeled),
+                          "temperature": sc.temperature, "batch_size": batch, "epochs": module.history})
+    path = save_checkpoint(output, backbone.state_dict(), backbone_meta(cfg, unlabeled.preprocessing, stage_history))
+    if module.history:
+        log.info("SimCLR: NT-Xent %.3f -> %.3f -> %s", module.history[0]["nt_xent"], module.history[-1]["nt_xent"], path)
+    return path

@@ -1,0 +1,70 @@
+"""SimCLR: contrastive self-supervision of a backbone (NT-Xent on two augmented views).
+
+REMEDIS starts SimCLR from the supervised upstream weights, on unlabeled in-domain images of every
+site. AdamW with linear warm-up then cosine decay. The projection head is discarded afterwards; only
+the backbone is carried to adaptation.
+
+Example:
+    >>> module = SimCLRModule(backbone, temperature=0.1)
+    >>> make_trainer(runtime, epochs=10).fit(module, two_view_loader)
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+
+from remedis.models.backbones import embedding_dim
+from remedis.pretrain.heads import ProjectionHead
+from remedis.pretrain.losses import NTXentLoss
+
+
+class SimCLRModule(L.LightningModule):
+    def __init__(self, backbone: nn.Module, temperature: float = 0.1, projection_dim: int = 128,
+                 lr: float = 5e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        dim = embedding_dim(backbone)
+        self.projection = ProjectionHead(dim, dim, projection_dim)
+        self.criterion = NTXentLoss(temperature)
+        self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
+        self.history: list[dict] = []
+        self._losses: list[float] = []
+
+    def on_fit_start(self) -> None:
+        self.backbone.to(memory_format=torch.channels_last)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.projection(self.backbone.forward_head(self.backbone.forward_features(x)))
+
+    def training_step(self, batch, batch_idx):
+        v1, v2 = batch
+        z = self.project(torch.cat([v1, v2]))  # one forward pass for both views: BatchNorm sees all 2N
+        z1, z2 = z.float().chunk(2)
+        loss = self.criterion(z1, z2)
+        self._losses.append(loss.detach().item())
+        self.log("nt_xent", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.history.append({"epoch": int(self.current_epoch), "nt_xent": float(np.mean(self._losses))})
+        self._losses.clear()
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.warmup_fraction * total))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,73 @@
+"""Augmentation recipes for grayscale medical images, built from MONAI transforms.
+
+One class per recipe. Both map a (1, S, S) tensor in [0, 1] to a (1, S, S) tensor in [0, 1].
+Intensity distortions (gamma, contrast, brightness) replace SimCLR's colour jitter, which has no
+meaning for one channel; REMEDIS found these, with crops, flips, rotation and blur, the ones that
+matter for medical images.
+
+Example:
+    >>> aug = SimCLRAugment(image_size=64, seed=0)
+    >>> v1, v2 = aug(x), aug(x)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.data import set_track_meta
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandRotate,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    RandSpatialCrop,
+    Resize,
+)
+
+
+class _Recipe:
+    transform: Compose
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        set_track_meta(False)  # plain tensors: MetaTensor bookkeeping costs more than the transforms here
+        out = self.transform(x)
+        return torch.as_tensor(out).clamp_(0.0, 1.0)
+
+
+class SimCLRAugment(_Recipe):
+    """Random resized crop, flip, rotation, gamma/contrast/brightness, blur and noise (strong views)."""
+
+    def __init__(self, image_size: int, min_crop_scale: float = 0.5, seed: int = 0, strength: float = 1.0):
+        s = image_size
+        self.transform = Compose([
+            RandSpatialCrop(roi_size=max(8, int(min_crop_scale * s)), max_roi_size=s, random_size=True),
+            Resize((s, s), mode="bilinear", anti_aliasing=False),
+            RandFlip(prob=0.5, spatial_axis=1),
+            RandRotate(range_x=math.radians(20), prob=0.5, padding_mode="zeros"),
+            RandAdjustContrast(prob=0.8, gamma=(1 - 0.4 * strength, 1 + 0.6 * strength)),
+            RandScaleIntensity(factors=0.3 * strength, prob=0.8),
+            RandShiftIntensity(offsets=0.1 * strength, prob=0.8),
+            RandGaussianSmooth(sigma_x=(0.1, 1.5), sigma_y=(0.1, 1.5), prob=0.5),
+            RandGaussianNoise(prob=0.3, std=0.03 * strength),
+        ])
+        self.transform.set_random_state(seed)
+
+
+class FineTuneAugment(_Recipe):
+    """Light augmentation for supervised training and fine-tuning: crop, flip, mild intensity."""
+
+    def __init__(self, image_size: int, seed: int = 0):
+        s = image_size
+        self.transform = Compose([
+            RandSpatialCrop(roi_size=int(0.85 * s), max_roi_size=s, random_size=True),
+            Resize((s, s), mode="bilinear", anti_aliasing=False),
+            RandFlip(prob=0.5, spatial_axis=1),
+            RandAdjustContrast(prob=0.5, gamma=(0.8, 1.25)),
+            RandScaleIntensity(factors=0.1, prob=0.5),
+        ])
+        self.transform.set_random_state(seed)
