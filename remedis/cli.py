@@ -2,6 +2,7 @@
 
     remedis run configs/quickstart.yaml --output runs/quickstart
     remedis data synth --output data/synthetic
+Each stage adds its own sub-commands in `remedis/<stage>/cli.py` (a `register(subparsers)` function).
     remedis export --model runs/quickstart/adapted/remedis@1 --name site-x --build
 """
 
@@ -47,24 +48,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from remedis.export import build_bento, export_model
-
-    tag = export_model(args.model, args.name, args.report, Path(args.model).name)
-    print(f"model: {tag}")
-    if args.build:
-        print(f"bento: {build_bento(tag)}")
-    return 0
-
-
-def cmd_synth(args) -> int:
-    from remedis.data.synthetic import SyntheticSpec, generate_synthetic
-
-    path = generate_synthetic(args.output, SyntheticSpec(patients_per_site=args.patients, image_size=args.image_size), seed=args.seed)
-    print(f"manifest: {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remedis", description="REMEDIS-style medical-imaging adaptation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,21 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    e = sub.add_parser("export", help="put an adapted model folder in the BentoML store")
-    e.add_argument("--model", required=True, help="adapted model folder")
-    e.add_argument("--name", required=True, help="BentoML model name")
-    e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")
-    e.add_argument("--build", action="store_true", help="also `bentoml build` the service around it")
-    e.set_defaults(func=cmd_export)
+    from remedis.export import register as register_export
 
-    d = sub.add_parser("data", help="data utilities")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write the synthetic multi-site dataset and its manifest")
-    s.add_argument("--output", "-o", required=True)
-    s.add_argument("--patients", type=int, default=150, help="patients per site")
-    s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_synth)
+    register_export(sub)
+    from remedis.data.cli import register as register_data
+
+    register_data(sub)
     return p
 
 

@@ -69,3 +69,20 @@ def build_bento(model_tag: str, bentofile: Path = BENTOFILE) -> str:
         raise FileNotFoundError(f"{bentofile}: BentoML build file not found (build from a source checkout of remedis)")
     bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(bentofile.parent.parent), args={"model": model_tag})
     return str(bento.tag)
+
+
+def cmd_export(args) -> int:
+    tag = export_model(args.model, args.name, args.report, Path(args.model).name)
+    print(f"model: {tag}")
+    if args.build:
+        print(f"bento: {build_bento(tag)}")
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export", help="put an adapted model folder in the BentoML store")
+    e.add_argument("--model", required=True, help="adapted model folder")
+    e.add_argument("--name", required=True, help="BentoML model name")
+    e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")
+    e.add_argument("--build", action="store_true", help="also `bentoml build` the service around it")
+    e.set_defaults(func=cmd_export)
