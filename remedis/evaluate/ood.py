@@ -1,0 +1,240 @@
+"""Out-of-distribution detection: five scores, how well each separates sites, and the detector the
+service uses to refuse images that do not look like the site the model was adapted to.
+
+Scores (higher = more OOD):
+    msp          -max softmax probability (Hendrycks & Gimpel 2017)
+    max_logit    -max logit (Hendrycks et al. 2022)
+    energy       -logsumexp(logits) (Liu et al. 2020)
+    mahalanobis  min over classes of the Mahalanobis distance of the embedding to the class mean,
+                 shared (Ledoit-Wolf shrunk) covariance (Lee et al. 2018, on the pooled embedding)
+    knn          distance to the k-th nearest L2-normalised train embedding (Sun et al. 2022)
+
+The threshold is set so that `accept_rate` (95%) of in-distribution *validation* images are accepted
+(score <= threshold); the test split is never used to choose anything. The service loads the detector
+from the adapted model folder (`ood.json` + `ood.safetensors`).
+
+Example:
+    >>> det = fit_ood_detector("energy", train_emb, train_y, val_logits, val_emb)
+    >>> det.save("runs/x/adapted/remedis@1")
+    >>> OODDetector.load("runs/x/adapted/remedis@1").is_ood(logits, embeddings)   # (N,) bool
+    >>> ood_auroc(id_scores, ood_scores), fpr_at_tpr(id_scores, ood_scores, 0.95)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("msp", "max_logit", "energy", "mahalanobis", "knn")
+LOGIT_METHODS = ("msp", "max_logit", "energy")
+OOD_JSON = "ood.json"
+OOD_WEIGHTS = "ood.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_K = 10  # kNN neighbour rank; Sun et al. use 50 on ImageNet-size banks, site train sets are small
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(1, keepdims=True)))[:, 0]
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _as2d(name: str, x, n: int | None = None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (N, D), got shape {x.shape}")
+    if n is not None and len(x) != n:
+        raise ValueError(f"{name}: has {len(x)} rows, expected {n}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return x
+
+
+def logit_score(method: str, logits: np.ndarray) -> np.ndarray:
+    """The three scores that need only logits."""
+    logits = _as2d("logits", logits)
+    if method == "msp":
+        z = logits - logits.max(1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        return -p.max(1)
+    if method == "max_logit":
+        return -logits.max(1)
+    if method == "energy":
+        return -_logsumexp(logits)
+    raise ValueError(f"OOD method {method!r} is not a logit score ({', '.join(LOGIT_METHODS)})")
+
+
+@dataclass
+class OODDetector:
+    method: str  # "msp" | "max_logit" | "energy" | "mahalanobis" | "knn"
+    threshold: float  # score above threshold => OOD; 95% of in-distribution validation images accepted
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # mahalanobis: means, precision; knn: bank, k
+    accept_rate: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"OOD method {self.method!r} is unknown (choose one of {', '.join(METHODS)})")
+        need = {"mahalanobis": ("means", "precision"), "knn": ("bank", "k")}.get(self.method, ())
+        missing = [k for k in need if k not in self.state]
+        if missing:
+            raise ValueError(f"OOD detector {self.method!r}: state is missing {missing}")
+
+    def score(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """(N,) scores, higher = more OOD. `logits` are uncalibrated (temperature does not change
+        the ranking of max_logit/energy, and MSP is defined on the raw softmax)."""
+        if self.method in LOGIT_METHODS:
+            return logit_score(self.method, logits)
+        emb = _as2d("embeddings", embeddings)
+        if self.method == "mahalanobis":
+            means, prec = self.state["means"].astype(np.float64), self.state["precision"].astype(np.float64)
+            if emb.shape[1] != means.shape[1]:
+                raise ValueError(f"embeddings: dimension {emb.shape[1]} does not match the detector's {means.shape[1]}")
+            d = emb[:, None, :] - means[None, :, :]  # (N, C, D)
+            return np.einsum("ncd,de,nce->nc", d, prec, d).min(1)
+        bank = self.state["bank"].astype(np.float64)
+        if emb.shape[1] != bank.shape[1]:
+            raise ValueError(f"embeddings: dimension {emb.shape[1]} does not match the detector's {bank.shape[1]}")
+        k = int(self.state["k"].reshape(-1)[0])
+        sim = _l2n(emb) @ bank.T  # cosine similarity; distance^2 = 2 - 2 sim on the unit sphere
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+
+    def is_ood(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        return self.score(logits, embeddings) > self.threshold
+
+    def save(self, model_folder: str | Path) -> None:
+        """Write `ood.safetensors` then `ood.json` (each via a temporary file + rename; the JSON,
+        written last, records the weights hash, so a reader never pairs it with other weights)."""
+        from safetensors.numpy import save_file
+
+        folder = Path(model_folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: adapted model folder not found")
+        tensors = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "k" else np.float32) for k, v in self.state.items()}
+        fd, tmp = tempfile.mkstemp(prefix=".ood.", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+            os.replace(tmp, folder / OOD_WEIGHTS)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "method": self.method, "threshold": float(self.threshold),
+                "accept_rate": float(self.accept_rate), "score": "higher = more out-of-distribution; OOD when score > threshold",
+                "weights_sha256": digest}
+        fd, tmp = tempfile.mkstemp(prefix=".ood.", suffix=".json", dir=folder)
+        os.close(fd)
+        try:
+            Path(tmp).write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, folder / OOD_JSON)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, model_folder: str | Path) -> "OODDetector | None":
+        """The detector stored in `model_folder`, or None when it has none."""
+        from safetensors.numpy import load_file
+
+        folder = Path(model_folder)
+        if not (folder / OOD_JSON).is_file():
+            return None
+        try:
+            meta = json.loads((folder / OOD_JSON).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{folder / OOD_JSON}: corrupt OOD detector metadata ({exc})") from None
+        weights = folder / OOD_WEIGHTS
+        if not weights.is_file():
+            raise ValueError(f"{folder}: {OOD_JSON} present but {OOD_WEIGHTS} is missing")
+        data = weights.read_bytes()
+        if meta.get("weights_sha256") and hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
+            raise ValueError(f"{weights}: hash does not match {OOD_JSON} (corrupt or modified detector)")
+        state = {k: np.asarray(v) for k, v in load_file(str(weights)).items()}
+        return cls(meta["method"], float(meta["threshold"]), state, float(meta.get("accept_rate", 0.95)))
+
+
+def fit_state(method: str, train_embeddings, train_targets, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
+    """What a method needs from the in-distribution training set (nothing for logit scores)."""
+    if method not in METHODS:
+        raise ValueError(f"OOD method {method!r} is unknown (choose one of {', '.join(METHODS)})")
+    if method in LOGIT_METHODS:
+        return {}
+    emb = _as2d("train_embeddings", train_embeddings)
+    if len(emb) < 2:
+        raise ValueError(f"train_embeddings: {method} needs at least 2 training images, got {len(emb)}")
+    if method == "knn":
+        return {"bank": _l2n(emb).astype(np.float32), "k": np.array([min(k, len(emb))], dtype=np.int64)}
+    from sklearn.covariance import LedoitWolf
+
+    y = np.asarray(train_targets)
+    if len(y) != len(emb):
+        raise ValueError(f"train_targets: has {len(y)} entries, train_embeddings has {len(emb)} rows")
+    classes = np.unique(y)
+    means = np.stack([emb[y == c].mean(0) for c in classes])
+    centred = emb - means[np.searchsorted(classes, y)]
+    # Shrinkage: site train sets have far fewer images than embedding dimensions (singular covariance).
+    cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    return {"means": means.astype(np.float32), "precision": np.linalg.pinv(cov, hermitian=True).astype(np.float32)}
+
+
+def fit_ood_detector(method: str, train_embeddings, train_targets, val_logits, val_embeddings,
+                     accept_rate: float = 0.95, k: int = DEFAULT_K) -> OODDetector:
+    """Fit `method` on the train split and set its threshold on the in-distribution validation split."""
+    if not 0.0 < accept_rate < 1.0:
+        raise ValueError(f"accept_rate: must be in (0, 1), got {accept_rate}")
+    state = fit_state(method, train_embeddings, train_targets, k)
+    det = OODDetector(method, float("inf"), state, accept_rate)
+    val = det.score(val_logits, val_embeddings)
+    if len(val) == 0:
+        raise ValueError("val_logits: the validation split is empty; cannot set the OOD threshold")
+    det.threshold = float(threshold_for_accept_rate(val, accept_rate))
+    return det
+
+
+def threshold_for_accept_rate(scores, accept_rate: float = 0.95) -> float:
+    """Smallest observed score t with at least `accept_rate` of `scores` <= t."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    return float(s[max(int(np.ceil(accept_rate * len(s))) - 1, 0)])
+
+
+def ood_auroc(id_scores, ood_scores) -> float:
+    """AUROC of telling OOD (positive) from in-distribution by the score; 0.5 = chance."""
+    from sklearn.metrics import roc_auc_score
+
+    a, b = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
+    """FPR at 95% TPR (the ODIN/energy-paper convention): in-distribution is the positive class;
+    the threshold accepts `tpr` of in-distribution images, and we return the fraction of OOD images
+    it also accepts. 0 = perfect, lower is better."""
+    a, b = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    return float(np.mean(b <= threshold_for_accept_rate(a, tpr)))
+
+
+def all_scores(logits, embeddings, train_embeddings, train_targets, k: int = DEFAULT_K,
+               states: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Every method's scores for one set of images (states fitted once and reused through `states`)."""
+    out = {}
+    for method in METHODS:
+        if states is not None and method in states:
+            state = states[method]
+        else:
+            state = fit_state(method, train_embeddings, train_targets, k)
+            if states is not None:
+                states[method] = state
+        out[method] = OODDetector(method, float("inf"), state).score(logits, embeddings)
+    return out
