@@ -60,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
+    from remedis.adapt.cli import register as register_adapt
+
+    register_adapt(sub)
     from remedis.export import register as register_export
 
     register_export(sub)
     from remedis.data.cli import register as register_data
 
     register_data(sub)
+    from remedis.evaluate.cli import register as register_evaluate
+
+    register_evaluate(sub)
     return p
 
 

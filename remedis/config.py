@@ -44,6 +44,7 @@ class DataConfig:
     source_site: str = "site-A"  # labeled upstream site (supervised pretraining)
     target_site: str = "site-B"  # the new hospital we adapt to
     positive_label: str | None = None  # binary AUROC positive class; None = last class sorted
+    label_map: dict[str, str] = field(default_factory=dict)  # e.g. {normal: not_malignant, benign: not_malignant}
     image_size: int = 64  # network input size (square)
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
 
@@ -74,6 +75,7 @@ class SimCLRConfig:
     temperature: float = 0.1
     projection_dim: int = 128
     min_crop_scale: float = 0.5  # random resized crop keeps 50-100% of the side
+    micle: bool = True  # positives from two different images of one patient when the patient has several
     max_steps_per_epoch: int | None = None
 
 
@@ -91,12 +93,37 @@ class AdaptConfig:
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 1e-4
+    mode: str = "full"  # "full", "partial" (train blocks after `fine_tune_after_block`) or "linear" (head only)
+    fine_tune_after_block: int = -1  # partial: -1 trains all; k trains blocks after block k (0 = stem)
+    backbone_lr_scale: float = 1.0  # discriminative learning rate: backbone lr = lr * scale
+    label_smoothing: float = 0.0
+    patience: int | None = None  # early stopping on validation AUROC (epochs without improvement)
+    sweep_lrs: list[float] = field(default_factory=list)  # extra sweep members (lr values) besides `lr`
+    soup: str = "greedy"  # how sweep members combine: "best", "uniform" or "greedy" (by validation AUROC)
+    wise_ft: bool = True  # interpolate with the initial backbone, alpha chosen on validation
+    wise_alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    operating_sensitivity: float = 0.9  # the stored operating point: threshold for this validation sensitivity
     max_steps_per_epoch: int | None = None
 
 
 @dataclass
 class EvaluateConfig:
     bootstrap: int = 200  # bootstrap resamples for 95% confidence intervals (patient level)
+    # The OOD detector stored with every adapted model. A fixed choice, never picked on OOD test data
+    # (that would leak); Mahalanobis on embeddings also catches far-OOD inputs that get confident logits.
+    ood_method: str = "mahalanobis"  # msp, max_logit, energy, mahalanobis or knn
+    ood_accept_rate: float = 0.95  # share of in-distribution validation images the threshold accepts
+    subgroups: list[str] = field(default_factory=list)  # manifest columns reported per value, e.g. [device]
+    far_ood_manifests: list[str] = field(default_factory=list)  # other-modality manifests (far-OOD sets)
+    noise_images: int = 64  # synthetic noise images (far-OOD)
+    cka_images: int = 256  # test images used for CKA
+
+    def __post_init__(self) -> None:  # checked at load time, not after hours of training
+        methods = ("msp", "max_logit", "energy", "mahalanobis", "knn")
+        if self.ood_method not in methods:
+            raise ConfigError(f"evaluate.ood_method: expected one of {', '.join(methods)}, got {self.ood_method!r}")
+        if not 0.0 < self.ood_accept_rate < 1.0:
+            raise ConfigError(f"evaluate.ood_accept_rate: must be in (0, 1), got {self.ood_accept_rate}")
 
 
 @dataclass
@@ -154,6 +181,13 @@ class RunConfig:
         for f in self.adapt.fractions:
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"adapt.fractions: {f} is not in (0, 1]")
+        if self.adapt.mode not in ("full", "partial", "linear"):
+            raise ConfigError(f"adapt.mode: expected full, partial or linear, got {self.adapt.mode!r}")
+        if self.adapt.soup not in ("best", "uniform", "greedy"):
+            raise ConfigError(f"adapt.soup: expected best, uniform or greedy, got {self.adapt.soup!r}")
+        for a in self.adapt.wise_alphas:
+            if not 0.0 <= a <= 1.0:
+                raise ConfigError(f"adapt.wise_alphas: {a} is not in [0, 1]")
         for b in self.adapt.backbones:
             if b not in ("remedis", "supervised", "random"):
                 raise ConfigError(f"adapt.backbones: unknown backbone {b!r} (remedis, supervised, random)")

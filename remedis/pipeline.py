@@ -16,6 +16,8 @@ Run folder layout (all artifacts of DESIGN.md):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +37,7 @@ from remedis.data.splits import assign_splits, budget_subset
 from remedis.data.synthetic import DEFAULT_SITES, SyntheticSpec, generate_synthetic
 from remedis.evaluate.metrics import site_metrics
 from remedis.evaluate.report import build_report, write_report
+from remedis.models.checkpoint import CheckpointError, read_meta
 from remedis.pretrain.jobs import train_simclr, train_supervised
 from remedis.training import setup_runtime
 
@@ -76,7 +79,13 @@ def prepare_data(cfg: RunConfig, output: Path) -> Manifest:
         site = getattr(cfg.data, key)
         if site not in sites:
             raise ConfigError(f"data.{key}: site {site!r} is not in the manifest (sites: {', '.join(sites)})")
-    records = assign_splits(manifest.records, tuple(cfg.data.split_fractions), seed=cfg.seed)
+    records = manifest.records
+    if cfg.data.label_map:
+        unknown = sorted(set(cfg.data.label_map) - {r.label for r in records})
+        if unknown:
+            raise ConfigError(f"data.label_map: label(s) {unknown} do not occur in the manifest ({manifest.labels()})")
+        records = [replace(r, label=cfg.data.label_map.get(r.label, r.label)) for r in records]
+    records = assign_splits(records, tuple(cfg.data.split_fractions), seed=cfg.seed)
     manifest = manifest.with_records(records)
     write_manifest(manifest, output / "manifest.csv")
     return manifest
@@ -84,17 +93,38 @@ def prepare_data(cfg: RunConfig, output: Path) -> Manifest:
 
 def evaluate_model(model: AdaptedModel, test: ImageCache, class_names: list[str], positive_index: int,
                    cfg: RunConfig) -> dict[str, dict]:
+    """Point estimates per site for the progress log; the report's full evaluation (CIs, calibration,
+    OOD, CKA) runs once all models exist (`remedis.evaluate.evaluation.evaluate_folder`)."""
+    from remedis.evaluate.evaluation import infer
+
     index = {c: i for i, c in enumerate(class_names)}
     per_site = {}
     for site in sorted({r.site for r in test.records}):
         part = test.subset(lambda r, s=site: r.site == s and r.label in index)
-        x = model.preprocessing.normalize(part.pixels.float())
-        logits = torch.cat([model.logits(x[i:i + 256]) for i in range(0, len(x), 256)]) if len(x) else torch.empty(0, len(class_names))
-        probs = model.probs_from_logits(logits).numpy()
+        logits, _ = infer(model, part.pixels)
+        probs = model.probs_from_logits(torch.as_tensor(logits)).numpy()
         targets = np.array([index[r.label] for r in part.records])
-        per_site[site] = site_metrics(targets, probs, [r.patient_id for r in part.records], positive_index,
-                                      n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
+        per_site[site] = site_metrics(targets, probs, [r.patient_id for r in part.records], positive_index, n_boot=0)
     return per_site
+
+
+def stage_key(*parts) -> str:
+    """Hash of everything that determines a stage's output: a finished stage whose folder carries the
+    same key is reused, so a killed run resumes at the first unfinished stage."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def reusable(folder: Path, key: str) -> bool:
+    try:
+        meta = read_meta(folder)
+    except CheckpointError:
+        return False
+    found = meta.get("stage_key") or meta.get("provenance", {}).get("stage_key")
+    if found == key and (folder / "model.safetensors").is_file():
+        log.info("reusing finished stage %s", folder)
+        return True
+    return False
 
 
 def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, build: bool | None = None) -> RunResult:
@@ -124,11 +154,18 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
                             and (labeled is None or (r.label != "") == labeled))
 
     backbones_dir = output / "backbones"
-    log.info("[2/5 pretrain] supervised upstream on %s", src)
-    supervised = train_supervised(cfg, part(src, "train", True), part(src, "val", True), class_names, positive_index,
-                                  backbones_dir / "supervised", manifest.sha256, progress)
-    log.info("[2/5 pretrain] SimCLR on unlabeled train images of all sites")
-    remedis_ckpt = train_simclr(cfg, part(split="train"), supervised, backbones_dir / "remedis", manifest.sha256, progress)
+    data_key = [manifest.sha256, cfg.data, cfg.model, cfg.seed]
+    supervised = backbones_dir / "supervised"
+    key = stage_key("supervised", data_key, cfg.pretrain.supervised)
+    if not reusable(supervised, key):
+        log.info("[2/5 pretrain] supervised upstream on %s", src)
+        train_supervised(cfg, part(src, "train", True), part(src, "val", True), class_names, positive_index,
+                         supervised, manifest.sha256, progress, stage_key=key)
+    remedis_ckpt = backbones_dir / "remedis"
+    key = stage_key("simclr", data_key, cfg.pretrain.simclr, read_meta(supervised)["weights_sha256"])
+    if not reusable(remedis_ckpt, key):
+        log.info("[2/5 pretrain] SimCLR on unlabeled train images of all sites")
+        train_simclr(cfg, part(split="train"), supervised, remedis_ckpt, manifest.sha256, progress, stage_key=key)
     inits = {"remedis": remedis_ckpt, "supervised": supervised, "random": None}
 
     target_train, target_val = part(tgt, "train", True), part(tgt, "val", True)
@@ -140,10 +177,17 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
             name = model_name(backbone, fraction)
             chosen = {r.image for r in budget_subset(target_train.records, fraction, seed=cfg.seed)}
             train = target_train.subset(lambda r: r.image in chosen)
-            log.info("[3/5 adapt] %s: %d labeled %s images", name, len(train), tgt)
-            adapted, _ = fine_tune(cfg, inits[backbone], train, target_val, class_names, positive_index, progress,
-                                   provenance={"manifest_sha256": manifest.sha256, "target_site": tgt, "budget": fraction})
-            folder = adapted.save(output / "adapted" / name)
+            init = inits[backbone]
+            folder = output / "adapted" / name
+            key = stage_key("adapt", data_key, cfg.adapt, fraction, read_meta(init)["weights_sha256"] if init else None)
+            if reusable(folder, key):
+                adapted = AdaptedModel.load(folder)
+            else:
+                log.info("[3/5 adapt] %s: %d labeled %s images", name, len(train), tgt)
+                adapted, _ = fine_tune(cfg, init, train, target_val, class_names, positive_index, progress,
+                                       provenance={"manifest_sha256": manifest.sha256, "target_site": tgt,
+                                                   "budget": fraction, "stage_key": key})
+                adapted.save(folder)
             result.adapted[name] = folder
             log.info("[4/5 evaluate] %s", name)
             models.append({"name": name, "backbone": backbone, "fraction": fraction, "train_images": len(train),
@@ -153,10 +197,26 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
     roles = {s: "source" if s == src else "target" if s == tgt else "ood" for s in manifest.sites()}
     sites = {s: {"role": roles[s], "test_images": sum(r.site == s for r in test.records),
                  "test_patients": len({r.patient_id for r in test.records if r.site == s})} for s in manifest.sites()}
+    from remedis.evaluate.evaluation import EvalInputs, evaluate_folder, load_backbone_before, load_far_ood
+
+    ev = cfg.evaluate
+    far_ood = load_far_ood(ev.far_ood_manifests, pre, seed=cfg.seed)
+    for m in models:  # full evaluation; also fits and stores each model's OOD detector
+        log.info("[4/5 evaluate] %s: CIs, calibration, OOD detection, CKA", m["name"])
+        chosen = {r.image for r in budget_subset(target_train.records, m["fraction"], seed=cfg.seed)}
+        inputs = EvalInputs(test=test, target_site=tgt, roles=roles, train=target_train.subset(lambda r: r.image in chosen),
+                            val=target_val, far_ood=far_ood, subgroups=list(ev.subgroups),
+                            backbone_before=load_backbone_before(inits[m["backbone"]], cfg.model.backbone, cfg.model.in_chans),
+                            ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
+                            operating_sensitivity=getattr(cfg.adapt, "operating_sensitivity", 0.9),
+                            noise_images=ev.noise_images, cka_images=ev.cka_images)
+        m.update(evaluate_folder(result.adapted[m["name"]], inputs, n_boot=ev.bootstrap, seed=cfg.seed))
     provenance = {"manifest_sha256": manifest.sha256, "seed": cfg.seed, "backbone": cfg.model.backbone,
                   "image_size": cfg.data.image_size, "class_names": class_names, "positive_class": positive,
-                  "skipped_images": len(cache.failures), "config": cfg.to_dict()}
-    write_report(build_report(models, sites, provenance, title=f"remedis report: adaptation to {tgt}"), output)
+                  "skipped_images": len(cache.failures), "far_ood": {k: len(v) for k, v in far_ood.items()},
+                  "config": cfg.to_dict()}
+    task = {"class_names": class_names, "positive_class": positive, "target_site": tgt}
+    write_report(build_report(models, sites, provenance, title=f"remedis report: adaptation to {tgt}", task=task), output)
     log.info("[4/5 evaluate] report: %s", result.report_html)
 
     if cfg.serve.build if build is None else build:

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 
 def test_report_has_a_number_for_every_site_and_model(run):
     report = json.loads((run["out"] / "report.json").read_text())
-    assert report["schema_version"] == 1
+    assert isinstance(report["schema_version"], int) and report["schema_version"] >= 1
     assert set(report["sites"]) == {"site-A", "site-B", "site-C"}
     assert {s["role"] for s in report["sites"].values()} == {"source", "target", "ood"}
     names = {m["name"] for m in report["models"]}

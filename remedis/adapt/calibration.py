@@ -44,3 +44,20 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins:
         if in_bin.any():
             ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
     return float(ece)
+
+
+def threshold_for_sensitivity(positive_probs, is_positive, sensitivity: float = 0.9) -> float:
+    """Largest threshold on the positive-class probability whose sensitivity (TPR) is >= `sensitivity`.
+
+    A prediction is positive when prob >= threshold. Chosen on validation; stored with the model so the
+    service and the report use the same operating point.
+    """
+    import numpy as np
+
+    p = np.asarray(positive_probs, dtype=np.float64)
+    y = np.asarray(is_positive, dtype=bool)
+    if y.sum() == 0:
+        return 0.5
+    pos = np.sort(p[y])[::-1]
+    k = int(np.ceil(sensitivity * len(pos) - 1e-9))  # need at least k positives at or above the threshold
+    return float(pos[max(k, 1) - 1])

@@ -33,6 +33,8 @@ class AdaptedModel:
     temperature: float = 1.0
     positive_index: int = 1
     provenance: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None  # operating threshold on the positive-class probability (binary tasks)
+    operating_point: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.classifier.eval()
@@ -56,7 +58,8 @@ class AdaptedModel:
             "class_names": self.class_names,
             "positive_index": self.positive_index,
             "preprocessing": self.preprocessing.to_dict(),
-            "calibration": {"temperature": self.temperature},
+            "calibration": {"temperature": self.temperature, "threshold": self.threshold,
+                            "operating_point": self.operating_point},
             "provenance": self.provenance,
         }
         return save_checkpoint(folder, self.classifier.state_dict(), meta)
@@ -69,8 +72,9 @@ class AdaptedModel:
         pre = Preprocessing.from_dict(meta["preprocessing"])
         clf = Classifier(meta["architecture"], len(meta["class_names"]), pre.in_chans)
         load_matching(clf, state, str(folder))
-        return cls(clf, list(meta["class_names"]), pre, float(meta["calibration"]["temperature"]),
-                   int(meta.get("positive_index", 1)), meta.get("provenance", {}))
+        cal = meta["calibration"]
+        return cls(clf, list(meta["class_names"]), pre, float(cal["temperature"]), int(meta.get("positive_index", 1)),
+                   meta.get("provenance", {}), cal.get("threshold"), cal.get("operating_point", {}))
 
     def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
@@ -86,6 +90,14 @@ class AdaptedModel:
 
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits / self.temperature).softmax(1)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class index per row: the stored operating threshold for binary tasks, else argmax."""
+        probs = np.asarray(probs)
+        if self.threshold is not None and probs.shape[1] == 2:
+            positive = probs[:, self.positive_index] >= self.threshold
+            return np.where(positive, self.positive_index, 1 - self.positive_index)
+        return probs.argmax(1)
 
     def batch_from_images(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([self.preprocessing(img) for img in images])

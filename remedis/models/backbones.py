@@ -42,3 +42,14 @@ def create_backbone(name: str, in_chans: int = 1) -> nn.Module:
 
 def embedding_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features)
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone as [stem, block 0, block 1, ...] for partial fine-tuning (REMEDIS's
+    `fine_tune_after_block`). Works for timm ResNet (layer1..4) and ResNetV2 (stages)."""
+    if hasattr(backbone, "stages"):  # timm ResNetV2 / BiT
+        return [backbone.stem, *backbone.stages]
+    if hasattr(backbone, "layer1"):  # timm ResNet
+        stem = nn.ModuleList([m for m in (backbone.conv1, backbone.bn1) if m is not None])
+        return [stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    raise ValueError(f"partial fine-tuning: no block structure known for {type(backbone).__name__}")

@@ -14,6 +14,7 @@ from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset
 from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from remedis.models.classifier import Classifier
 from remedis.models.backbones import create_backbone
+from remedis.pretrain.micle import MICLeDataset
 from remedis.pretrain.simclr import SimCLRModule
 from remedis.pretrain.supervised import ClassifierModule, class_weights
 from remedis.pretrain.transforms import FineTuneAugment, SimCLRAugment
@@ -41,7 +42,8 @@ def backbone_meta(cfg: RunConfig, preprocessing, stage_history: list[dict]) -> d
 
 
 def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_names: list[str],
-                     positive_index: int, output: Path, manifest_sha256: str | None, progress: bool = True) -> Path:
+                     positive_index: int, output: Path, manifest_sha256: str | None, progress: bool = True,
+                     stage_key: str | None = None) -> Path:
     """Supervised upstream pretraining on labeled source images; writes a backbone checkpoint."""
     sc = cfg.pretrain.supervised
     model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
@@ -64,7 +66,7 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
     module.load_best()
     history = [{"stage": "supervised", "manifest_sha256": manifest_sha256, "sites": sorted({r.site for r in train.records}),
                 "images": len(train), "class_names": class_names, "epochs": module.history}]
-    meta = backbone_meta(cfg, train.preprocessing, history)
+    meta = {**backbone_meta(cfg, train.preprocessing, history), "stage_key": stage_key}
     path = save_checkpoint(output, model.backbone.state_dict(), meta)
     best = max((h["val_auroc"] for h in module.history), default=float("nan"))
     log.info("supervised upstream: best val AUROC %.3f -> %s", best, path)
@@ -72,7 +74,7 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
 
 
 def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, output: Path,
-                 manifest_sha256: str | None, progress: bool = True) -> Path:
+                 manifest_sha256: str | None, progress: bool = True, stage_key: str | None = None) -> Path:
     """SimCLR on unlabeled images (labels ignored), starting from `init` (the supervised backbone)."""
     sc = cfg.pretrain.simclr
     backbone = create_backbone(cfg.model.backbone, cfg.model.in_chans)
@@ -85,12 +87,17 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, outpu
                           weight_decay=sc.weight_decay)
     aug = SimCLRAugment(cfg.data.image_size, sc.min_crop_scale, seed=cfg.seed)
     batch = min(sc.batch_size, len(unlabeled))
+    dataset = MICLeDataset(unlabeled, aug, seed=cfg.seed) if sc.micle else TwoViewDataset(unlabeled, aug)
+    if sc.micle:
+        log.info("MICLe: %.0f%% of images have a partner image of the same patient", 100 * dataset.multi_image_fraction)
     trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress)
-    trainer.fit(module, _loader(TwoViewDataset(unlabeled, aug), batch, True, cfg, drop_last=True))
+    trainer.fit(module, _loader(dataset, batch, True, cfg, drop_last=True))
     stage_history.append({"stage": "simclr", "manifest_sha256": manifest_sha256,
                           "sites": sorted({r.site for r in unlabeled.records}), "images": len(unlabeled),
-                          "temperature": sc.temperature, "batch_size": batch, "epochs": module.history})
-    path = save_checkpoint(output, backbone.state_dict(), backbone_meta(cfg, unlabeled.preprocessing, stage_history))
+                          "temperature": sc.temperature, "batch_size": batch, "micle": sc.micle,
+                          "epochs": module.history})
+    meta = {**backbone_meta(cfg, unlabeled.preprocessing, stage_history), "stage_key": stage_key}
+    path = save_checkpoint(output, backbone.state_dict(), meta)
     if module.history:
         log.info("SimCLR: NT-Xent %.3f -> %.3f -> %s", module.history[0]["nt_xent"], module.history[-1]["nt_xent"], path)
     return path

@@ -32,9 +32,11 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4,
                  class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 positive_index: int = 1, param_groups: list[dict] | None = None):
+                 positive_index: int = 1, param_groups: list[dict] | None = None,
+                 frozen: list[nn.Module] | None = None):
         super().__init__()
         self.model = model
+        self.frozen = frozen or []  # modules kept in eval mode (frozen BatchNorm statistics)
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
         self.positive_index = positive_index
         self.param_groups = param_groups
@@ -48,6 +50,10 @@ class ClassifierModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.model.to(memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self) -> None:
+        for m in self.frozen:
+            m.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last))

@@ -1,0 +1,48 @@
+"""MICLe (Azizi et al. 2021): multi-instance contrastive pairs.
+
+When a patient has several images (views of one lesion, both breasts, follow-ups), the positive pair
+is two *different* images of that patient, each augmented; a patient with one image falls back to two
+views of that image (plain SimCLR). Different images carry real acquisition variation that synthetic
+augmentation cannot invent.
+
+Example:
+    >>> ds = MICLeDataset(cache, SimCLRAugment(64), seed=0)
+    >>> v1, v2 = ds[0]      # augmented views of two images of one patient
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from remedis.data.dataset import ImageCache
+
+
+class MICLeDataset(Dataset):
+    def __init__(self, cache: ImageCache, augment: Callable, seed: int = 0):
+        self.cache = cache
+        self.augment = augment
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, r in enumerate(cache.records):
+            groups[(r.site, r.patient_id)].append(i)
+        self.partners = [groups[(r.site, r.patient_id)] for r in cache.records]
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def multi_image_fraction(self) -> float:
+        return float(np.mean([len(p) > 1 for p in self.partners])) if self.partners else 0.0
+
+    def partner(self, i: int) -> int:
+        others = [j for j in self.partners[i] if j != i]
+        return int(self.rng.choice(others)) if others else i
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int):
+        j = self.partner(i)
+        norm = self.cache.preprocessing.normalize
+        return norm(self.augment(self.cache.pixels[i].float())), norm(self.augment(self.cache.pixels[j].float()))

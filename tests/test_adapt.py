@@ -1,0 +1,151 @@
+"""Adaptation pieces: soups, WiSE-FT, calibration, operating point, MICLe pairs, partial freezing, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from remedis.adapt.calibration import expected_calibration_error, fit_temperature, threshold_for_sensitivity
+from remedis.adapt.cli import parse_budget
+from remedis.adapt.finetune import _freeze, check_adaptation_data
+from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
+from remedis.data.dataset import ImageCache
+from remedis.data.manifest import Record
+from remedis.data.preprocess import Preprocessing
+from remedis.models import Classifier
+from remedis.models.backbones import backbone_blocks
+from remedis.pretrain.micle import MICLeDataset
+
+
+def small_state(seed):
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).state_dict().items()}
+
+
+def test_soup_of_identical_models_is_the_model():
+    s = small_state(0)
+    soup = uniform_soup([s, {k: v.clone() for k, v in s.items()}, s])
+    for k in s:
+        assert torch.allclose(soup[k].float(), s[k].float(), atol=1e-7)
+
+
+def test_uniform_soup_is_the_mean():
+    a, b = small_state(0), small_state(1)
+    soup = uniform_soup([a, b])
+    assert torch.allclose(soup["0.weight"], (a["0.weight"] + b["0.weight"]) / 2, atol=1e-7)
+
+
+def test_greedy_soup_skips_members_that_hurt():
+    a, b, bad = small_state(0), small_state(1), small_state(2)
+    target = (a["0.weight"] + b["0.weight"]) / 2
+
+    def metric(s):  # best when the soup equals the mean of a and b
+        return -float((s["0.weight"] - target).abs().sum())
+
+    bad["0.weight"] = bad["0.weight"] + 100
+    _, chosen = greedy_soup([a, b, bad], metric)
+    assert sorted(chosen) == [0, 1]
+
+
+def test_wise_ft_ends_and_midpoint():
+    init = {"w": torch.zeros(3), "b": torch.ones(2)}
+    tuned = {"backbone.w": torch.full((3,), 2.0), "backbone.b": torch.full((2,), 3.0), "head.w": torch.full((2,), 5.0)}
+    assert torch.equal(wise_ft(init, tuned, 1.0, "backbone.")["backbone.w"], tuned["backbone.w"])
+    zero = wise_ft(init, tuned, 0.0, "backbone.")
+    assert torch.equal(zero["backbone.w"], init["w"]) and torch.equal(zero["backbone.b"], init["b"])
+    assert torch.equal(zero["head.w"], tuned["head.w"])  # a layer the initial model lacks stays fine-tuned
+    assert torch.allclose(wise_ft(init, tuned, 0.5, "backbone.")["backbone.w"], torch.ones(3))
+    with pytest.raises(ValueError):
+        wise_ft(init, tuned, 1.5)
+
+
+def test_temperature_scaling_lowers_heldout_nll():
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    targets = torch.randint(0, 2, (n,), generator=g)
+    clean = (targets.float() * 2 - 1)[:, None] * torch.tensor([[-1.0, 1.0]]) + 0.8 * torch.randn(n, 2, generator=g)
+    logits = 4.0 * clean  # overconfident by construction
+    fit, held = slice(0, n // 2), slice(n // 2, n)
+    t = fit_temperature(logits[fit], targets[fit])
+    assert t > 1.1  # overconfident logits need T > 1
+    before = F.cross_entropy(logits[held], targets[held])
+    after = F.cross_entropy(logits[held] / t, targets[held])
+    assert after < before
+    assert expected_calibration_error((logits[held] / t).softmax(1), targets[held]) < \
+        expected_calibration_error(logits[held].softmax(1), targets[held])
+
+
+def test_ece_matches_naive_loop():
+    rng = np.random.default_rng(0)
+    probs = torch.tensor(rng.dirichlet([1, 1, 1], size=300), dtype=torch.float32)
+    targets = torch.tensor(rng.integers(0, 3, 300))
+    conf, pred = probs.max(1)
+    naive = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        idx = [i for i in range(300) if lo < float(conf[i]) <= hi]
+        if idx:
+            acc = np.mean([int(pred[i]) == int(targets[i]) for i in idx])
+            naive += len(idx) / 300 * abs(np.mean([float(conf[i]) for i in idx]) - acc)
+    assert abs(expected_calibration_error(probs, targets) - naive) < 1e-5
+
+
+def test_threshold_reaches_requested_sensitivity():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500).astype(bool)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 500), 0, 1)
+    for sens in (0.8, 0.9, 0.95):
+        t = threshold_for_sensitivity(p, y, sens)
+        achieved = (p[y] >= t).mean()
+        assert achieved >= sens
+        assert (p[y] >= t + 1e-6).mean() < sens + 1.0 / y.sum() + 1e-9  # the largest such threshold
+
+
+def cache_of(labels, patients, size=16):
+    recs = [Record(Path(f"/x/{i}.png"), lab, "s", pid) for i, (lab, pid) in enumerate(zip(labels, patients))]
+    pixels = torch.arange(len(recs), dtype=torch.float16)[:, None, None, None].expand(-1, 1, size, size).clone() / 100
+    return ImageCache(recs, pixels, Preprocessing(size))
+
+
+def test_micle_pairs_two_images_of_one_patient():
+    cache = cache_of(["a"] * 5, ["p1", "p1", "p1", "p2", "p3"])
+    ds = MICLeDataset(cache, augment=lambda x: x, seed=0)
+    for i in range(3):
+        for _ in range(10):
+            j = ds.partner(i)
+            assert j != i and j in (0, 1, 2)
+    assert ds.partner(3) == 3 and ds.partner(4) == 4  # single-image patients fall back to SimCLR pairs
+    assert abs(ds.multi_image_fraction - 0.6) < 1e-9
+    v1, v2 = ds[0]
+    assert not torch.equal(v1, v2)  # different images, even without augmentation
+
+
+@pytest.mark.parametrize("name", ["resnetv2_18_bit", "resnet18"])
+def test_partial_and_linear_freezing(name):
+    model = Classifier(name, 2)
+    blocks = backbone_blocks(model.backbone)
+    assert len(blocks) == 5
+    frozen = _freeze(model, "partial", 2)
+    assert [id(p) for b in frozen for p in b.parameters()] == [id(p) for b in blocks[:3] for p in b.parameters()]
+    assert not any(p.requires_grad for b in blocks[:3] for p in b.parameters())
+    assert all(p.requires_grad for b in blocks[3:] for p in b.parameters())
+    model = Classifier(name, 2)
+    _freeze(model, "linear", -1)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_budget_without_a_class_fails_before_training():
+    train = cache_of(["benign"] * 4, ["a", "b", "c", "d"])
+    val = cache_of(["benign", "malignant"], ["e", "f"])
+    with pytest.raises(ValueError, match=r"training budget has no image of class\(es\) \['malignant'\]"):
+        check_adaptation_data(train, val, ["benign", "malignant"], "adapt")
+
+
+def test_parse_budget():
+    assert parse_budget("10%") == 0.1 and parse_budget("0.25") == 0.25 and parse_budget("50") == 50
+    for bad in ("0", "150%", "-3", "ten"):
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad)
