@@ -1,7 +1,9 @@
 """Manifests: the CSV that names every image of a run (`image,label,site,patient_id[,split]`).
 
 Paths are relative to the CSV's folder (absolute paths also work). Extra columns are kept as
-metadata. Reading a manifest checks columns and files up front and names the file, row and field
+metadata. A multi-label row lists its labels separated by `|` (`effusion|nodule`); `Record.labels`
+gives them as a tuple, `Manifest.classes()` the individual class names. An exact repeated row is
+skipped and counted (`Manifest.duplicates_skipped`); the same image with different fields is an error. Reading a manifest checks columns and files up front and names the file, row and field
 of anything wrong, so a job fails in its first second rather than after an hour of training.
 
 Example:
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 REQUIRED_COLUMNS = ("image", "label", "site", "patient_id")
+LABEL_SEPARATOR = "|"
 OPTIONAL_COLUMNS = ("split",)
 SPLITS = ("train", "val", "test")
 
@@ -34,12 +40,18 @@ class Record:
     split: str | None = None
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The row's labels: () when unlabeled, several for a multi-label row ("a|b")."""
+        return tuple(x for x in self.label.split(LABEL_SEPARATOR) if x) if self.label else ()
+
 
 @dataclass
 class Manifest:
     records: list[Record]
     path: Path | None = None
     sha256: str | None = None  # hash of the CSV bytes: provenance for every artifact built from it
+    duplicates_skipped: int = 0  # exact repeated rows dropped on reading
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,6 +61,13 @@ class Manifest:
 
     def labels(self) -> list[str]:
         return sorted({r.label for r in self.records if r.label != ""})
+
+    def classes(self) -> list[str]:
+        """Individual class names (multi-label rows contribute each of their labels)."""
+        return sorted({lab for r in self.records for lab in r.labels})
+
+    def is_multilabel(self) -> bool:
+        return any(len(r.labels) > 1 for r in self.records)
 
     def select(self, site: str | None = None, split: str | None = None, labeled: bool | None = None) -> list[Record]:
         out = []
@@ -66,48 +85,95 @@ class Manifest:
         return replace(self, records=list(records))
 
 
-def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Manifest:
     """Read and validate a manifest CSV.
 
-    Raises ManifestError naming the file and the missing columns, or the rows whose image file is
-    missing (up to five listed, with the total).
+    Raises ManifestError naming the file and the missing columns, the row and field of a bad value,
+    the rows whose image file is missing (up to five listed, with the total), or — when `labels`
+    (the allowed class names) is given — the rows with an unknown label.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     raw = path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="strict") if raw else ""
+    try:
+        text = raw.decode("utf-8-sig", errors="strict") if raw else ""
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as UTF-8 CSV") from None
+    if "\x00" in text:
+        raise ManifestError(f"{path}: contains NUL bytes; not a CSV file")
     reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: malformed CSV header ({exc})") from None
+    repeated = sorted({h for h in header if header.count(h) > 1 and h})
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ManifestError(
             f"{path}: missing required column(s) {', '.join(missing)}; a manifest needs "
             f"{','.join(REQUIRED_COLUMNS)}[,split] (found: {','.join(header) or 'no header'})"
         )
+    allowed = set(labels) if labels is not None else None
     base = path.parent.resolve()
     records: list[Record] = []
     missing_files: list[str] = []
-    for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+    unknown: list[str] = []
+    first_row: dict[Path, tuple[int, tuple]] = {}
+    duplicates = 0
+    rows = iter(enumerate(reader, start=2))  # row 1 is the header
+    while True:
+        try:
+            row_no, row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ManifestError(f"{path}: malformed CSV near row {reader.line_num} ({exc})") from None
+        if None in row:
+            raise ManifestError(f"{path}: row {row_no}: more fields than the header has columns")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not any(row.values()):
+            continue  # blank line
         for col in ("image", "site", "patient_id"):
             if not row.get(col):
                 raise ManifestError(f"{path}: row {row_no}: empty '{col}'")
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
             raise ManifestError(f"{path}: row {row_no}: split {split!r} is not one of {', '.join(SPLITS)}")
+        label = row["label"]
+        if label:
+            parts = [x.strip() for x in label.split(LABEL_SEPARATOR)]
+            if any(not x for x in parts):
+                raise ManifestError(f"{path}: row {row_no}: label {label!r} has an empty part between '{LABEL_SEPARATOR}'")
+            label = LABEL_SEPARATOR.join(parts)
+            if allowed is not None and any(x not in allowed for x in parts):
+                unknown.append(f"row {row_no}: {label!r}")
         image = Path(row["image"])
         image = image if image.is_absolute() else base / image
+        key = (label, row["site"], row["patient_id"], split)
+        if image in first_row:
+            prev_row, prev_key = first_row[image]
+            if prev_key == key:
+                duplicates += 1  # an exact repeat would count one image twice: drop it
+                continue
+            raise ManifestError(f"{path}: row {row_no}: image {row['image']} already listed in row {prev_row} with different label/site/patient/split")
+        first_row[image] = (row_no, key)
         if check_files and not image.is_file():
             missing_files.append(f"row {row_no}: {row['image']}")
         meta = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        records.append(Record(image, row["label"], row["site"], row["patient_id"], split, meta))
+        records.append(Record(image, label, row["site"], row["patient_id"], split, meta))
+    if unknown:
+        raise ManifestError(f"{path}: {len(unknown)} row(s) with a label not among {sorted(allowed)} ({'; '.join(unknown[:5])})")
     if missing_files:
         shown = "; ".join(missing_files[:5])
         raise ManifestError(f"{path}: {len(missing_files)} image file(s) not found ({shown})")
     if not records:
         raise ManifestError(f"{path}: manifest has a header but no rows")
-    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest())
+    if duplicates:
+        log.warning("%s: skipped %d duplicate row(s)", path, duplicates)
+    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest(), duplicates_skipped=duplicates)
 
 
 def write_manifest(manifest: Manifest | list[Record], path: str | Path) -> Path:
