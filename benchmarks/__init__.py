@@ -1,0 +1,1 @@
+"""remedis benchmarks: `python benchmarks/run.py [--reduced]` (see benchmarks/README.md)."""

@@ -1,0 +1,152 @@
+"""Compute benchmarks: the machine's matmul limit and conv backbone inference against it.
+
+Figures:
+- matmul fp32 and bf16 GFLOP/s (n x n x n, random data): the machine's limit, measured in this process;
+- per backbone (`resnet18`, `resnet50`, `resnetv2_50x1_bit` @224, `resnetv2_18_bit` @64, the demo size),
+  inference images/s in fp32 (contiguous) and bf16 autocast + channels_last, and achieved GFLOP/s
+  (FLOPs counted by torch's FlopCounterMode) as a fraction of the bf16 matmul peak (goal >= 30%);
+- torch.compile for inference: compile time, and images/s compiled vs eager (bf16 + channels_last);
+  `BENCH_COMPILE_TARGETS=resnet10t@32` (name@size, comma-separated) picks other models (the tests use it);
+- BiT backbones with weight standardisation folded for inference (`fold_std_conv`) vs as trained:
+  StdConv2d re-standardises every weight on every forward pass, a cost that inference need not pay.
+
+Example:
+    >>> from benchmarks import bench_compute; bench_compute.run(reduced=True)["figures"][0]["name"]
+    'matmul fp32'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from benchmarks._common import count_flops, fig, matmul_gflops, time_per_call
+except ImportError:  # run as a script from benchmarks/
+    from _common import count_flops, fig, matmul_gflops, time_per_call
+
+BACKBONES = [("resnet18", 224), ("resnet50", 224), ("resnetv2_50x1_bit", 224), ("resnetv2_18_bit", 64)]
+
+
+def _model(name: str, channels_last: bool) -> torch.nn.Module:
+    from remedis.models import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone(name, in_chans=1).eval()
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _infer(net: torch.nn.Module, x: torch.Tensor, bf16: bool):
+    def call():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return net(x)
+    return call
+
+
+def backbone_figures(name: str, size: int, batch: int, iters: int, bf16_peak: float) -> list[dict]:
+    x32 = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    net = _model(name, channels_last=False)
+    flops_per_image = count_flops(_infer(net, x32[:1], bf16=False))
+    out = []
+    t32 = time_per_call(_infer(net, x32, bf16=False), warmup=1, iters=iters)
+    netcl = net.to(memory_format=torch.channels_last)
+    xcl = x32.contiguous(memory_format=torch.channels_last)
+    t16 = time_per_call(_infer(netcl, xcl, bf16=True), warmup=1, iters=iters)
+    ips32, ips16 = batch / t32, batch / t16
+    label = f"{name}@{size}"
+    out.append(fig(f"{label} infer fp32", ips32, "img/s", None, None, batch=batch,
+                   gflops=flops_per_image * ips32 / 1e9, gflop_per_image=flops_per_image / 1e9))
+    out.append(fig(f"{label} infer bf16+CL", ips16, "img/s", ips32, "fp32 eager", batch=batch,
+                   gflops=flops_per_image * ips16 / 1e9))
+    out.append(fig(f"{label} bf16+CL achieved / bf16 matmul peak", flops_per_image * ips16 / 1e9, "GFLOP/s", bf16_peak,
+                   "matmul bf16", goal="ratio >= 0.30"))
+    return out
+
+
+def fold_std_conv(net: nn.Module) -> nn.Module:
+    """Replace each timm StdConv2d by a plain Conv2d holding its standardised weight (inference only)."""
+    from timm.layers import StdConv2d
+
+    for parent in list(net.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, StdConv2d) and not getattr(child, "same_pad", False):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                 child.dilation, child.groups, bias=child.bias is not None)
+                with torch.no_grad():
+                    w = child.weight
+                    conv.weight.copy_(F.batch_norm(w.reshape(1, child.out_channels, -1), None, None, training=True,
+                                                   momentum=0.0, eps=child.eps).reshape_as(w))
+                    if child.bias is not None:
+                        conv.bias.copy_(child.bias)
+                setattr(parent, child_name, conv)
+    return net
+
+
+def fold_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
+    x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(1))
+    net = _model(name, channels_last=True)
+    with torch.inference_mode():
+        ref = net(x)
+    folded = fold_std_conv(_model(name, channels_last=True)).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        err = float((folded(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if err > 1e-4:  # folding must not change the function (fp32 cross-check against timm's StdConv2d)
+        raise RuntimeError(f"fold_std_conv changed {name}'s output: relative max error {err:.2e}")
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    before = batch / time_per_call(_infer(net, xcl, bf16=True), warmup=1, iters=iters)
+    after = batch / time_per_call(_infer(folded, xcl, bf16=True), warmup=1, iters=iters)
+    gflop = count_flops(_infer(folded, xcl[:1], bf16=False)) / 1e9
+    return [fig(f"{name}@{size} infer bf16+CL StdConv folded", after, "img/s", before, "as trained (StdConv2d)",
+                batch=batch, fold_rel_error=err, gflops=gflop * after, gflops_before=gflop * before)]
+
+
+def _compile_targets(reduced: bool) -> list[tuple[str, int]]:
+    env = os.environ.get("BENCH_COMPILE_TARGETS")
+    if env:
+        return [(t.split("@")[0], int(t.split("@")[1])) for t in env.split(",") if t]
+    # The demo backbone (what adapt and serving run); resnet50 too in full mode.
+    return [("resnetv2_18_bit", 64)] if reduced else [("resnetv2_18_bit", 64), ("resnet50", 224)]
+
+
+def compile_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
+    torch._dynamo.reset()
+    net = _model(name, channels_last=True)
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
+    eager = batch / time_per_call(_infer(net, x, bf16=True), warmup=1, iters=iters)
+    compiled = torch.compile(net)
+    t0 = time.perf_counter()
+    _infer(compiled, x, bf16=True)()
+    compile_s = time.perf_counter() - t0
+    comp = batch / time_per_call(_infer(compiled, x, bf16=True), warmup=1, iters=iters)
+    label = f"{name}@{size}"
+    return [fig(f"{label} infer bf16+CL torch.compile", comp, "img/s", eager, "eager bf16+CL", batch=batch,
+                compile_s=compile_s),
+            fig(f"{label} torch.compile time", compile_s, "s", None, None)]
+
+
+def run(reduced: bool) -> dict:
+    n = 512 if reduced else 2048
+    fp32 = matmul_gflops(torch.float32, n, iters=3)
+    bf16 = matmul_gflops(torch.bfloat16, n, iters=3)
+    figures = [fig("matmul fp32", fp32, "GFLOP/s", None, None, n=n),
+               fig("matmul bf16", bf16, "GFLOP/s", fp32, "matmul fp32", n=n)]
+    batch, iters = (2, 2) if reduced else (16, 5)
+    for name, size in BACKBONES:
+        figures += backbone_figures(name, size, batch, iters, bf16)
+    for name, size in (("resnetv2_18_bit", 64), ("resnetv2_50x1_bit", 224)):
+        figures += fold_figures(name, size, batch, iters)
+    for name, size in _compile_targets(reduced):
+        figures += compile_figures(name, size, batch, iters)
+    return {"figures": figures}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    torch.set_num_threads(1)
+    print(json.dumps(run(reduced="--reduced" in sys.argv), indent=1))

@@ -1,0 +1,119 @@
+"""The benchmark suite runs in reduced mode and produces every figure, finite (no speed is asserted).
+
+Speed targets live in benchmarks/ (JSON with ratios), never in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import run as bench_run  # noqa: E402
+
+# Figures each reduced benchmark must produce (names are part of the JSON contract of the README).
+EXPECTED = {
+    "compute": ["matmul fp32", "matmul bf16",
+                *[f"{m} infer {p}" for m in ("resnet18@224", "resnet50@224", "resnetv2_50x1_bit@224", "resnetv2_18_bit@64")
+                  for p in ("fp32", "bf16+CL")],
+                "resnetv2_18_bit@64 infer bf16+CL StdConv folded", "resnet10t@32 infer bf16+CL torch.compile",
+                "resnet10t@32 torch.compile time"],
+    "train": ["train plain fp32", "train plain bf16+CL", "train Lightning bf16", "train Lightning fp32"],
+    "scaling": ["scaling epoch 1000 images", "scaling epoch 10000 images", "scaling peak RSS 10000 images"],
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, monkeypatch_module):
+    # The smallest model through inductor: compile time is the costly part of the reduced suite.
+    monkeypatch_module.setenv("BENCH_COMPILE_TARGETS", "resnet10t@32")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = bench_run.main(["--reduced", "--only", ",".join(EXPECTED), "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0, {k: v.get("error") for k, v in report["benchmarks"].items()}
+    return report
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_every_figure_is_produced_and_finite(report):
+    assert report["mode"] == "reduced"
+    for key in ("device", "torch", "date", "threads"):
+        assert report["environment"][key]
+    for bench, names in EXPECTED.items():
+        entry = report["benchmarks"][bench]
+        assert entry["status"] == "ok", entry.get("error")
+        figures = {f["name"]: f for f in entry["result"]["figures"]}
+        for name in names:
+            found = [f for n, f in figures.items() if n == name or n.endswith(name)]
+            assert found, f"{bench}: no figure {name!r} in {sorted(figures)}"
+        for f in figures.values():
+            assert math.isfinite(f["value"]) and f["value"] > 0, f
+            if f["reference"] is not None:
+                assert math.isfinite(f["reference"]) and f["reference"] > 0, f
+                assert f["ratio"] == pytest.approx(f["value"] / f["reference"]), f
+
+
+def test_bf16_peak_is_the_reference_for_backbone_efficiency(report):
+    figures = {f["name"]: f for f in report["benchmarks"]["compute"]["result"]["figures"]}
+    peak = figures["matmul bf16"]["value"]
+    eff = figures["resnet50@224 bf16+CL achieved / bf16 matmul peak"]
+    assert eff["reference"] == pytest.approx(peak)
+    # achieved GFLOP/s = counted FLOPs per image x images/s (ResNet-50, 1 channel: ~8 GFLOP per image)
+    ips = figures["resnet50@224 infer bf16+CL"]["value"]
+    per_image = figures["resnet50@224 infer fp32"]["gflop_per_image"]
+    assert 7.0 < per_image < 8.5
+    assert eff["value"] == pytest.approx(per_image * ips, rel=1e-6)
+
+
+def test_a_failing_benchmark_is_an_error_entry_not_a_crash(tmp_path):
+    (tmp_path / "bench_broken.py").write_text("raise RuntimeError('broken on purpose')\n")
+    (tmp_path / "bench_norun.py").write_text("X = 1\n")
+    (tmp_path / "bench_fine.py").write_text("def run(reduced):\n    return {'figures': [{'name': 'x', 'value': 2.0, "
+                                            "'unit': 's', 'reference': 1.0, 'ratio': 2.0}]}\n")
+    out = tmp_path / "b.json"
+    code = bench_run.main(["--reduced", "--folder", str(tmp_path), "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 1
+    assert report["benchmarks"]["broken"]["status"] == "error"
+    assert "broken on purpose" in report["benchmarks"]["broken"]["error"]
+    assert "no run(reduced" in report["benchmarks"]["norun"]["error"]
+    assert report["benchmarks"]["fine"]["status"] == "ok"
+
+
+def test_flop_count_matches_a_naive_conv_formula():
+    """FlopCounterMode (the figures' FLOPs) against 2 x MACs summed from each conv/linear's shapes."""
+    import torch
+
+    from benchmarks._common import count_flops
+    from remedis.models import create_backbone
+
+    net = create_backbone("resnet18", in_chans=1).eval()
+    naive = []
+
+    def conv_hook(m, inp, out):
+        naive.append(2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+
+    def linear_hook(m, inp, out):
+        naive.append(2 * out.numel() * m.in_features)
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(conv_hook)
+        elif isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(linear_hook)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        counted = count_flops(lambda: net(x))
+    assert counted == sum(naive) > 0
