@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from remedis.config import RunConfig
 from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset
 from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from remedis.models.external import load_external_weights
 from remedis.models.classifier import Classifier
 from remedis.models.backbones import create_backbone
 from remedis.pretrain.micle import MICLeDataset
@@ -47,15 +48,8 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
     """Supervised upstream pretraining on labeled source images; writes a backbone checkpoint."""
     sc = cfg.pretrain.supervised
     model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
-    if cfg.model.weights:
-        from remedis.models.checkpoint import CheckpointError
-
-        try:
-            state = torch.load(cfg.model.weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{cfg.model.weights}: cannot load external weights ({exc})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        load_matching(model.backbone, {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}, cfg.model.weights)
+    if cfg.model.weights:  # start the upstream stage from external (e.g. ImageNet BiT) weights
+        load_external_weights(model.backbone, cfg.model.weights)
     train_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed))
     module = ClassifierModule(model, lr=sc.lr, weight_decay=sc.weight_decay,
                               class_weights=class_weights(train_ds.targets, len(class_names)),
