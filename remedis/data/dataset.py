@@ -1,12 +1,15 @@
-"""Decode once, cache in memory, serve tensors.
+"""Decode once, cache in memory (and optionally on disk), serve tensors.
 
 `load_images` decodes every record with `read_image`, resizes it with the run's `Preprocessing` and
 keeps the result as float16 in [0, 1] (a 64 px image costs 8 KB), so epochs after the first never
-touch the disk or the decoder. Unreadable files are skipped and counted with their reason instead of
-ending the job.
+touch the disk or the decoder. With `cache_dir`, decoded images are also kept on disk keyed by file
+content and preprocessing (`remedis.data.cache`), so the next run does not decode either;
+`num_workers` decodes in worker processes. Unreadable files are skipped and counted with their
+reason instead of ending the job.
 
 Example:
     >>> cache = load_images(records, Preprocessing(64))
+    >>> cache = load_images(records, Preprocessing(64), cache_dir="~/.cache/remedis", num_workers=2)
     >>> cache.failures   # [(path, reason), ...]
     >>> ds = LabeledDataset(cache, class_names=["benign", "malignant"])
 """
@@ -15,14 +18,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from remedis.data.cache import DiskCache, decode
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
-from remedis.data.readers import ImageReadError, read_image
+from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +47,29 @@ class ImageCache:
         return ImageCache([self.records[i] for i in idx], self.pixels[idx], self.preprocessing, [])
 
 
-def load_images(records: list[Record], preprocessing: Preprocessing) -> ImageCache:
+def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: str | Path | None = None,
+                num_workers: int = 0, read_options: dict[str, Any] | None = None) -> ImageCache:
+    """Decode + resize every record (skipping and counting unreadable ones).
+
+    cache_dir: an on-disk cache folder (None: off); num_workers: decoding processes (0: in this
+    process); read_options: keywords for `read_image` (e.g. {"window": (40, 400)} for a CT window)."""
+    loader = _Loader(list(records), preprocessing, cache_dir, read_options or {})
+    results: list = [None] * len(records)
+    if num_workers > 0 and len(records) > 1:
+        dl = DataLoader(loader, batch_size=None, shuffle=False, num_workers=num_workers, worker_init_fn=_one_thread)
+        for i, x, reason in dl:
+            results[i] = (x, reason)
+    else:
+        for i in range(len(records)):
+            _, x, reason = loader[i]
+            results[i] = (x, reason)
     kept, tensors, failures = [], [], []
-    for r in records:
-        try:
-            tensors.append(preprocessing.resize(read_image(r.image)).to(torch.float16))
+    for r, (x, reason) in zip(records, results):
+        if x is None:
+            failures.append((r.image.name, reason))
+        else:
+            tensors.append(x)
             kept.append(r)
-        except ImageReadError as exc:
-            failures.append((r.image.name, str(exc).split(": ", 1)[-1]))
     if failures:
         log.warning("skipped %d unreadable image(s) of %d; first: %s: %s", len(failures), len(records), *failures[0])
     size = preprocessing.image_size
@@ -57,16 +77,60 @@ def load_images(records: list[Record], preprocessing: Preprocessing) -> ImageCac
     return ImageCache(kept, pixels, preprocessing, failures)
 
 
-class LabeledDataset(Dataset):
-    """(normalised image, class index) pairs from a cache; `augment` maps a (1, S, S) tensor in [0, 1]."""
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes one image at a time; threads would oversubscribe
 
-    def __init__(self, cache: ImageCache, class_names: list[str], augment: Callable | None = None):
+
+class _Loader(Dataset):
+    """Index -> (index, (1, S, S) float16 or None, reason or None); picklable for worker processes."""
+
+    def __init__(self, records: list[Record], preprocessing: Preprocessing, cache_dir, read_options: dict[str, Any]):
+        self.records = records
+        self.preprocessing = preprocessing
+        self.cache_dir = cache_dir
+        self.read_options = read_options
+        self._disk = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        path = self.records[i].image
+        if self.cache_dir is not None:
+            if self._disk is None:  # opened lazily: once per worker process
+                self._disk = DiskCache(self.cache_dir, self.preprocessing, self.read_options)
+            x, reason = self._disk.load(path)
+            return i, x, reason
+        try:
+            data = None if path.name.lower().endswith(NIFTI_SUFFIXES) else path.read_bytes()
+        except OSError as exc:
+            return i, None, f"cannot read file ({exc.strerror or exc})"
+        try:
+            return i, decode(path, self.preprocessing, data, **self.read_options), None
+        except ImageReadError as exc:
+            return i, None, str(exc).split(": ", 1)[-1]
+
+
+class LabeledDataset(Dataset):
+    """(normalised image, target) pairs from a cache; `augment` maps a (1, S, S) tensor in [0, 1].
+
+    Multi-class: the target is the class index. `multi_label=True`: the target is a float multi-hot
+    vector over `class_names` built from the record's `|`-separated labels."""
+
+    def __init__(self, cache: ImageCache, class_names: list[str], augment: Callable | None = None, multi_label: bool = False):
         index = {c: i for i, c in enumerate(class_names)}
-        unknown = sorted({r.label for r in cache.records} - set(index))
+        seen = {lab for r in cache.records for lab in r.labels} if multi_label else {r.label for r in cache.records}
+        unknown = sorted(seen - set(index))
         if unknown:
             raise ValueError(f"labels {unknown} are not among the model's classes {class_names}")
         self.cache = cache
-        self.targets = torch.tensor([index[r.label] for r in cache.records], dtype=torch.long)
+        if multi_label:
+            self.targets = torch.zeros(len(cache.records), len(class_names), dtype=torch.float32)
+            for i, r in enumerate(cache.records):
+                for lab in r.labels:
+                    self.targets[i, index[lab]] = 1.0
+        else:
+            self.targets = torch.tensor([index[r.label] for r in cache.records], dtype=torch.long)
         self.augment = augment
 
     def __len__(self) -> int:

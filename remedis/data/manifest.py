@@ -52,6 +52,7 @@ class Manifest:
     path: Path | None = None
     sha256: str | None = None  # hash of the CSV bytes: provenance for every artifact built from it
     duplicates_skipped: int = 0  # exact repeated rows dropped on reading
+    row_numbers: list[int] = field(default_factory=list)  # CSV row of each record as read (for messages)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,7 +83,7 @@ class Manifest:
         return out
 
     def with_records(self, records: list[Record]) -> "Manifest":
-        return replace(self, records=list(records))
+        return replace(self, records=list(records), row_numbers=[])
 
 
 def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Manifest:
@@ -123,6 +124,7 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
     unknown: list[str] = []
     first_row: dict[Path, tuple[int, tuple]] = {}
     duplicates = 0
+    row_numbers: list[int] = []
     rows = iter(enumerate(reader, start=2))  # row 1 is the header
     while True:
         try:
@@ -164,6 +166,7 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
             missing_files.append(f"row {row_no}: {row['image']}")
         meta = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
         records.append(Record(image, label, row["site"], row["patient_id"], split, meta))
+        row_numbers.append(row_no)
     if unknown:
         raise ManifestError(f"{path}: {len(unknown)} row(s) with a label not among {sorted(allowed)} ({'; '.join(unknown[:5])})")
     if missing_files:
@@ -173,7 +176,7 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
         raise ManifestError(f"{path}: manifest has a header but no rows")
     if duplicates:
         log.warning("%s: skipped %d duplicate row(s)", path, duplicates)
-    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest(), duplicates_skipped=duplicates)
+    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest(), duplicates_skipped=duplicates, row_numbers=row_numbers)
 
 
 def write_manifest(manifest: Manifest | list[Record], path: str | Path) -> Path:
