@@ -9,13 +9,24 @@ import pydicom
 import pytest
 from PIL import Image
 
-from remedis.cli import main
 from remedis.data import read_manifest
 from remedis.data.index import index_folder, load_salt, pseudonym
 from remedis.data.inspect import inspect_manifest
 from remedis.data.synthetic import write_dicom
 
 SALT = b"0123456789abcdef0123456789abcdef"
+
+
+def main(argv):
+    """`remedis data ...` through the data stage's own parser (the full CLI imports every stage)."""
+    import argparse
+
+    from remedis.data.cli import register
+
+    parser = argparse.ArgumentParser(prog="remedis")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def dicom(path, patient, vendor, body_part=None, seed=0):

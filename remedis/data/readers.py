@@ -129,9 +129,11 @@ def _read_pil(data: bytes, name: str, frame: int | str | None = None, channels: 
                 return _pil_frame(img, name, channels)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        kind = "image too large" if "bomb" in type(exc).__name__.lower() else "not a readable image (DICOM, PNG, JPEG or TIFF)"
-        raise ImageReadError(f"{name}: {kind}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own header check (Image.open) fired first: same refusal, its numbers.
+        raise ImageReadError(f"{name}: image too large ({' '.join(str(exc).split())[:120]}; limit {limit} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not a readable image (DICOM, PNG, JPEG or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: corrupt or truncated image ({' '.join(str(exc).split())[:160]})") from None
 
