@@ -85,3 +85,48 @@ def test_budgets_are_nested_and_keep_every_label():
     assert len(budget_subset(train, 10, seed=0)) in (10, 11)
     with pytest.raises(ValueError):
         budget_subset(train, 1.5)
+
+
+def test_absolute_budgets_are_nested_counts_and_keep_every_label():
+    train = records(n_patients=100, per_patient=1, sites=("a",))  # 34 pos, 66 neg
+    subsets = [budget_subset(train, n, seed=3) for n in (2, 5, 10, 20, 50, 1000)]
+    for small, big in zip(subsets, subsets[1:]):
+        assert {r.image for r in small} <= {r.image for r in big}
+    for n, sub in zip((2, 5, 10, 20, 50), subsets):
+        assert n <= len(sub) <= n + 1  # per-label ceil: at most one over
+        assert {r.label for r in sub} == {"pos", "neg"}
+    assert len(subsets[-1]) == 100
+    with pytest.raises(ValueError, match="must be >= 1"):
+        budget_subset(train, 0)
+
+
+def test_multi_label_manifest(tmp_path):
+    import torch
+
+    from remedis.data import LabeledDataset, Preprocessing, load_images
+
+    for n in ("a.png", "b.png", "c.png"):
+        make_png(tmp_path / n)
+    p = tmp_path / "m.csv"
+    p.write_text("image,label,site,patient_id\na.png,effusion | nodule,s,p1\nb.png,nodule,s,p2\nc.png,,s,p3\n")
+    m = read_manifest(p)
+    assert [r.labels for r in m.records] == [("effusion", "nodule"), ("nodule",), ()]
+    assert m.records[0].label == "effusion|nodule"  # normalised
+    assert m.classes() == ["effusion", "nodule"] and m.is_multilabel()
+    labeled = [r for r in m.records if r.labels]
+    ds = LabeledDataset(load_images(labeled, Preprocessing(8)), m.classes(), multi_label=True)
+    assert torch.equal(ds.targets, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="not among the model's classes"):
+        LabeledDataset(load_images(labeled, Preprocessing(8)), ["nodule"], multi_label=True)
+    # Splits and budgets treat each label combination as a stratum: every class stays present.
+    recs = []
+    from pathlib import Path
+
+    from remedis.data import Record
+
+    for i in range(40):
+        recs.append(Record(Path(f"/x/{i}.png"), ["a", "b", "a|b"][i % 3], "s", f"p{i}"))
+    sub = budget_subset(recs, 3, seed=0)
+    assert {lab for r in sub for lab in r.labels} == {"a", "b"}
+    split = assign_splits(recs, seed=0)
+    assert {r.split for r in split if r.label == "a|b"} == {"train", "val", "test"}
