@@ -52,3 +52,30 @@ def test_dicom_without_pixels_is_named(tmp_path):
     ds.save_as(tmp_path / "nopix.dcm")
     with pytest.raises(ImageReadError, match="nopix.dcm: DICOM file has no pixel data"):
         read_image(tmp_path / "nopix.dcm")
+
+
+def test_nifti_slices(tmp_path):
+    import nibabel as nib
+
+    vol = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    mid = read_image(tmp_path / "v.nii.gz")  # the middle slice of the last axis by default
+    s = vol[..., 2]
+    assert np.allclose(mid, (s - s.min()) / (s.max() - s.min()))
+    assert read_image(tmp_path / "v.nii.gz", frame="all").shape == (4, 6, 5)
+    assert read_image(tmp_path / "v.nii.gz", frame=0, channels=3).shape == (6, 5, 3)
+    with pytest.raises(ImageReadError, match="v.nii.gz: image too large"):
+        read_image(tmp_path / "v.nii.gz", max_pixels=100)
+    (tmp_path / "bad.nii").write_bytes(b"not nifti")
+    with pytest.raises(ImageReadError, match="bad.nii: not a readable NIfTI file"):
+        read_image(tmp_path / "bad.nii")
+
+
+def test_rgb_channels_layout(tmp_path):
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    out = read_image(tmp_path / "red.png", channels=3)
+    assert out.shape == (4, 6, 3) and np.allclose(out[..., 0], 1) and np.allclose(out[..., 1:], 0)
+    gray = read_image(tmp_path / "red.png")
+    assert gray.shape == (4, 6) and np.allclose(gray, 76 / 255, atol=1 / 255)  # PIL's L = 0.299 R
