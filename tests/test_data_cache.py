@@ -89,3 +89,17 @@ def test_workers_give_the_same_pixels(records, tmp_path):
     parallel = load_images(records, pre, num_workers=2, cache_dir=tmp_path / "c")
     assert torch.equal(serial.pixels, parallel.pixels)
     assert [r.image for r in parallel.records] == [r.image for r in serial.records]
+
+
+def test_cached_load_with_workers_starts_no_worker(records, tmp_path, monkeypatch):
+    import remedis.data.dataset as dataset_mod
+
+    pre = Preprocessing(16)
+    first = load_images(records, pre, num_workers=2, cache_dir=tmp_path / "c")
+
+    def no_workers(*a, **k):
+        raise AssertionError("workers started although every image is cached")
+
+    monkeypatch.setattr(dataset_mod, "DataLoader", no_workers)
+    again = load_images(records, pre, num_workers=2, cache_dir=tmp_path / "c")
+    assert torch.equal(first.pixels, again.pixels)

@@ -83,20 +83,32 @@ class DiskCache:
     def _entry(self, content: str) -> Path:
         return self.entries / content  # flat: one folder creation per cache, not per entry
 
+    def lookup(self, path: Path) -> tuple[torch.Tensor | None, str | None] | None:
+        """The cached result for an unchanged file, or None (a miss: call `load`). Never decodes."""
+        if self.verify:
+            return None
+        path = Path(path).absolute()
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        content = self.known.get(self._path_key(path, st))
+        hit = self._read_entry(self._entry(content)) if content else None
+        if hit is not None:
+            self.hits += 1
+        return hit
+
     def load(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
         """(tensor, None) or (None, reason); decodes and stores on a miss."""
+        hit = self.lookup(path)
+        if hit is not None:
+            return hit
         path = Path(path).absolute()
         try:
             st = path.stat()
         except OSError as exc:
             return None, f"cannot read file ({exc.strerror or exc})"
         key = self._path_key(path, st)
-        content = None if self.verify else self.known.get(key)
-        if content:
-            hit = self._read_entry(self._entry(content))
-            if hit is not None:
-                self.hits += 1
-                return hit
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from remedis.data.cache import DiskCache, decode
 from remedis.data.manifest import Record
@@ -55,12 +55,19 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
     process); read_options: keywords for `read_image` (e.g. {"window": (40, 400)} for a CT window)."""
     loader = _Loader(list(records), preprocessing, cache_dir, read_options or {})
     results: list = [None] * len(records)
-    if num_workers > 0 and len(records) > 1:
-        dl = DataLoader(loader, batch_size=None, shuffle=False, num_workers=num_workers, worker_init_fn=_one_thread)
+    todo = list(range(len(records)))
+    if cache_dir is not None and num_workers > 0:
+        # Hits are a file read each: serve them here, and start workers only for what needs decoding.
+        disk = DiskCache(cache_dir, preprocessing, read_options or {})
+        for i in todo:
+            results[i] = disk.lookup(records[i].image)
+        todo = [i for i in todo if results[i] is None]
+    if num_workers > 0 and len(todo) > 1:
+        dl = DataLoader(Subset(loader, todo), batch_size=None, shuffle=False, num_workers=num_workers, worker_init_fn=_one_thread)
         for i, x, reason in dl:
             results[i] = (x, reason)
     else:
-        for i in range(len(records)):
+        for i in todo:
             _, x, reason = loader[i]
             results[i] = (x, reason)
     kept, tensors, failures = [], [], []
