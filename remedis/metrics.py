@@ -17,11 +17,25 @@ def auroc(targets: np.ndarray, probs: np.ndarray, positive_index: int = 1) -> fl
     if len(np.unique(targets)) < 2:
         return float("nan")
     if probs.shape[1] == 2:
-        return float(roc_auc_score(targets == positive_index, probs[:, positive_index]))
+        return binary_auroc(targets == positive_index, probs[:, positive_index])
     present = np.unique(targets)
     if len(present) < probs.shape[1]:
         return float("nan")
     return float(roc_auc_score(targets, probs / probs.sum(1, keepdims=True), multi_class="ovr", average="macro"))
+
+
+def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney form of the binary AUROC (ties count one half): equal to scikit-learn's
+    roc_auc_score (tested), ~20x cheaper, which matters inside the bootstrap loops."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(positive, dtype=bool)
+    n1 = int(positive.sum())
+    n0 = len(positive) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def accuracy(targets: np.ndarray, probs: np.ndarray) -> float:

@@ -46,6 +46,16 @@ def test_binary_metrics_match_sklearn():
     assert m0["auprc"] == pytest.approx(average_precision_score(y == 0, p[:, 0])) and m0["auroc_ci"] == [None, None]
 
 
+def test_binary_auroc_equals_sklearn_with_ties():
+    from remedis.metrics import binary_auroc
+
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        y = rng.integers(0, 2, 80).astype(bool)
+        s = np.round(rng.normal(size=80) + y, 1)  # rounded: many ties
+        assert binary_auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
 def test_ece_matches_naive_loop_and_the_training_implementation():
     for seed in range(3):
         rng = np.random.default_rng(seed)

@@ -48,15 +48,16 @@ def layer_features(backbone: torch.nn.Module, x: torch.Tensor, batch_size: int =
     captured: dict[str, torch.Tensor] = {}
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o)) for n in names]
     was_training = backbone.training
+    device = next(backbone.parameters()).device
     backbone.eval()
     try:
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
-                emb = backbone.forward_head(backbone.forward_features(x[i:i + batch_size].float()))
+                emb = backbone.forward_head(backbone.forward_features(x[i:i + batch_size].float().to(device)))
                 for n in names:
                     t = captured[n]
-                    out[n].append((t.mean((2, 3)) if t.ndim == 4 else t).float().numpy())
-                out["embedding"].append(emb.float().numpy())
+                    out[n].append((t.mean((2, 3)) if t.ndim == 4 else t).float().cpu().numpy())
+                out["embedding"].append(emb.float().cpu().numpy())
     finally:
         for h in hooks:
             h.remove()

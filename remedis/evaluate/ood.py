@@ -182,15 +182,20 @@ def fit_state(method: str, train_embeddings, train_targets, k: int = DEFAULT_K) 
     centred = emb - means[np.searchsorted(classes, y)]
     # Shrinkage: site train sets have far fewer images than embedding dimensions (singular covariance).
     cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
-    return {"means": means.astype(np.float32), "precision": np.linalg.pinv(cov, hermitian=True).astype(np.float32)}
+    try:  # shrinkage makes it positive definite unless every embedding is identical
+        precision = np.linalg.inv(cov)
+    except np.linalg.LinAlgError:
+        precision = np.linalg.pinv(cov, hermitian=True)
+    return {"means": means.astype(np.float32), "precision": precision.astype(np.float32)}
 
 
 def fit_ood_detector(method: str, train_embeddings, train_targets, val_logits, val_embeddings,
-                     accept_rate: float = 0.95, k: int = DEFAULT_K) -> OODDetector:
-    """Fit `method` on the train split and set its threshold on the in-distribution validation split."""
+                     accept_rate: float = 0.95, k: int = DEFAULT_K, state: dict | None = None) -> OODDetector:
+    """Fit `method` on the train split and set its threshold on the in-distribution validation split
+    (`state`: an already fitted `fit_state(method, ...)`, to reuse it)."""
     if not 0.0 < accept_rate < 1.0:
         raise ValueError(f"accept_rate: must be in (0, 1), got {accept_rate}")
-    state = fit_state(method, train_embeddings, train_targets, k)
+    state = fit_state(method, train_embeddings, train_targets, k) if state is None else state
     det = OODDetector(method, float("inf"), state, accept_rate)
     val = det.score(val_logits, val_embeddings)
     if len(val) == 0:

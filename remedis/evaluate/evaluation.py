@@ -1,0 +1,304 @@
+"""Evaluate one adapted model on a test set with sites: everything the report shows for that model.
+
+For one model and its in-distribution (target) site it gathers
+- per-site and per-subgroup metrics with patient-level CIs (`remedis.evaluate.metrics`),
+- calibration before (T = 1) and after temperature scaling,
+- OOD detection: the five scores on the target site's test images against every other site
+  (near-OOD for `ood`-role sites of the same modality), synthetic noise and other modalities (far-OOD),
+- representation shift: layer-by-layer CKA between the backbone checkpoint it started from and its
+  adapted backbone, and distances between site centres in its embedding space.
+
+Nothing here is chosen on test data: the operating threshold comes from the model (or the validation
+split), the OOD detector is fitted on the train split with its threshold on the validation split.
+
+Example:
+    >>> inputs = EvalInputs(test=test_cache, target_site="site-B", roles=roles, train=train, val=val)
+    >>> entry = evaluate_adapted(model, inputs, n_boot=200, seed=0)
+    >>> entry["sites"]["site-B"]["auroc"], entry["ood"]["detector"]["method"]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from remedis.adapt.model import AdaptedModel
+from remedis.data.dataset import ImageCache
+from remedis.evaluate.cka import cka_matrix, layer_features, site_embedding_distances
+from remedis.evaluate.metrics import site_metrics
+from remedis.evaluate.ood import METHODS, OODDetector, all_scores, fit_ood_detector, fit_state, fpr_at_tpr, ood_auroc
+from remedis.metrics import threshold_for_sensitivity
+
+log = logging.getLogger("remedis")
+
+# Manifest columns that identify a person or a visit: never used as a subgroup (they would print
+# identifiers into the report).
+IDENTIFYING = {"patient_id", "patientid", "patient", "patientname", "patient_name", "name", "mrn",
+               "accession", "accessionnumber", "studydate", "birthdate", "patientbirthdate", "date", "dob"}
+
+
+@dataclass
+class EvalInputs:
+    test: ImageCache  # labeled test images of every site
+    target_site: str  # the in-distribution site (the model was adapted to it)
+    roles: dict[str, str]  # site -> "source" | "target" | "ood"
+    train: ImageCache | None = None  # target-site train images the model saw (OOD detector state)
+    val: ImageCache | None = None  # target-site validation images (operating point, OOD threshold)
+    far_ood: dict[str, ImageCache] = field(default_factory=dict)  # name -> images of another modality
+    subgroups: list[str] = field(default_factory=list)  # manifest metadata columns, e.g. ["device"]
+    backbone_before: torch.nn.Module | None = None  # the backbone checkpoint adaptation started from
+    ood_method: str = "mahalanobis"
+    ood_accept_rate: float = 0.95
+    operating_sensitivity: float = 0.9
+    noise_images: int = 64
+    cka_images: int = 256
+
+
+def check_subgroups(columns: list[str]) -> None:
+    for c in columns:
+        if c.lower().replace(" ", "") in IDENTIFYING:
+            raise ValueError(f"subgroup column {c!r} identifies patients and cannot appear in a report")
+
+
+def noise_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Far-OOD probes in pixel space [0, 1]: half uniform noise, half smoothed Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(n - n // 2, 1, size, size, generator=g)
+    gauss = (0.5 + 0.25 * torch.randn(n // 2, 1, size, size, generator=g)).clamp(0, 1)
+    gauss = torch.nn.functional.avg_pool2d(gauss, 3, stride=1, padding=1, count_include_pad=False)
+    return torch.cat([uniform, gauss])
+
+
+def infer(model: AdaptedModel, pixels: torch.Tensor, batch: int = 256, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated logits and embeddings, exactly as the service computes them (`memo`: reuse the
+    results for a pixel tensor already seen during one evaluation)."""
+    if memo is not None:
+        key = ("infer", id(pixels))
+        if key not in memo:
+            memo[key] = (pixels, infer(model, pixels, batch))  # keep `pixels` alive: its id stays unique
+        return memo[key][1]
+    k = len(model.class_names)
+    if len(pixels) == 0:
+        return np.empty((0, k)), np.empty((0, model.classifier.head.in_features))
+    x = model.preprocessing.normalize(pixels.float())
+    logits = torch.cat([model.logits(x[i:i + batch]) for i in range(0, len(x), batch)])
+    emb = torch.cat([model.embed(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return logits.numpy().astype(np.float64), emb.numpy().astype(np.float64)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def operating_threshold(model: AdaptedModel, val_logits: np.ndarray | None, val_targets: np.ndarray | None,
+                        sensitivity: float) -> tuple[float | None, str]:
+    """The model's stored threshold when it has one, else the one meeting `sensitivity` on validation."""
+    stored = getattr(model, "threshold", None)
+    if stored is not None:
+        return float(stored), "stored with the model"
+    if val_logits is None or len(val_logits) == 0:
+        return None, "none (no validation split)"
+    probs = _softmax(val_logits / model.temperature)
+    t = threshold_for_sensitivity(val_targets == model.positive_index, probs[:, model.positive_index], sensitivity)
+    return t, f"validation split, sensitivity {sensitivity:g}"
+
+
+def _states(model, inputs: EvalInputs, index, memo: dict) -> dict[str, dict]:
+    """Every OOD method's state fitted on the target train split (once per evaluation)."""
+    if "states" not in memo:
+        _, tr_emb = infer(model, inputs.train.pixels, memo=memo)
+        y = np.array([index.get(r.label, -1) for r in inputs.train.records])
+        memo["states"] = {m: fit_state(m, tr_emb, y) for m in METHODS}
+    return memo["states"]
+
+
+def fit_detector(model: AdaptedModel, inputs: EvalInputs, index: dict[str, int], memo: dict | None = None) -> OODDetector | None:
+    """Fit the configured detector (train split state, validation threshold); None without data."""
+    if inputs.train is None or inputs.val is None or len(inputs.train) < 2 or len(inputs.val) == 0:
+        return None
+    memo = {} if memo is None else memo
+    va_logits, va_emb = infer(model, inputs.val.pixels, memo=memo)
+    state = _states(model, inputs, index, memo)[inputs.ood_method]
+    return fit_ood_detector(inputs.ood_method, None, None, va_logits, va_emb, inputs.ood_accept_rate, state=state)
+
+
+def evaluate_adapted(model: AdaptedModel, inputs: EvalInputs, n_boot: int = 200, seed: int = 0,
+                     detector: OODDetector | None = None, memo: dict | None = None) -> dict:
+    """The report entry of one model (without name/backbone/budget, which the caller knows)."""
+    check_subgroups(inputs.subgroups)
+    memo = {} if memo is None else memo
+    names = model.class_names
+    index = {c: i for i, c in enumerate(names)}
+    binary = len(names) == 2
+
+    val_logits = val_targets = None
+    if inputs.val is not None and len(inputs.val):
+        val_logits, _ = infer(model, inputs.val.pixels, memo=memo)
+        val_targets = np.array([index.get(r.label, -1) for r in inputs.val.records])
+    threshold, threshold_source = (operating_threshold(model, val_logits, val_targets, inputs.operating_sensitivity)
+                                   if binary else (None, "multi-class: argmax"))
+
+    test = inputs.test.subset(lambda r: r.label in index)
+    logits, emb = infer(model, test.pixels)
+    targets = np.array([index[r.label] for r in test.records], dtype=int)
+    sites = np.array([r.site for r in test.records])
+    patients = np.array([r.patient_id for r in test.records])
+    probs, raw = _softmax(logits / model.temperature), _softmax(logits)
+
+    def metrics(mask: np.ndarray) -> dict:
+        return site_metrics(targets[mask], probs[mask], patients[mask], model.positive_index, n_boot, seed,
+                            threshold=threshold, probs_uncalibrated=raw[mask], class_names=names)
+
+    site_names = sorted(set(sites) | set(inputs.roles))
+    per_site = {s: metrics(sites == s) for s in site_names}
+    subgroups: dict[str, dict[str, dict[str, dict]]] = {}
+    for column in inputs.subgroups:
+        values = np.array([r.meta.get(column, "") for r in test.records])
+        if not (values != "").any():
+            raise ValueError(f"subgroup column {column!r}: no test image has a value in this column")
+        subgroups[column] = {s: {v: metrics((sites == s) & (values == v)) for v in sorted(set(values[sites == s]) - {""})}
+                             for s in site_names if (sites == s).any()}
+
+    entry = {"temperature": float(model.temperature),
+             "operating_point": {"threshold": threshold, "chosen_on": threshold_source,
+                                 "positive_class": names[model.positive_index] if binary else None},
+             "sites": per_site, "subgroups": subgroups}
+    entry["ood"] = _ood_section(model, inputs, index, logits, emb, sites, detector, seed, memo)
+    entry["representation"] = _representation_section(model, inputs, emb, sites, test, seed)
+    return entry
+
+
+def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector, seed, memo) -> dict:
+    """Every score's AUROC and FPR at 95% TPR: target-site test images against each other set."""
+    tgt = inputs.target_site
+    if inputs.train is None or len(inputs.train) < 2 or not (sites == tgt).any():
+        return {"detector": detector_summary(detector), "note": "no target-site train or test images: OOD not evaluated"}
+    states = _states(model, inputs, index, memo)
+    id_scores = all_scores(logits[sites == tgt], emb[sites == tgt], None, None, states=states)
+
+    sets: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+    for s in sorted(set(sites) - {tgt}):
+        kind = "near" if inputs.roles.get(s) == "ood" else "other-site"
+        sets[s] = (kind, logits[sites == s], emb[sites == s])
+    noise_l, noise_e = infer(model, noise_images(inputs.noise_images, model.preprocessing.image_size, seed))
+    sets["synthetic-noise"] = ("far", noise_l, noise_e)
+    for name, cache in inputs.far_ood.items():
+        far_l, far_e = infer(model, cache.pixels)
+        sets[name] = ("far", far_l, far_e)
+
+    results = {}
+    for name, (kind, lg, em) in sets.items():
+        scores = all_scores(lg, em, None, None, states=states)
+        results[name] = {"kind": kind, "n_images": int(len(lg)),
+                         "methods": {m: {"auroc": _none(ood_auroc(id_scores[m], scores[m])),
+                                         "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in METHODS}}
+        if detector is not None:
+            results[name]["detector_flagged"] = float(np.mean(detector.is_ood(lg, em))) if len(lg) else None
+    out = {"in_distribution": {"site": tgt, "n_images": int((sites == tgt).sum())}, "sets": results,
+           "detector": detector_summary(detector),
+           "summary": {kind: {m: _mean([r["methods"][m]["auroc"] for r in results.values() if r["kind"] == kind])
+                              for m in METHODS} for kind in ("near", "far")}}
+    if detector is not None:
+        out["detector"]["test_accepted_in_distribution"] = float(np.mean(~detector.is_ood(logits[sites == tgt], emb[sites == tgt])))
+    return out
+
+
+def detector_summary(detector: OODDetector | None) -> dict | None:
+    if detector is None:
+        return None
+    return {"method": detector.method, "threshold": float(detector.threshold), "accept_rate": detector.accept_rate,
+            "rule": "fixed method from evaluate.ood_method (never chosen on OOD test data); threshold accepts "
+                    f"{detector.accept_rate:.0%} of in-distribution validation images"}
+
+
+def _representation_section(model, inputs: EvalInputs, emb, sites, test: ImageCache, seed) -> dict:
+    out: dict = {"embedding_distance": site_embedding_distances({s: emb[sites == s] for s in sorted(set(sites))})}
+    if inputs.backbone_before is None:
+        out["cka"] = None
+        return out
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(test), min(len(test), inputs.cka_images), replace=False)) if len(test) else []
+    x = model.preprocessing.normalize(test.pixels[torch.as_tensor(pick, dtype=torch.long)].float())
+    before = layer_features(inputs.backbone_before, x)
+    after = layer_features(model.classifier.backbone, x)
+    matrix = cka_matrix(before, after)
+    out["cka"] = {"layers": list(before), "n_images": int(len(pick)), "matrix": matrix,
+                  "diagonal": [row[i] for i, row in enumerate(matrix)]}
+    return out
+
+
+def _none(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def load_backbone_before(checkpoint, architecture: str, in_chans: int) -> torch.nn.Module | None:
+    """The backbone checkpoint adaptation started from (None for random init)."""
+    if checkpoint is None:
+        return None
+    from remedis.models.backbones import create_backbone
+    from remedis.models.checkpoint import load_checkpoint, load_matching
+
+    state, meta = load_checkpoint(checkpoint)
+    if meta.get("architecture", architecture) != architecture:
+        raise ValueError(f"{checkpoint}: backbone is {meta.get('architecture')!r}, the adapted model is {architecture!r}")
+    net = create_backbone(architecture, in_chans=in_chans)
+    load_matching(net, state, str(checkpoint))
+    return net.eval()
+
+
+def evaluate_folder(folder, inputs: EvalInputs, n_boot: int = 200, seed: int = 0, refit_ood: bool = True) -> dict:
+    """Load an adapted model folder, fit and store its OOD detector (when train/val images are given
+    and `refit_ood`, else use the stored one), evaluate it and return its report entry with hashes."""
+    from pathlib import Path
+
+    from remedis.evaluate.ood import OOD_WEIGHTS
+    from remedis.models.checkpoint import file_sha256, read_meta
+
+    folder = Path(folder)
+    model = AdaptedModel.load(folder)
+    index = {c: i for i, c in enumerate(model.class_names)}
+    memo: dict = {}
+    detector = fit_detector(model, inputs, index, memo) if refit_ood else None
+    if detector is not None:
+        detector.save(folder)
+    else:
+        detector = OODDetector.load(folder)
+    entry = evaluate_adapted(model, inputs, n_boot, seed, detector, memo)
+    meta = read_meta(folder)
+    prov = meta.get("provenance", {})
+    entry["provenance"] = {
+        "weights_sha256": meta.get("weights_sha256"), "backbone_sha256": prov.get("backbone_sha256"),
+        "manifest_sha256": prov.get("manifest_sha256"), "backbone_init": prov.get("backbone_init"),
+        "ood_sha256": file_sha256(folder / OOD_WEIGHTS) if (folder / OOD_WEIGHTS).is_file() else None,
+        "architecture": model.architecture,
+    }
+    return entry
+
+
+def load_far_ood(manifests: list, preprocessing, limit: int = 256, seed: int = 0) -> dict[str, ImageCache]:
+    """Images of other modalities (far-OOD), named after their manifest's folder; labels are ignored.
+    Uses the test split when the manifest has one, at most `limit` images, chosen at random by seed."""
+    from pathlib import Path
+
+    from remedis.data.dataset import load_images
+    from remedis.data.manifest import read_manifest
+
+    out = {}
+    for path in manifests:
+        records = read_manifest(path).records
+        test = [r for r in records if r.split == "test"] or records
+        rng = np.random.default_rng(seed)
+        pick = sorted(rng.choice(len(test), min(limit, len(test)), replace=False)) if test else []
+        name = f"{Path(path).resolve().parent.name}" or Path(path).stem
+        out[name] = load_images([test[i] for i in pick], preprocessing)
+    return out
