@@ -11,19 +11,16 @@ import pytest
 import torch
 
 from remedis.adapt.model import AdaptedModel
-from remedis.data.dataset import ImageCache
-from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
-from remedis.evaluate.evaluation import EvalInputs, evaluate_folder, load_backbone_before
 from remedis.evaluate.ood import OODDetector
-from remedis.evaluate.report import SCHEMA_VERSION, advice_lines, build_report, label_savings, write_report
+from remedis.evaluate.report import SCHEMA_VERSION, advice_lines, label_savings
 from remedis.models.checkpoint import save_checkpoint
 from remedis.models.classifier import Classifier
 
 ARCH, SIZE = "resnetv2_18_bit", 32
 
 
-def _cache(site: str, split: str, n: int, seed: int, shift: float = 0.0) -> ImageCache:
+def _images(site: str, split: str, n: int, seed: int, shift: float = 0.0):
     """Class 1 images carry a bright square; `shift` changes the site's overall brightness."""
     g = torch.Generator().manual_seed(seed)
     pix = 0.3 + shift + 0.1 * torch.rand(n, 1, SIZE, SIZE, generator=g)
@@ -31,53 +28,59 @@ def _cache(site: str, split: str, n: int, seed: int, shift: float = 0.0) -> Imag
     for i, lab in enumerate(labels):
         if lab == "malignant":
             pix[i, :, 8:20, 8:20] += 0.5
-    recs = [Record(Path(f"/x/{site}/{split}{i}.png"), lab, site, f"PID-{site}-{split}-{i // 2:03d}", split,
-                   {"device": "scanner-A" if i % 4 < 2 else "scanner-B"}) for i, lab in enumerate(labels)]
-    return ImageCache(recs, pix.clamp(0, 1).half(), Preprocessing(SIZE), [])
-
-
-def _cat(*caches: ImageCache) -> ImageCache:
-    return ImageCache([r for c in caches for r in c.records], torch.cat([c.pixels for c in caches]), caches[0].preprocessing, [])
+    rows = [(f"images/{site}-{split}{i}.png", lab, site, f"PID-{site}-{split}-{i // 2:03d}", split,
+             "scanner-A" if i % 4 < 2 else "scanner-B") for i, lab in enumerate(labels)]
+    return pix.clamp(0, 1), rows
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """Two adapted model folders and a manifest of PNG files, evaluated by `remedis evaluate`."""
+    from PIL import Image
+
+    from remedis.cli import main
+    from remedis.models.checkpoint import read_meta
+
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("report")
+    (out / "data" / "images").mkdir(parents=True)
+    sets = [_images("site-B", "train", 24, 1), _images("site-B", "val", 16, 2), _images("site-A", "test", 16, 3, -0.1),
+            _images("site-B", "test", 20, 4), _images("site-C", "test", 16, 5, 0.25)]
+    lines = ["image,label,site,patient_id,split,device"]
+    for pix, rows in sets:
+        for img, row in zip(pix, rows):
+            Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(out / "data" / row[0])
+            lines.append(",".join(row))
+    (out / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    train_pix = torch.tensor(np.round(sets[0][0].numpy() * 255) / 255)
+
     before = Classifier(ARCH, 2, 1)
     ckpt = save_checkpoint(out / "backbones" / "remedis", before.backbone.state_dict(),
                            {"kind": "backbone", "architecture": ARCH, "in_chans": 1})
-    train, val = _cache("site-B", "train", 24, 1), _cache("site-B", "val", 16, 2)
-    test = _cat(_cache("site-A", "test", 16, 3, -0.1), _cache("site-B", "test", 20, 4), _cache("site-C", "test", 16, 5, 0.25))
-    roles = {"site-A": "source", "site-B": "target", "site-C": "ood"}
-    models = []
+    folders = []
     for i, (backbone, fraction) in enumerate([("remedis", 0.5), ("supervised", 1.0)]):
         clf = Classifier(ARCH, 2, 1)
         clf.load_state_dict(before.state_dict())
-        with torch.no_grad():  # "adaptation": a head that reads the bright square, a perturbed last stage
+        with torch.no_grad():  # "adaptation": a perturbed last stage and a head that reads the bright square
             for p in clf.backbone.stages[3].parameters():
                 p.add_(0.05 * (i + 1) * torch.randn_like(p))
         model = AdaptedModel(clf, ["benign", "malignant"], Preprocessing(SIZE), temperature=1.5, positive_index=1,
-                             provenance={"target_site": "site-B", "budget": fraction, "backbone_sha256": "ab" * 32,
-                                         "manifest_sha256": "cd" * 32})
-        x = model.preprocessing.normalize(train.pixels.float())
-        emb = model.embed(x).double().numpy()
-        y = np.array([r.label == "malignant" for r in train.records])
+                             provenance={"target_site": "site-B", "budget": fraction, "backbone_init": backbone,
+                                         "backbone_sha256": read_meta(ckpt)["weights_sha256"], "manifest_sha256": "cd" * 32})
+        emb = model.embed(model.preprocessing.normalize(train_pix.float())).double().numpy()
+        y = np.array([r[1] == "malignant" for r in sets[0][1]])
         w = np.linalg.lstsq(np.c_[emb, np.ones(len(emb))], 2.0 * y - 1, rcond=None)[0]
         with torch.no_grad():
             clf.head.weight[:] = torch.tensor(np.stack([-w[:-1], w[:-1]]) * 2, dtype=torch.float32)
             clf.head.bias[:] = torch.tensor([-w[-1] * 2, w[-1] * 2], dtype=torch.float32)
-        folder = model.save(out / "adapted" / f"{backbone}@{fraction:g}")
-        inputs = EvalInputs(test=test, target_site="site-B", roles=roles, train=train, val=val, subgroups=["device"],
-                            backbone_before=load_backbone_before(ckpt, ARCH, 1), noise_images=16, cka_images=32)
-        entry = evaluate_folder(folder, inputs, n_boot=20, seed=0)
-        models.append({"name": f"{backbone}@{fraction:g}", "backbone": backbone, "fraction": fraction,
-                       "train_images": int(24 * fraction), **entry})
-    sites = {s: {"role": r, "test_images": 16, "test_patients": 8} for s, r in roles.items()}
-    report = build_report(models, sites, {"manifest_sha256": "ef" * 32, "seed": 0}, title="test report",
-                          task={"class_names": ["benign", "malignant"], "positive_class": "malignant", "target_site": "site-B"})
-    json_path, html_path = write_report(report, out)
-    return {"out": out, "json": json_path, "html": html_path, "test": test}
+        folders.append(model.save(out / "adapted" / f"{backbone}@{fraction:g}"))
+    args = ["evaluate", "--manifest", str(out / "data" / "manifest.csv"), "--output", str(out), "--source-site", "site-A",
+            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}", "--bootstrap", "20"]
+    for f in folders:
+        args += ["--model", str(f)]
+    assert main(args) == 0
+    pids = {row[3] for _, rows in sets for row in rows}
+    return {"out": out, "json": out / "report.json", "html": out / "report.html", "pids": pids, "main": main}
 
 
 def test_report_json_schema_v2(run):
@@ -123,7 +126,7 @@ def test_html_shows_the_json_numbers_offline_without_patient_ids(run):
         assert f"{m['ood']['detector']['threshold']:.4g}" in page
     for line in r["advice"]:
         assert line.replace("'", "&#x27;") in page
-    pids = {rec.patient_id for rec in run["test"].records}
+    pids = run["pids"]
     text = run["json"].read_text() + page
     assert not [p for p in pids if p in text]
 
@@ -147,8 +150,19 @@ def test_label_savings_smallest_budget_reaching_the_full_data_baseline():
     assert label_savings([_m("supervised", 1.0, 100, 0.9)]) == {}
 
 
-def test_identifying_subgroup_column_is_refused(run):
-    with pytest.raises(ValueError, match="identifies patients"):
-        from remedis.evaluate.evaluation import check_subgroups
-
-        check_subgroups(["PatientName"])
+def test_cli_errors_name_the_problem_and_report_rerenders(run, capsys):
+    main = run["main"]
+    manifest = str(run["out"] / "data" / "manifest.csv")
+    model = str(run["out"] / "adapted" / "remedis@0.5")
+    base = ["evaluate", "--manifest", manifest, "--model", model, "--output", str(run["out"] / "bad")]
+    assert main(base + ["--subgroup", "patient_id"]) == 2
+    assert "identifies patients" in capsys.readouterr().err
+    assert main(base + ["--target-site", "site-Z"]) == 2
+    assert "site-Z" in capsys.readouterr().err
+    assert main(base + ["--subgroup", "scanner"]) == 2
+    assert "no column 'scanner'" in capsys.readouterr().err
+    # `remedis report --from-json` renders the same page from report.json alone.
+    again = run["out"] / "again"
+    assert main(["report", "--from-json", str(run["json"]), "--output", str(again)]) == 0
+    strip = lambda t: t.split("</p>", 1)[1]  # noqa: E731  (same body after the header line)
+    assert strip((again / "report.html").read_text()) == strip(run["html"].read_text())

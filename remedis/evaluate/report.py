@@ -333,10 +333,12 @@ def render_html(report: dict) -> str:
 def _provenance_header(report: dict) -> str:
     esc = html.escape
     prov = report["provenance"]
-    rows = "".join(
-        f"<tr><td>{esc(m['name'])}</td>" + "".join(
-            f"<td><code>{esc(str((m.get('provenance') or {}).get(k) or '')[:16])}</code></td>"
-            for k in ("weights_sha256", "backbone_sha256", "ood_sha256")) + "</tr>" for m in report["models"])
+    def cell(value) -> str:
+        return f"<td><code>{esc(str(value)[:16])}</code></td>" if value else "<td>&ndash;</td>"
+
+    rows = "".join(f"<tr><td>{esc(m['name'])}</td>" + "".join(
+        cell((m.get("provenance") or {}).get(k)) for k in ("weights_sha256", "backbone_sha256", "ood_sha256")) + "</tr>"
+        for m in report["models"])
     manifest = esc(str(prov.get("manifest_sha256", ""))[:16])
     return (f"<p class='meta'>Manifest <code>{manifest}</code> &middot; seed {esc(str(prov.get('seed', '')))}</p>"
             f"<table class='meta'><thead><tr><th>model</th><th>weights sha256</th><th>backbone sha256</th>"
