@@ -4,12 +4,16 @@ An entry is keyed by the SHA-256 of the file's bytes and by the preprocessing + 
 (and a format version), so an edited file or a new image size is a miss, never a stale hit.
 Hashing every file on every run would cost as much as reading it, so the content hash of a path
 is memoised under (path, size, mtime_ns, inode), as git's index does, in an append-only log read
-once per process; `verify=True` re-hashes.
-Unreadable files are cached too, with their reason, so a bad file is not re-decoded each epoch.
-Entries are written atomically (temporary file, then rename): workers and concurrent runs may share
-a cache folder.
+once per process; `verify=True` re-hashes. Unreadable files are cached too, with their reason, so a
+bad file is not re-decoded each epoch.
 
-Layout: ROOT/v1-<config key>/<hash>.npy (or .err); ROOT/paths.log: "<path key> <hash>" lines.
+New entries are stored in batches: one pack file (an (N, 1, S, S) float16 .npy, written to a
+temporary name then renamed) per `store` call, then one log line per entry appended with a single
+O_APPEND write, so workers and concurrent runs may share a folder and a reader never sees a line
+whose pack is missing. Creating a file per image would cost more than decoding it on some disks.
+
+Layout: ROOT/v1-<config key>/pack-*.npy + entries.log ("<hash> <pack> <index>" or "<hash> ! <reason>");
+ROOT/paths.log ("<path key> <hash>").
 
 Example:
     >>> cache = DiskCache("~/.cache/remedis", Preprocessing(64))
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,9 @@ import torch
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, read_image, read_image_bytes
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+
+Result = tuple  # (tensor | None, reason | None)
 
 
 def decode(path: Path, preprocessing: Preprocessing, data: bytes | None = None, **read_options: Any) -> torch.Tensor:
@@ -51,40 +58,49 @@ class DiskCache:
         self.verify = verify
         config = json.dumps({"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
                              "read": self.read_options}, sort_keys=True, default=str)
-        self.entries = self.root / f"v{CACHE_FORMAT}-{hashlib.sha256(config.encode()).hexdigest()[:16]}"
-        self.entries.mkdir(parents=True, exist_ok=True)
-        self.log = self.root / "paths.log"
-        self.known: dict[str, str] = {}
-        try:
-            for line in self.log.read_text().splitlines():
-                parts = line.split(" ")
-                if len(parts) == 2 and len(parts[1]) == 64:  # a torn last line is ignored
-                    self.known[parts[0]] = parts[1]
-        except OSError:
-            pass
-        self._made: set[Path] = set()
+        self.folder = self.root / f"v{CACHE_FORMAT}-{hashlib.sha256(config.encode()).hexdigest()[:16]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.paths_log = self.root / "paths.log"
+        self.entries_log = self.folder / "entries.log"
+        self.known: dict[str, str] = {}  # path key -> content hash
+        for parts in _lines(self.paths_log, 2):
+            if len(parts[1]) == 64:
+                self.known[parts[0]] = parts[1]
+        self.index: dict[str, tuple[str, int] | str] = {}  # content -> (pack, row) or failure reason
+        for parts in _lines(self.entries_log, 3):
+            if len(parts[0]) == 64:
+                self.index[parts[0]] = parts[2] if parts[1] == "!" else (parts[1], int(parts[2]))
+        self._packs: dict[str, np.ndarray | None] = {}
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def _path_key(path: Path, st: os.stat_result) -> str:
+    def path_key(path: Path, st: os.stat_result) -> str:
         key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()
         return hashlib.sha256(key).hexdigest()[:32]
 
-    def _remember(self, key: str, content: str) -> None:
-        self.known[key] = content
-        # One short O_APPEND write per line: concurrent writers (workers, runs) do not interleave.
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{key} {content}\n".encode())
-        finally:
-            os.close(fd)
+    def _entry(self, content: str | None) -> Result | None:
+        where = self.index.get(content) if content else None
+        if where is None:
+            return None
+        if isinstance(where, str):
+            return None, where
+        name, row = where
+        if name not in self._packs:
+            try:
+                pack = np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
+                size = self.preprocessing.image_size
+                ok = pack.dtype == np.float16 and pack.ndim == 4 and pack.shape[1:] == (1, size, size)
+                self._packs[name] = pack if ok else None
+            except (OSError, ValueError, EOFError):
+                self._packs[name] = None  # damaged or foreign pack: its entries are misses
+        pack = self._packs[name]
+        if pack is None or row >= len(pack):
+            return None
+        return torch.from_numpy(np.array(pack[row])), None
 
-    def _entry(self, content: str) -> Path:
-        return self.entries / content  # flat: one folder creation per cache, not per entry
-
-    def lookup(self, path: Path) -> tuple[torch.Tensor | None, str | None] | None:
-        """The cached result for an unchanged file, or None (a miss: call `load`). Never decodes."""
+    def lookup(self, path: Path) -> Result | None:
+        """The cached result for an unchanged file, or None (a miss). Never reads the file itself."""
         if self.verify:
             return None
         path = Path(path).absolute()
@@ -92,78 +108,82 @@ class DiskCache:
             st = path.stat()
         except OSError:
             return None
-        content = self.known.get(self._path_key(path, st))
-        hit = self._read_entry(self._entry(content)) if content else None
+        hit = self._entry(self.known.get(self.path_key(path, st)))
         if hit is not None:
             self.hits += 1
         return hit
 
-    def load(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
+    def compute(self, path: Path) -> tuple[str | None, str | None, Result]:
+        """(path key, content hash, result) for a miss: hash the bytes, reuse an entry with the same
+        content (a copied or renamed file), else decode. Writes nothing: safe in worker processes."""
+        path = Path(path).absolute()
+        try:
+            st = path.stat()
+            data = path.read_bytes()
+        except OSError as exc:
+            return None, None, (None, f"cannot read file ({exc.strerror or exc})")
+        key, content = self.path_key(path, st), hashlib.sha256(data).hexdigest()
+        hit = self._entry(content)
+        if hit is not None:
+            self.hits += 1
+            return key, content, hit
+        self.misses += 1
+        try:
+            return key, content, (decode(path, self.preprocessing, data, **self.read_options), None)
+        except ImageReadError as exc:
+            return key, content, (None, str(exc).split(": ", 1)[-1])
+
+    def store(self, computed: list[tuple[str | None, str | None, Result]]) -> None:
+        """Persist results of `compute`: one pack for the new images, then the log lines."""
+        new_images, entry_lines, path_lines = [], [], []
+        name = f"pack-{uuid.uuid4().hex}.npy"
+        for key, content, (x, reason) in computed:
+            if content is None:
+                continue  # unreadable path (missing file): nothing to key it by
+            if content not in self.index:
+                if x is not None:
+                    self.index[content] = (name, len(new_images))
+                    new_images.append(x.numpy())
+                    entry_lines.append(f"{content} {name} {len(new_images) - 1}")
+                else:
+                    self.index[content] = " ".join(reason.split())
+                    entry_lines.append(f"{content} ! {self.index[content]}")
+            if key is not None and self.known.get(key) != content:
+                self.known[key] = content
+                path_lines.append(f"{key} {content}")
+        if new_images:
+            tmp = self.folder / f".tmp-{name}"
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.stack(new_images), allow_pickle=False)
+            os.replace(tmp, self.folder / name)
+        _append(self.entries_log, entry_lines)
+        _append(self.paths_log, path_lines)
+
+    def load(self, path: Path) -> Result:
         """(tensor, None) or (None, reason); decodes and stores on a miss."""
         hit = self.lookup(path)
         if hit is not None:
             return hit
-        path = Path(path).absolute()
-        try:
-            st = path.stat()
-        except OSError as exc:
-            return None, f"cannot read file ({exc.strerror or exc})"
-        key = self._path_key(path, st)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return None, f"cannot read file ({exc.strerror or exc})"
-        content = hashlib.sha256(data).hexdigest()
-        entry = self._entry(content)
-        hit = self._read_entry(entry)
-        if hit is None:
-            self.misses += 1
-            try:
-                x = decode(path, self.preprocessing, data, **self.read_options)
-                self._write(entry.with_suffix(".npy"), lambda fh: np.save(fh, x.numpy(), allow_pickle=False))
-                hit = (x, None)
-            except ImageReadError as exc:
-                reason = str(exc).split(": ", 1)[-1]
-                self._write(entry.with_suffix(".err"), lambda fh: fh.write(reason.encode()))
-                hit = (None, reason)
-        else:
-            self.hits += 1
-        if self.known.get(key) != content:
-            self._remember(key, content)
-        return hit
-
-    def _write(self, target: Path, write) -> None:
-        if target.parent not in self._made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(target.parent)
-        _atomic_write(target, write)
-
-    def _read_entry(self, entry: Path) -> tuple[torch.Tensor | None, str | None] | None:
-        """The cached result, or None on a miss (absent, damaged or foreign entry: decode again)."""
-        try:
-            arr = np.load(entry.with_suffix(".npy"), allow_pickle=False)
-        except FileNotFoundError:
-            try:
-                return None, entry.with_suffix(".err").read_text()
-            except OSError:
-                return None
-        except (OSError, ValueError, EOFError):
-            return None
-        size = self.preprocessing.image_size
-        if arr.shape != (1, size, size) or arr.dtype != np.float16:
-            return None
-        return torch.from_numpy(arr), None
+        computed = self.compute(path)
+        self.store([computed])
+        return computed[2]
 
 
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.parent / f".tmp-{os.getpid()}-{target.name}"  # unique per process and entry
+def _lines(path: Path, fields: int) -> list[list[str]]:
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        text = path.read_text()
+    except OSError:
+        return []
+    # A torn last line (a writer killed mid-append) has too few fields and is ignored.
+    return [parts for parts in (line.split(" ", fields - 1) for line in text.splitlines()) if len(parts) == fields]
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    # One write with O_APPEND: lines from concurrent writers do not interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, ("\n".join(lines) + "\n").encode())
+    finally:
+        os.close(fd)

@@ -56,20 +56,22 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
     loader = _Loader(list(records), preprocessing, cache_dir, read_options or {})
     results: list = [None] * len(records)
     todo = list(range(len(records)))
-    if cache_dir is not None and num_workers > 0:
-        # Hits are a file read each: serve them here, and start workers only for what needs decoding.
-        disk = DiskCache(cache_dir, preprocessing, read_options or {})
+    disk = DiskCache(cache_dir, preprocessing, read_options or {}) if cache_dir is not None else None
+    if disk is not None:  # hits cost a stat and a slice: served here, before any worker starts
         for i in todo:
             results[i] = disk.lookup(records[i].image)
         todo = [i for i in todo if results[i] is None]
+    computed = []
     if num_workers > 0 and len(todo) > 1:
         dl = DataLoader(Subset(loader, todo), batch_size=None, shuffle=False, num_workers=num_workers, worker_init_fn=_one_thread)
-        for i, x, reason in dl:
-            results[i] = (x, reason)
+        items = iter(dl)
     else:
-        for i in todo:
-            _, x, reason = loader[i]
-            results[i] = (x, reason)
+        items = (loader[i] for i in todo)
+    for i, x, reason, key, content in items:
+        results[i] = (x, reason)
+        computed.append((key, content, (x, reason)))
+    if disk is not None and computed:
+        disk.store(computed)  # one pack for the whole batch: a file per image costs more than decoding
     kept, tensors, failures = [], [], []
     for r, (x, reason) in zip(records, results):
         if x is None:
@@ -89,7 +91,8 @@ def _one_thread(_worker_id: int) -> None:
 
 
 class _Loader(Dataset):
-    """Index -> (index, (1, S, S) float16 or None, reason or None); picklable for worker processes."""
+    """Index -> (index, (1, S, S) float16 or None, reason or None, cache path key, content hash);
+    picklable for worker processes, which decode but never write the cache (the caller stores)."""
 
     def __init__(self, records: list[Record], preprocessing: Preprocessing, cache_dir, read_options: dict[str, Any]):
         self.records = records
@@ -106,16 +109,16 @@ class _Loader(Dataset):
         if self.cache_dir is not None:
             if self._disk is None:  # opened lazily: once per worker process
                 self._disk = DiskCache(self.cache_dir, self.preprocessing, self.read_options)
-            x, reason = self._disk.load(path)
-            return i, x, reason
+            key, content, (x, reason) = self._disk.compute(path)
+            return i, x, reason, key, content
         try:
             data = None if path.name.lower().endswith(NIFTI_SUFFIXES) else path.read_bytes()
         except OSError as exc:
-            return i, None, f"cannot read file ({exc.strerror or exc})"
+            return i, None, f"cannot read file ({exc.strerror or exc})", None, None
         try:
-            return i, decode(path, self.preprocessing, data, **self.read_options), None
+            return i, decode(path, self.preprocessing, data, **self.read_options), None, None, None
         except ImageReadError as exc:
-            return i, None, str(exc).split(": ", 1)[-1]
+            return i, None, str(exc).split(": ", 1)[-1], None, None
 
 
 class LabeledDataset(Dataset):
