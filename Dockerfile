@@ -1,13 +1,15 @@
-# remedis inference service: one adapted model behind BentoML.
+# remedis inference service: one adapted model behind BentoML (see README, "The service").
 #   remedis run configs/quickstart.yaml -o runs/quickstart          (or any adapted model folder)
 #   docker build -t remedis:cpu --build-arg MODEL_DIR=runs/quickstart/adapted/remedis@1 .
 #   docker run --rm -p 3000:3000 remedis:cpu
-# CUDA variant (PyPI's torch wheels bundle CUDA; run with --gpus all):
-#   docker build -t remedis:cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+# CUDA variant: PyPI's torch wheels (CUDA bundled) and serving/serving-cuda.yaml (gpu: 1, AMP):
+#   docker build -t remedis:cuda --build-arg VARIANT=cuda --build-arg MODEL_DIR=... .
+#   docker run --rm --gpus all -p 3000:3000 remedis:cuda
+# API key: add `auth: {enabled: true}` to the serving config and pass -e REMEDIS_API_KEY=... at run time.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG VARIANT=cpu
 ARG MODEL_DIR=runs/quickstart/adapted/remedis@1
 ARG MODEL_NAME=remedis-quickstart
 
@@ -16,16 +18,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BENTOML_HOME=/home/remedis/bentoml \
-    REMEDIS_MODEL=${MODEL_NAME}:latest
+    BENTOML_DO_NOT_TRACK=true \
+    REMEDIS_MODEL=${MODEL_NAME}:latest \
+    REMEDIS_SERVE_CONFIG=/app/serving/serving-${VARIANT}.yaml
 
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN useradd --create-home --uid 10001 remedis
 WORKDIR /app
 
-# Dependencies first (cached layer): torch from the chosen index, the rest from PyPI.
+# Dependencies first (cached layer): torch from the CPU index or PyPI (CUDA), the rest from PyPI.
 COPY pyproject.toml constraints.txt README.md ./
 COPY remedis ./remedis
 COPY serving ./serving
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt .
+RUN case "${VARIANT}" in \
+      cpu) index=https://download.pytorch.org/whl/cpu; cp serving/serving.yaml serving/serving-cpu.yaml ;; \
+      cuda) index=https://pypi.org/simple ;; \
+      *) echo "VARIANT must be cpu or cuda, got ${VARIANT}" >&2; exit 2 ;; \
+    esac \
+    && pip install --extra-index-url "${index}" -c constraints.txt .
 
 COPY --chown=10001:10001 ${MODEL_DIR} /models/adapted
 USER 10001

@@ -21,24 +21,86 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
 
 
+def _task(class_names: list[str], positive_index: int) -> str:
+    if len(class_names) == 2:
+        return f"binary classification: {class_names[positive_index]} vs {class_names[1 - positive_index]}"
+    return f"{len(class_names)}-class classification"
+
+
+def _ood_detector(model_dir: Path) -> dict | None:
+    """Method, threshold and accept rate of the stored OOD detector (None when the folder has none)."""
+    try:
+        from remedis.evaluate.ood import OODDetector
+    except ImportError:
+        return None
+    det = OODDetector.load(model_dir)
+    if det is None:
+        return None
+    return {"method": det.method, "threshold": float(det.threshold), "accept_rate": float(det.accept_rate)}
+
+
+SITE_KEYS = ("n_images", "n_patients", "auroc", "auroc_ci", "auprc", "accuracy", "sensitivity", "specificity",
+             "threshold", "ece")
+
+
+def _site_summary(metrics: dict) -> dict:
+    out = {k: metrics[k] for k in SITE_KEYS if k in metrics}
+    cal = metrics.get("calibration")
+    if isinstance(cal, dict) and "brier" in cal:
+        out["brier"] = cal["brier"]
+    return out
+
+
+def _report_summary(report: dict, model_name: str | None) -> dict:
+    """The report's numbers for this model: per-site metrics (AUROC with CI, ECE, sensitivity and
+    specificity at the operating point, ...), site roles, the OOD detector and its detection summary."""
+    entry = next((m for m in report.get("models", []) if m.get("name") == model_name), None)
+    summary = {
+        "schema_version": report.get("schema_version"),
+        "model": model_name,
+        "task": report.get("task"),
+        "sites": report.get("sites"),
+        "metrics": {site: _site_summary(m) for site, m in entry["sites"].items()} if entry else None,
+    }
+    if entry:
+        for key in ("train_images", "temperature", "operating_point"):
+            if key in entry:
+                summary[key] = entry[key]
+        ood = entry.get("ood") or {}
+        if ood:
+            summary["ood"] = {"detector": ood.get("detector"), "summary": ood.get("summary"),
+                              "in_distribution": ood.get("in_distribution")}
+    return summary
+
+
 def model_card(model_dir: Path, report: dict | None, model_name: str | None) -> dict:
+    """What the service's `metadata` shows: task, classes, sites, calibration, operating point, OOD
+    detector, report summary and provenance hashes; never a patient identifier."""
     meta = read_meta(model_dir)
+    prov = meta.get("provenance", {}) or {}
+    cal = meta.get("calibration", {}) or {}
+    positive = int(meta.get("positive_index", 1))
+    sites = {k: prov[k] for k in ("source_site", "target_site") if prov.get(k)}
+    if report and report.get("sites"):
+        sites["report"] = {s: v.get("role") for s, v in report["sites"].items() if isinstance(v, dict)}
     card = {
+        "task": _task(meta["class_names"], positive),
         "architecture": meta["architecture"],
         "class_names": meta["class_names"],
+        "positive_class": meta["class_names"][positive] if len(meta["class_names"]) == 2 else None,
         "preprocessing": meta["preprocessing"],
-        "temperature": meta["calibration"]["temperature"],
+        "temperature": cal.get("temperature"),
+        "operating_point": {"threshold": cal.get("threshold"), **(cal.get("operating_point") or {})},
+        "ood_detector": _ood_detector(model_dir),
+        "training_sites": sites,
+        "train_images": prov.get("train_images"),
         "weights_sha256": meta["weights_sha256"],
-        "backbone_sha256": meta.get("provenance", {}).get("backbone_sha256"),
-        "manifest_sha256": meta.get("provenance", {}).get("manifest_sha256"),
+        "backbone_sha256": prov.get("backbone_sha256"),
+        "manifest_sha256": prov.get("manifest_sha256"),
+        "versions": meta.get("versions"),
     }
     if report is not None:
-        entry = next((m for m in report.get("models", []) if m["name"] == model_name), None)
-        card["report"] = {
-            "schema_version": report.get("schema_version"),
-            "sites": report.get("sites"),
-            "metrics": entry["sites"] if entry else None,
-        }
+        card["report"] = _report_summary(report, model_name)
     return card
 
 

@@ -1,8 +1,14 @@
-"""BentoML service: a PNG, JPEG or DICOM upload in, calibrated class probabilities out.
+"""BentoML service: a DICOM, PNG, JPEG or TIFF upload in; calibrated probabilities, the label at the
+stored operating point, an OOD score and flag out.
 
-The model is chosen at build or serve time (`--arg model=<store tag>`, or REMEDIS_MODEL), loaded once
-per worker in `__init__`; all image logic lives in `remedis` (the same reader and preprocessing as
-training), so this file stays thin.
+Two services, one bento (BentoML's pattern for adaptive batching behind pre-processing):
+- `RemedisService` (the API): checks and decodes uploads (`serving.inputs`, the training reader and
+  preprocessing from `remedis.data`), calibrates, applies the operating point and the OOD detector,
+  answers `predict`, `predict_batch`, `embed`, `metadata`; BentoML adds `/healthz`, `/readyz`, `/metrics`.
+- `RemedisModel`: the network on CPU or GPU (`serving.runtime`), one `batchable` endpoint, so
+  concurrent requests share forward passes (max batch size and latency from the serving config).
+
+Settings: `serving/serving.yaml` or `--arg config=FILE`; the model: `--arg model=TAG` / REMEDIS_MODEL.
 
     bentoml serve serving.service:RemedisService --arg model=remedis-quickstart:latest
     curl -F image=@scan.dcm http://localhost:3000/predict
@@ -10,52 +16,335 @@ training), so this file stays thin.
 
 from __future__ import annotations
 
-import os
+import asyncio
+import json
+import logging
+import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import bentoml
-from bentoml.exceptions import InvalidArgument
+import numpy as np
+import torch
+from starlette.responses import JSONResponse
 
-from remedis.adapt.model import AdaptedModel
-from remedis.data.readers import ImageReadError, read_image_bytes
+from remedis.data.preprocess import Preprocessing
+from remedis.models.checkpoint import read_meta
+from serving.guard import RequestGuard
+from serving.inputs import Upload, UploadError, check_upload, decode, expand_zip, sniff
+from serving.settings import resolve
 
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+log = logging.getLogger("bentoml.remedis")  # under BentoML's logger, so it reaches the server log
+SETTINGS = resolve(bentoml.use_arguments())
+MODEL_TAG = SETTINGS.model
+UPLOAD_PATHS = {"/predict", "/predict_batch", "/embed"}
 
-_args = bentoml.use_arguments()
-MODEL_TAG = getattr(_args, "model", None) or os.environ.get("REMEDIS_MODEL", "remedis-quickstart:latest")
+
+def _resources() -> dict[str, Any]:
+    r: dict[str, Any] = {"cpu": str(SETTINGS.resources.cpu)}
+    if SETTINGS.resources.gpu > 0:
+        r["gpu"] = SETTINGS.resources.gpu
+    return r
 
 
-@bentoml.service(resources={"cpu": "1"}, traffic={"timeout": 60})
-class RemedisService:
+@bentoml.service(resources=_resources(), workers=1, traffic={"timeout": SETTINGS.timeout_s})
+class RemedisModel:
+    """The network. Not exposed on its own: the API service reaches it over a local socket."""
+
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.model = AdaptedModel.load(self.model_ref.path)
-        self.tag = str(self.model_ref.tag)
+        from serving.runtime import ModelRuntime
+
+        self.runtime = ModelRuntime.load(self.model_ref.path, gpu=SETTINGS.resources.gpu, precision=SETTINGS.precision,
+                                         channels_last=SETTINGS.channels_last, threads=SETTINGS.resources.cpu)
+        if SETTINGS.warmup:
+            t0 = time.perf_counter()
+            self.runtime.warm_up((1, SETTINGS.max_batch_size))
+            log.info("model %s warmed up on %s (%s) in %.1f s", self.model_ref.tag, self.runtime.device,
+                     self.runtime.dtype or "fp32", time.perf_counter() - t0)
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.batching.max_latency_ms)
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, S, S) preprocessed images -> (N, classes + embedding) [logits | embedding]."""
+        return self.runtime.forward(x)
 
     @bentoml.api
-    def predict(self, image: Path) -> dict:
-        """Class probabilities (temperature-calibrated) for one uploaded image."""
-        data = image.read_bytes()
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise InvalidArgument(f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+    def device(self) -> dict:
+        return {"device": str(self.runtime.device), "precision": str(self.runtime.dtype or "fp32").replace("torch.", "")}
+
+
+class _Uploads(bentoml.IODescriptor):
+    """Multipart parsing done here, not by BentoML's generic path: each file part keeps its declared
+    content type (checked against the bytes later), a text value in a file field is a 400 instead of
+    a URL for the server to fetch, and nothing is written to disk beyond Starlette's spooling. The
+    parts go to the endpoint through the request state; the fields exist for the schema and clients."""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        uploads: dict[str, Any] = {}
         try:
-            pixels = read_image_bytes(data, name=image.name)
-        except ImageReadError as exc:
-            # The reader's message names the upload and the reason; the temp path is not the client's business.
-            raise InvalidArgument(f"cannot read image: {str(exc).split(': ', 1)[-1]}") from None
-        probs = self.model.predict_images([pixels])["probs"][0]
-        best = int(probs.argmax())
-        return {
-            "probabilities": {c: float(p) for c, p in zip(self.model.class_names, probs)},
-            "label": self.model.class_names[best],
-            "model": self.tag,
-        }
+            form = await request.form(max_files=SETTINGS.limits.max_batch_files + 1, max_fields=32)
+            for field in cls.multipart_fields:
+                items = []
+                for value in form.getlist(field):
+                    if isinstance(value, str):
+                        raise UploadError(400, f"field '{field}' must be a file upload, got a text value")
+                    items.append((await value.read(), value.content_type, value.filename))
+                uploads[field] = items
+        except UploadError as exc:
+            uploads = exc
+        except Exception as exc:  # Starlette's multipart errors (too many parts, malformed boundary, ...)
+            uploads = UploadError(400, f"malformed multipart body ({type(exc).__name__})")
+        request.state.remedis_uploads = uploads
+        return cls.model_construct(**{f: None for f in cls.model_fields})
+
+
+class ImageInput(_Uploads):
+    image: Path
+
+
+class ImagesInput(_Uploads):
+    images: list[Path]
+
+
+def _uploads(ctx: bentoml.Context, field: str) -> list[tuple[bytes, str | None, str | None]]:
+    uploads = getattr(ctx.request.state, "remedis_uploads", None)
+    if isinstance(uploads, UploadError):
+        raise uploads
+    items = (uploads or {}).get(field, [])
+    if not items:
+        raise UploadError(400, f"no file in field '{field}' (send it as multipart/form-data)")
+    return items
+
+
+def _error(ctx: bentoml.Context, status: int, reason: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": reason}
+    if field:
+        body["field"] = field
+    # BentoML copies the context's status and headers onto the response of an API that takes `ctx`.
+    ctx.response.status_code = status
+    for k, v in (headers or {}).items():
+        ctx.response.headers[k] = v
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def operating_threshold(meta: dict) -> float | None:
+    """The stored operating threshold on the positive-class probability (binary models), if any."""
+    cal = meta.get("calibration", {}) or {}
+    t = cal.get("threshold")
+    if t is None and isinstance(cal.get("operating_point"), dict):
+        t = cal["operating_point"].get("threshold")
+    return None if t is None else float(t)
+
+
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+class RemedisService:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    net = bentoml.depends(RemedisModel)
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)  # this worker decodes and resizes; the model worker owns the cores
+        folder = Path(self.model_ref.path)
+        meta = read_meta(folder)
+        self.tag = self.model_ref.tag
+        self.class_names: list[str] = list(meta["class_names"])
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.temperature = float(meta["calibration"]["temperature"])
+        self.positive_index = int(meta.get("positive_index", 1))
+        self.threshold = operating_threshold(meta) if len(self.class_names) == 2 else None
+        card = folder / "model_card.json"
+        self.card = json.loads(card.read_text()) if card.is_file() else {}
+        self.detector = self._load_detector(folder)
+        self.modalities = {m.upper() for m in SETTINGS.modalities}
+        self.limits = SETTINGS.limits
+        self.decode_limiter = anyio.CapacityLimiter(4)
+        log.info("serving %s: %d classes, operating point %s, OOD %s", self.tag, len(self.class_names),
+                 "none (argmax)" if self.threshold is None else f"{self.threshold:.4f}",
+                 f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none")
+
+    @staticmethod
+    def _load_detector(folder: Path):
+        try:
+            from remedis.evaluate.ood import OODDetector
+        except ImportError:  # an older remedis without OOD detection: serve without it (ood: null)
+            return None
+        return OODDetector.load(folder)
+
+    # ---- the shared path: upload -> checked pixels -> tensor -> model -> answer -------------------
+
+    def _prepare(self, data: bytes, declared: str | None, filename: str | None) -> tuple[Upload, np.ndarray, list[str]]:
+        up = check_upload(data, declared, self.limits, filename)
+        warnings: list[str] = []
+        if up.modality and self.modalities and up.modality not in self.modalities:
+            msg = f"DICOM modality {up.modality} is not one this model expects ({', '.join(sorted(self.modalities))})"
+            if SETTINGS.reject_other_modalities:
+                raise UploadError(422, msg)
+            warnings.append(msg)
+        x = self.preprocessing(decode(up)).numpy()
+        return up, x, warnings
+
+    async def _prepare_async(self, data: bytes, declared: str | None, filename: str | None):
+        result = None
+        with anyio.move_on_after(self.limits.decode_timeout_s):
+            # Abandoned on timeout: the client gets its 422 and the event loop never waits on it.
+            result = await anyio.to_thread.run_sync(self._prepare, data, declared, filename,
+                                                    limiter=self.decode_limiter, abandon_on_cancel=True)
+        if result is None:
+            raise UploadError(422, f"image took longer than {self.limits.decode_timeout_s:g} s to decode")
+        return result
+
+    async def _forward(self, x: np.ndarray) -> np.ndarray:
+        net = self.net
+        if not hasattr(net, "to_async"):
+            return await asyncio.to_thread(net.forward, x)  # not served (a local instance): a plain call
+        import aiohttp
+
+        for attempt in range(3):
+            try:
+                return np.asarray(await net.to_async.forward(x), dtype=np.float32)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A pooled keep-alive connection the model worker had just closed: the forward pass
+                # is idempotent, so resend on a fresh connection.
+                if attempt == 2:
+                    raise
+                log.info("model worker connection dropped; retrying (%d)", attempt + 1)
+        raise AssertionError("unreachable")
+
+    async def _forward_chunks(self, xs: list[np.ndarray]) -> np.ndarray:
+        """Every image through the batched model; chunks go out together so the batcher can merge them."""
+        step = SETTINGS.max_batch_size
+        chunks = [np.stack(xs[i:i + step]) for i in range(0, len(xs), step)]
+        outs = await asyncio.gather(*(self._forward(c) for c in chunks))
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _answers(self, out: np.ndarray) -> list[dict[str, Any]]:
+        k = len(self.class_names)
+        logits, emb = out[:, :k], out[:, k:]
+        probs = (torch.from_numpy(np.ascontiguousarray(logits)) / self.temperature).softmax(1).numpy()
+        if self.threshold is not None:
+            positive = probs[:, self.positive_index] >= self.threshold
+            labels = np.where(positive, self.positive_index, 1 - self.positive_index)
+        else:
+            labels = probs.argmax(1)
+        ood_scores = ood_flags = None
+        if self.detector is not None:
+            ood_scores = self.detector.score(logits, emb)
+            ood_flags = ood_scores > self.detector.threshold
+        answers = []
+        for i in range(len(out)):
+            answers.append({
+                "probabilities": {c: float(p) for c, p in zip(self.class_names, probs[i])},
+                "label": self.class_names[int(labels[i])],
+                "decision": "operating_point" if self.threshold is not None else "argmax",
+                "ood": None if ood_flags is None else bool(ood_flags[i]),
+                "ood_score": None if ood_scores is None else float(ood_scores[i]),
+            })
+        return answers
+
+    @property
+    def _model(self) -> dict[str, str]:
+        return {"name": self.tag.name, "version": self.tag.version or ""}
+
+    async def _one(self, ctx: bentoml.Context, field: str):
+        files = _uploads(ctx, field)
+        if len(files) != 1:
+            raise UploadError(400, f"send exactly one file in field '{field}' (got {len(files)}); use predict_batch for more")
+        return await self._prepare_async(*files[0])
+
+    # ---- endpoints ---------------------------------------------------------------------------------
+
+    @bentoml.api(input_spec=ImageInput)
+    async def predict(self, image: Path, ctx: bentoml.Context) -> dict:
+        """Calibrated class probabilities, the label at the stored operating point and the OOD flag for one image."""
+        try:
+            up, x, warnings = await self._one(ctx, "image")
+        except UploadError as exc:
+            log.info("predict: %d %s", exc.status, exc.reason)
+            return _error(ctx, exc.status, exc.reason, "image")
+        try:
+            out = await self._forward(x[None])
+        except bentoml.exceptions.BentoMLException as exc:
+            return self._model_failure(ctx, exc)
+        answer = self._answers(out)[0]
+        return {**answer, "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
+
+    @bentoml.api(input_spec=ImagesInput)
+    async def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
+        """Many images (several files in `images`, or one zip of them) in one call, answered in upload
+        order; a bad item gets its own `error` and `status` and does not fail the others."""
+        try:
+            files = _uploads(ctx, "images")
+            if len(files) == 1 and sniff(files[0][0]) == "zip":
+                files = [(member, None, None) for member in expand_zip(files[0][0], self.limits)]
+            if not files:
+                raise UploadError(400, "no files in field 'images'")
+            if len(files) > self.limits.max_batch_files:
+                raise UploadError(413, f"{len(files)} files, above this service's limit of {self.limits.max_batch_files}")
+        except UploadError as exc:
+            log.info("predict_batch: %d %s", exc.status, exc.reason)
+            return _error(ctx, exc.status, exc.reason, "images")
+        prepared = await asyncio.gather(*(self._prepare_async(*f) for f in files), return_exceptions=True)
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        for p in prepared:
+            if isinstance(p, BaseException) and not isinstance(p, UploadError):
+                raise p
+        answers: dict[int, dict[str, Any]] = {}
+        if good:
+            try:
+                out = await self._forward_chunks([prepared[i][1] for i in good])
+            except bentoml.exceptions.BentoMLException as exc:
+                return self._model_failure(ctx, exc)
+            answers = dict(zip(good, self._answers(out)))
+        results = []
+        for i, p in enumerate(prepared):
+            if isinstance(p, UploadError):
+                results.append({"index": i, "error": p.reason, "status": p.status})
+            else:
+                results.append({"index": i, **answers[i], "format": p[0].format, "modality": p[0].modality,
+                                "warnings": p[2]})
+        n_bad = len(files) - len(good)
+        if n_bad:
+            log.info("predict_batch: %d of %d items refused", n_bad, len(files))
+        return {"results": results, "count": len(files), "errors": n_bad, "model": self._model}
+
+    @bentoml.api(input_spec=ImageInput)
+    async def embed(self, image: Path, ctx: bentoml.Context) -> dict:
+        """The backbone's pooled embedding of one image (for retrieval, clustering, downstream heads)."""
+        try:
+            up, x, warnings = await self._one(ctx, "image")
+        except UploadError as exc:
+            log.info("embed: %d %s", exc.status, exc.reason)
+            return _error(ctx, exc.status, exc.reason, "image")
+        try:
+            out = await self._forward(x[None])
+        except bentoml.exceptions.BentoMLException as exc:
+            return self._model_failure(ctx, exc)
+        emb = out[0, len(self.class_names):]
+        return {"embedding": [float(v) for v in emb], "dim": int(emb.shape[0]), "format": up.format,
+                "warnings": warnings, "model": self._model}
 
     @bentoml.api
     def metadata(self) -> dict:
-        """Model card: classes, preprocessing, calibration, provenance hashes, report summary."""
-        card = Path(self.model_ref.path) / "model_card.json"
-        import json
+        """Model card: task, classes, sites, report summary (per-site AUROC, ECE, OOD), provenance hashes."""
+        ood = None if self.detector is None else {"method": self.detector.method, "threshold": float(self.detector.threshold),
+                                                  "accept_rate": float(getattr(self.detector, "accept_rate", 0.95))}
+        return {
+            **self.card,
+            "model": self._model,
+            "operating_threshold": self.threshold,
+            "ood_detector": ood,
+            "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size},
+        }
 
-        return {"model": self.tag, **(json.loads(card.read_text()) if card.is_file() else {})}
+    def _model_failure(self, ctx: bentoml.Context, exc: Exception) -> JSONResponse:
+        code = int(getattr(getattr(exc, "error_code", None), "value", 500) or 500)
+        if code == 503:  # the batcher shed the request: the queue is longer than batching.max_latency_ms
+            return _error(ctx, 503, "model is overloaded, retry shortly", headers={"Retry-After": "1"})
+        log.error("model worker failed: %s", type(exc).__name__)
+        return _error(ctx, 500, "model worker failed; see the server log")
+
+
+RemedisService.add_asgi_middleware(RequestGuard, settings=SETTINGS, upload_paths=UPLOAD_PATHS)

@@ -1,0 +1,180 @@
+"""Service throughput and latency under concurrency, against the raw model forward (same process,
+best batch size) and against the same service with batching off. Prints one JSON object.
+
+    .venv/bin/python benchmarks/bench_service.py [--image-size 128] [--clients 16] [--requests 400] [--load 1000]
+
+Everything runs on this machine over loopback: a small adapted model (resnetv2_18_bit, random
+weights: speed does not depend on them) is exported to a temporary BentoML store and served by
+`bentoml serve` twice (batching on, then off). The clients send PNG uploads; the raw reference is
+`ModelRuntime.forward` on preprocessed tensors (no decode, no HTTP), so the service/raw ratio is the
+share of the model's own speed the whole serving path keeps. Targets (issue 7): batched >= 0.8x raw,
+batched >= 2x unbatched. `--load N` adds the mixed good/bad load run (0 5xx, 0 lost expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_model(tmp: Path, image_size: int, gpu: int) -> tuple[Path, str, Path]:
+    import torch
+
+    from remedis.adapt.model import AdaptedModel
+    from remedis.data.preprocess import Preprocessing
+    from remedis.models import Classifier
+
+    torch.manual_seed(0)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], Preprocessing(image_size=image_size))
+    folder = model.save(tmp / "adapted")
+    home = tmp / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run([sys.executable, "-m", "remedis.cli", "export", "--model", str(folder), "--name", "bench"],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return folder, out.split("model:")[1].split()[0], home
+
+
+def raw_forward(folder: Path, image_size: int, gpu: int, seconds: float = 3.0) -> dict:
+    import torch
+
+    from serving.runtime import ModelRuntime
+
+    rt = ModelRuntime.load(folder, gpu=gpu, threads=1 if gpu == 0 else None)
+    by_batch = {}
+    for bs in (1, 4, 8, 16, 32):
+        x = np.random.default_rng(0).standard_normal((bs, 1, image_size, image_size)).astype(np.float32)
+        rt.forward(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 5:
+            rt.forward(x)
+            n += bs
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        by_batch[bs] = n / (time.perf_counter() - t0)
+    best = max(by_batch, key=by_batch.get)
+    return {"device": str(rt.device), "best_batch": best, "images_per_s": by_batch[best],
+            "by_batch": {str(k): round(v, 1) for k, v in by_batch.items()}}
+
+
+def pngs(image_size: int, n: int = 16) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((image_size, image_size)) * 255).astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def drive(url: str, bodies: list[tuple[str, tuple]], clients: int) -> dict:
+    """Send every (route, file) from `clients` threads, each with its own keep-alive connection."""
+    import httpx
+
+    local = threading.local()
+    lat, codes, lock = [], [], threading.Lock()
+
+    def call(item):
+        route, file = item
+        if not hasattr(local, "c"):
+            local.c = httpx.Client(timeout=120)
+        t0 = time.perf_counter()
+        try:
+            code = local.c.post(f"{url}/{route}", files={"image": file}).status_code
+        except httpx.HTTPError:
+            code = -1
+        with lock:
+            lat.append(time.perf_counter() - t0)
+            codes.append(code)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(call, bodies))
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {"requests": len(bodies), "answered": len(codes) - codes.count(-1), "lost": codes.count(-1),
+            "status_5xx": sum(1 for c in codes if c >= 500), "status_200": codes.count(200),
+            "images_per_s": codes.count(200) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall}
+
+
+def mean_batch(url: str) -> float | None:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    c = sum(map(float, re.findall(r'adaptive_batch_size_count\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text)))
+    s = sum(map(float, re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text)))
+    return s / c if c else None
+
+
+def serve_and_measure(tag: str, home: Path, tmp: Path, batching: bool, args, files: list[bytes]) -> dict:
+    from serving.local import LocalServer
+
+    cfg = tmp / f"serving-{'on' if batching else 'off'}.yaml"
+    cfg.write_text(f"batching: {{enabled: {str(batching).lower()}, max_batch_size: {args.max_batch}, max_latency_ms: 60000}}\n"
+                   f"resources: {{cpu: 1, gpu: {args.gpu}}}\n")
+    with LocalServer(tag, home, cfg) as srv:
+        warm = [("predict", ("a.png", files[i % len(files)], "image/png")) for i in range(2 * args.clients)]
+        drive(srv.url, warm, args.clients)  # BentoML's batcher calibrates itself on its first requests
+        body = [("predict", ("a.png", files[i % len(files)], "image/png")) for i in range(args.requests)]
+        result = drive(srv.url, body, args.clients)
+        result["mean_batch"] = mean_batch(srv.url)
+        if batching and args.load:
+            good = [("a.png", f, "image/png") for f in files]
+            bad = [("x.png", b"garbage" * 20, "image/png"), ("x.dcm", b"\0" * 128 + b"DICM" + b"\1" * 64, "application/dicom")]
+            mixed = [("embed" if i % 7 == 3 else "predict", bad[i % 2] if i % 5 == 4 else good[i % len(good)])
+                     for i in range(args.load)]
+            load = drive(srv.url, mixed, args.clients)
+            load["expected_200"] = sum(1 for i in range(args.load) if i % 5 != 4)
+            result["load"] = load
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--gpu", type=int, default=0)
+    p.add_argument("--load", type=int, default=0, help="also send this many mixed good/bad requests (e.g. 1000)")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as d:
+        tmp = Path(d)
+        folder, tag, home = make_model(tmp, args.image_size, args.gpu)
+        files = pngs(args.image_size)
+        raw = raw_forward(folder, args.image_size, args.gpu)
+        batched = serve_and_measure(tag, home, tmp, True, args, files)
+        unbatched = serve_and_measure(tag, home, tmp, False, args, files)
+    print(json.dumps({
+        "benchmark": "service", "image_size": args.image_size, "clients": args.clients, "requests": args.requests,
+        "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+        "raw_forward": raw, "service_batched": batched, "service_unbatched": unbatched,
+        "ratios": {"batched_vs_raw_forward": batched["images_per_s"] / raw["images_per_s"],
+                   "batched_vs_unbatched": batched["images_per_s"] / unbatched["images_per_s"]},
+        "targets": {"batched_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

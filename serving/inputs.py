@@ -1,0 +1,175 @@
+"""Uploads -> checked images: format from the bytes (the declared type is checked, never trusted),
+size and pixel limits before decoding, zip expansion with bomb guards, and errors that are safe to
+return (a status code and a reason; never a file name, a tag value or a decoder's message, which
+could carry a patient identifier).
+
+Decoding itself is `remedis.data.readers.read_image_bytes`, the reader training uses, so served
+pixels equal offline pixels.
+
+Example:
+    >>> img = check_upload(data, declared="image/png", limits=LimitSettings())
+    >>> pixels = decode(img)                      # (H, W) float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from remedis.data.readers import ImageReadError, read_image_bytes
+from serving.settings import LimitSettings
+
+MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "tiff": (b"II*\x00", b"MM\x00*")}
+DECLARED = {  # declared media type -> the format it promises
+    "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/pjpeg": "jpeg",
+    "image/tiff": "tiff", "application/dicom": "dicom", "image/dicom": "dicom", "application/x-dicom": "dicom",
+}
+UNTYPED = {"", "application/octet-stream", "binary/octet-stream"}  # no promise: the bytes decide
+ZIP_TYPES = {"application/zip", "application/x-zip-compressed", "application/x-zip"}
+
+
+class UploadError(ValueError):
+    """A client mistake: HTTP `status` and a reason that names the problem (and nothing private)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Upload:
+    data: bytes
+    format: str  # dicom | png | jpeg | tiff
+    modality: str | None = None  # DICOM Modality (not an identifier)
+    rows: int = 0
+    columns: int = 0
+
+
+def sniff(data: bytes) -> str | None:
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data[:4] == b"PK\x03\x04":
+        return "zip"
+    for fmt, heads in MAGIC.items():
+        if any(data.startswith(h) for h in heads):
+            return fmt
+    return None
+
+
+def _media(declared: str | None) -> str:
+    return (declared or "").split(";")[0].strip().lower()
+
+
+def check_upload(data: bytes, declared: str | None, limits: LimitSettings, filename: str | None = None) -> Upload:
+    """Format, size and pixel checks; raises UploadError (4xx) for every client mistake."""
+    if not data:
+        raise UploadError(400, "empty upload (0 bytes)")
+    if len(data) > limits.max_upload_bytes:
+        raise UploadError(413, f"upload is {len(data)} bytes, above this service's limit of {limits.max_upload_bytes}")
+    media = _media(declared)
+    fmt = sniff(data)
+    if fmt is None and (DECLARED.get(media) == "dicom" or (filename or "").lower().endswith((".dcm", ".dicom"))):
+        fmt = "dicom"  # a DICOM dataset without the Part-10 preamble: only on the client's word, the reader checks it
+    if fmt is None or fmt == "zip":
+        got = "a zip archive (use predict_batch)" if fmt == "zip" else "not DICOM, PNG, JPEG or TIFF (unrecognised leading bytes)"
+        raise UploadError(415, f"unsupported image format: {got}")
+    if media not in UNTYPED:
+        promised = DECLARED.get(media)
+        if promised is None:
+            raise UploadError(415, f"content type {media!r} is not accepted (send DICOM, PNG, JPEG or TIFF)")
+        if promised != fmt:
+            raise UploadError(415, f"declared content type {media!r} does not match the bytes, which are {fmt.upper()}")
+    up = Upload(data, fmt)
+    _check_header(up, limits)
+    return up
+
+
+def _check_header(up: Upload, limits: LimitSettings) -> None:
+    """Declared dimensions against the pixel limit, read from the header only (no decoding)."""
+    if up.format == "dicom":
+        import pydicom
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(io.BytesIO(up.data), force=True, stop_before_pixels=True)
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            modality = ds.get("Modality", None)
+        except Exception:  # a broken header: the reader gives the precise (safe) reason below
+            return
+        up.modality = (str(modality).strip().upper() or None) if modality is not None else None
+    else:
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(up.data)) as img:
+                    cols, rows = img.size
+                    frames = 1
+        except Image.DecompressionBombError:
+            raise UploadError(413, f"image dimensions are above this service's limit of {limits.max_pixels} pixels") from None
+        except Exception:
+            return
+    up.rows, up.columns = rows, cols
+    if rows * cols * frames > limits.max_pixels:
+        raise UploadError(413, f"image is {rows}x{cols}" + (f"x{frames}" if frames > 1 else "")
+                          + f" pixels, above this service's limit of {limits.max_pixels}")
+
+
+def safe_reason(exc: ImageReadError) -> str:
+    """The reader's reason without the file name or the decoder's own words (which may quote tags)."""
+    text = str(exc).split(": ", 1)[-1]
+    return text.split(" (", 1)[0].strip() or "cannot read image"
+
+
+def decode(up: Upload) -> np.ndarray:
+    """Pixels via the training reader; UploadError(422) when the bytes do not decode."""
+    name = "upload.dcm" if up.format == "dicom" else f"upload.{up.format}"
+    try:
+        pixels = read_image_bytes(up.data, name=name)
+    except ImageReadError as exc:
+        raise UploadError(422, f"cannot read {up.format.upper()} image: {safe_reason(exc)}") from None
+    except MemoryError:
+        raise UploadError(413, "image too large to decode") from None
+    except Exception as exc:  # a decoder bug on hostile bytes is still the upload's problem, not a 500
+        raise UploadError(422, f"cannot decode {up.format.upper()} image ({type(exc).__name__})") from None
+    if pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise UploadError(422, f"decoded {up.format.upper()} image has unusable shape {tuple(pixels.shape)}")
+    return pixels
+
+
+def expand_zip(data: bytes, limits: LimitSettings) -> list[bytes]:
+    """Member files of a zip upload, in archive order (folders and macOS metadata skipped)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")
+                 and not i.filename.rsplit("/", 1)[-1].startswith(".")]
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise UploadError(422, "cannot read zip archive (corrupt or truncated)") from None
+    if not infos:
+        raise UploadError(400, "zip archive holds no files")
+    if len(infos) > limits.max_batch_files:
+        raise UploadError(413, f"zip holds {len(infos)} files, above this service's limit of {limits.max_batch_files}")
+    declared = sum(i.file_size for i in infos)
+    if declared > limits.max_zip_bytes:
+        raise UploadError(413, f"zip expands to {declared} bytes, above this service's limit of {limits.max_zip_bytes}")
+    out, total = [], 0
+    for info in infos:
+        try:
+            with zf.open(info) as fh:
+                # Never trust the declared size: read at most one byte past the per-file limit.
+                member = fh.read(limits.max_upload_bytes + 1)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, ValueError) as exc:
+            raise UploadError(422, f"cannot read zip member {len(out)} ({type(exc).__name__})") from None
+        total += len(member)
+        if total > limits.max_zip_bytes:
+            raise UploadError(413, f"zip content is above this service's limit of {limits.max_zip_bytes} bytes")
+        out.append(member)
+    return out

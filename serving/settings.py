@@ -1,0 +1,137 @@
+"""Serving settings: one YAML file, typed dataclasses, unknown keys rejected by name.
+
+The service reads them at import time (BentoML needs resources and batching before the class is
+built): `--arg config=FILE`, else `$REMEDIS_SERVE_CONFIG`, else `serving/serving.yaml` next to this
+file. `--arg model=TAG` / `$REMEDIS_MODEL` override `model`.
+
+Example:
+    >>> s = load_settings("serving/serving.yaml")
+    >>> s.batching.max_batch_size, s.limits.max_pixels
+    (32, 40000000)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from remedis.config import ConfigError, from_dict
+
+DEFAULT_FILE = Path(__file__).with_name("serving.yaml")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class BatchingSettings:
+    enabled: bool = True  # false: every request is its own forward pass (max batch size 1)
+    max_batch_size: int = 32
+    # BentoML sheds (503) a queued request only once it has waited this long; the batch window
+    # itself is adaptive and much shorter.
+    max_latency_ms: int = 10_000
+
+
+@dataclass
+class ResourceSettings:
+    cpu: int = 1  # cores for the model worker (torch intra-op threads)
+    gpu: int = 0  # 1: run the model worker on a GPU
+
+
+@dataclass
+class LimitSettings:
+    max_upload_bytes: int = 64 * 1024 * 1024  # one file
+    max_request_bytes: int = 512 * 1024 * 1024  # a whole request body (batch uploads, zips)
+    max_pixels: int = 40_000_000  # rows x columns (x frames) declared by the header, checked before decoding
+    max_batch_files: int = 256  # images in one predict_batch call (files or zip members)
+    max_zip_bytes: int = 1024 * 1024 * 1024  # uncompressed zip content (zip-bomb guard)
+    decode_timeout_s: float = 30.0  # a slower decode answers 422 instead of holding the client
+
+
+@dataclass
+class AuthSettings:
+    enabled: bool = False
+    header: str = "X-API-Key"
+    key_env: str = "REMEDIS_API_KEY"  # the key's environment variable ...
+    key_file: str | None = None  # ... or a file holding it (first line); the file wins when set
+
+
+@dataclass
+class ServeSettings:
+    model: str = "remedis-quickstart:latest"  # BentoML store tag
+    precision: str = "auto"  # auto: bf16 autocast (CPU, as offline) / AMP on GPU; or bf16, fp16, fp32
+    channels_last: bool = True
+    warmup: bool = True
+    workers: int = 1  # API (decode) workers
+    timeout_s: float = 120.0
+    modalities: list[str] = field(default_factory=list)  # DICOM Modality values the model expects; [] = any
+    reject_other_modalities: bool = False  # false: a mismatch is reported in the answer, not refused
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+
+    def validate(self) -> "ServeSettings":
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for where, value in (("batching.max_batch_size", self.batching.max_batch_size),
+                             ("batching.max_latency_ms", self.batching.max_latency_ms),
+                             ("resources.cpu", self.resources.cpu), ("workers", self.workers),
+                             ("limits.max_upload_bytes", self.limits.max_upload_bytes),
+                             ("limits.max_pixels", self.limits.max_pixels),
+                             ("limits.max_batch_files", self.limits.max_batch_files)):
+            if value < 1:
+                raise ConfigError(f"{where}: must be >= 1, got {value}")
+        if self.resources.gpu < 0:
+            raise ConfigError(f"resources.gpu: must be >= 0, got {self.resources.gpu}")
+        return self
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batching.max_batch_size if self.batching.enabled else 1
+
+    def public(self) -> dict[str, Any]:
+        """What `metadata` shows: everything but where the key lives."""
+        d = asdict(self)
+        d["auth"] = {"enabled": self.auth.enabled, "header": self.auth.header}
+        return d
+
+
+def load_settings(path: str | Path | None = None) -> ServeSettings:
+    path = Path(path) if path else DEFAULT_FILE
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read serving config ({exc})") from None
+    if not path.is_file() and path != DEFAULT_FILE:
+        raise ConfigError(f"{path}: serving config not found")
+    try:
+        return from_dict(ServeSettings, raw).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve(args: Any = None) -> ServeSettings:
+    """Settings for this process: the config file named by `--arg config` / env, then the model tag."""
+    cfg = getattr(args, "config", None) or os.environ.get("REMEDIS_SERVE_CONFIG")
+    s = load_settings(cfg)
+    s.model = getattr(args, "model", None) or os.environ.get("REMEDIS_MODEL") or s.model
+    return s
+
+
+def read_api_key(auth: AuthSettings) -> str:
+    """The configured key; a clear error (never the key) when it is missing."""
+    if auth.key_file:
+        try:
+            key = Path(auth.key_file).read_text().splitlines()[0].strip() if Path(auth.key_file).stat().st_size else ""
+        except (OSError, IndexError) as exc:
+            raise ConfigError(f"auth.key_file: cannot read {auth.key_file} ({type(exc).__name__})") from None
+        where = f"file {auth.key_file}"
+    else:
+        key = os.environ.get(auth.key_env, "").strip()
+        where = f"environment variable {auth.key_env}"
+    if len(key) < 16:
+        raise ConfigError(f"auth is enabled but the API key from {where} is missing or shorter than 16 characters")
+    return key

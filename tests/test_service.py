@@ -1,0 +1,365 @@
+"""The inference service end to end: a real small model exported with `remedis export`, served by
+`bentoml serve` (once for the module), called over HTTP with `bentoml.SyncHTTPClient` and httpx.
+
+The server runs with the API key on, low size/pixel limits (so the bad-input cases stay tiny), an
+operating threshold and a real OOD detector in the model folder; every served number is checked
+against the offline model (`AdaptedModel`, `OODDetector`) on the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-" + secrets.token_hex(16)
+PLANTED = {"PatientName": "Quixote^Dulcinea", "PatientID": "PID-93417", "PatientBirthDate": "19610203",
+           "AccessionNumber": "ACC-55123"}
+
+
+def _png(path: Path, arr: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _dicom(path: Path, arr: np.ndarray, modality: str = "US", **tags) -> Path:
+    import pydicom
+
+    from remedis.data.synthetic import write_dicom
+
+    write_dicom(path, arr, patient_id="P-x", site="site-A", modality=modality)
+    if tags:
+        ds = pydicom.dcmread(path)
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    from remedis.adapt.model import AdaptedModel
+    from remedis.data.preprocess import Preprocessing
+    from remedis.data.readers import read_image
+    from remedis.evaluate.ood import OODDetector, fit_ood_detector
+    from remedis.models import Classifier
+    from serving.local import LocalServer
+
+    tmp = tmp_path_factory.mktemp("service")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"],
+                         Preprocessing(image_size=32), temperature=1.7)
+    folder = model.save(tmp / "adapted")
+
+    # Test images: PNGs and DICOMs of different sizes (the service resizes, like training).
+    imgs = tmp / "imgs"
+    imgs.mkdir()
+    files = []
+    for i in range(4):
+        files.append(_png(imgs / f"img{i}.png", (rng.random((36 + 2 * i, 40)) * 255).astype(np.uint8)))
+        files.append(_dicom(imgs / f"img{i}.dcm", (rng.random((40, 34 + 2 * i)) * 4000).astype(np.uint16)))
+
+    # A real OOD detector (kNN on embeddings) and an operating threshold, stored in the folder the
+    # way `adapt`/`evaluate` store them.
+    x = model.batch_from_images([read_image(f) for f in files])
+    logits, emb = model.logits(x).numpy(), model.embed(x).numpy()
+    det = fit_ood_detector("knn", emb[:5], np.arange(5) % 2, logits[5:], emb[5:], k=3)
+    det.save(folder)
+    p_pos = model.probs_from_logits(torch.from_numpy(logits)).numpy()[:, 1]
+    threshold = float(np.median(p_pos))  # half the images each side: argmax would differ from it
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["calibration"]["threshold"] = threshold
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+    home = tmp / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    proc = subprocess.run([sys.executable, "-m", "remedis.cli", "export", "--model", str(folder), "--name", "svc-test"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = proc.stdout.split("model:")[1].split()[0]
+
+    config = tmp / "serving.yaml"
+    config.write_text(f"""
+modalities: [US]
+batching: {{max_batch_size: 8, max_latency_ms: 30000}}
+limits: {{max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}}
+auth: {{enabled: true, key_env: REMEDIS_TEST_API_KEY}}
+""")
+    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY}).start()
+    offline = AdaptedModel.load(folder)
+    try:
+        yield {"url": server.url, "server": server, "files": files, "offline": offline, "tmp": tmp, "tag": tag,
+               "detector": OODDetector.load(folder), "threshold": threshold, "folder": folder}
+    finally:
+        server.stop()
+
+
+def _post(svc, route: str, files=None, headers=None, **kw) -> httpx.Response:
+    headers = {"X-API-Key": KEY} if headers is None else headers
+    return httpx.post(f"{svc['url']}/{route}", files=files, headers=headers, timeout=60, **kw)
+
+
+def _file(path: Path, ctype: str | None = None):
+    ctype = ctype or ("image/png" if path.suffix == ".png" else "application/dicom")
+    return ("upload" + path.suffix, path.read_bytes(), ctype)
+
+
+def _expected(svc, path: Path) -> dict:
+    m = svc["offline"]
+    from remedis.data.readers import read_image
+
+    offline = m.predict_files([path])
+    probs, logits = offline["probs"][0], offline["logits"]
+    emb = m.embed(m.batch_from_images([read_image(path)])).numpy()
+    score = float(svc["detector"].score(logits, emb)[0])
+    return {"probs": probs, "label": m.class_names[int(probs[1] >= svc["threshold"])], "ood_score": score,
+            "ood": score > svc["detector"].threshold, "embedding": emb[0]}
+
+
+def test_served_predictions_equal_offline(svc):
+    import bentoml
+
+    client = bentoml.SyncHTTPClient(svc["url"], token=KEY, timeout=60)
+    labels = set()
+    for path in svc["files"]:
+        got = client.predict(image=path)
+        exp = _expected(svc, path)
+        probs = np.array([got["probabilities"][c] for c in svc["offline"].class_names])
+        assert np.allclose(probs, exp["probs"], atol=1e-5), (path.name, probs, exp["probs"])
+        assert got["label"] == exp["label"] and got["decision"] == "operating_point"
+        assert got["ood"] == exp["ood"] and got["ood_score"] == pytest.approx(exp["ood_score"], rel=1e-4, abs=1e-5)
+        assert got["model"] == {"name": "svc-test", "version": svc["tag"].split(":")[1]}
+        assert got["format"] == ("png" if path.suffix == ".png" else "dicom")
+        labels.add(got["label"])
+    assert labels == {"benign", "malignant"}  # the stored threshold, not argmax, decided
+    client.close()
+
+
+def test_embed_equals_offline_embedding(svc):
+    path = svc["files"][1]
+    r = _post(svc, "embed", files={"image": _file(path)})
+    assert r.status_code == 200, r.text
+    got = np.array(r.json()["embedding"])
+    exp = _expected(svc, path)["embedding"]
+    assert r.json()["dim"] == exp.shape[0] == got.shape[0]
+    assert np.allclose(got, exp, atol=1e-5)
+
+
+def test_predict_batch_files_and_zip_match_single_answers(svc):
+    paths = svc["files"][:5]
+    singles = [_post(svc, "predict", files={"image": _file(p)}).json() for p in paths]
+    bad = ("bad.png", b"not an image at all", "image/png")
+    r = _post(svc, "predict_batch", files=[("images", _file(p)) for p in paths[:2]] + [("images", bad)]
+              + [("images", _file(p)) for p in paths[2:]])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 6 and body["errors"] == 1
+    assert body["results"][2]["status"] == 415 and "format" in body["results"][2]["error"]
+    good = [res for res in body["results"] if "error" not in res]
+    for res, single in zip(good, singles):
+        for c in ("benign", "malignant"):
+            assert res["probabilities"][c] == pytest.approx(single["probabilities"][c], abs=1e-5)
+        assert res["label"] == single["label"]
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, p in enumerate(paths):
+            zf.writestr(f"study/{i}{p.suffix}", p.read_bytes())
+        zf.writestr("__MACOSX/._junk", b"junk")
+    r = _post(svc, "predict_batch", files={"images": ("scans.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 5 and body["errors"] == 0
+    for res, single in zip(body["results"], singles):
+        assert res["probabilities"]["malignant"] == pytest.approx(single["probabilities"]["malignant"], abs=1e-5)
+
+
+def test_metadata_is_the_model_card(svc):
+    r = _post(svc, "metadata", json={})
+    assert r.status_code == 200, r.text
+    card = r.json()
+    assert card["class_names"] == ["benign", "malignant"] and card["task"].startswith("binary classification")
+    assert card["temperature"] == pytest.approx(1.7)
+    assert card["operating_threshold"] == pytest.approx(svc["threshold"])
+    assert card["ood_detector"]["method"] == "knn"
+    assert card["ood_detector"]["threshold"] == pytest.approx(svc["detector"].threshold)
+    assert len(card["weights_sha256"]) == 64
+    assert card["serving"]["auth"] == {"enabled": True, "header": "X-API-Key"}
+    assert KEY not in r.text and "REMEDIS_TEST_API_KEY" not in r.text
+
+
+def _bad_cases(svc) -> list[tuple[str, dict, int, str]]:
+    tmp = svc["tmp"]
+    rng = np.random.default_rng(1)
+    dcm = svc["files"][1].read_bytes()
+    nopix = tmp / "nopix.dcm"
+    _dicom(nopix, np.zeros((8, 8), np.uint16))
+    import pydicom
+
+    ds = pydicom.dcmread(nopix)
+    del ds.PixelData
+    ds.save_as(nopix)
+    big = _png(tmp / "big.png", np.zeros((600, 600), np.uint8))  # 360,000 pixels > 250,000
+    heavy = _png(tmp / "heavy.png", (rng.random((400, 400)) * 255).astype(np.uint8))  # > 300,000 bytes? see assert
+    assert len(heavy.read_bytes()) > 300_000 - 150_000  # noise PNG barely compresses
+    return [
+        ("non-image bytes", {"image": ("x.png", b"hello, this is text" * 10, "image/png")}, 415, "format"),
+        ("truncated DICOM", {"image": ("x.dcm", dcm[: len(dcm) - 1200], "application/dicom")}, 422, "DICOM"),
+        ("DICOM without pixels", {"image": ("x.dcm", nopix.read_bytes(), "application/dicom")}, 422, "no pixel data"),
+        ("too many pixels", {"image": ("x.png", big.read_bytes(), "image/png")}, 413, "pixels"),
+        ("empty upload", {"image": ("x.png", b"", "image/png")}, 400, "empty"),
+        ("declared type contradicts bytes", {"image": ("x.png", dcm, "image/png")}, 415, "does not match"),
+        ("unaccepted content type", {"image": ("x.txt", svc["files"][0].read_bytes(), "text/plain")}, 415, "text/plain"),
+        ("missing field", {"picture": ("x.png", svc["files"][0].read_bytes(), "image/png")}, 400, "image"),
+    ]
+
+
+def test_bad_input_gets_4xx_json_naming_the_problem(svc):
+    for name, files, status, words in _bad_cases(svc):
+        r = _post(svc, "predict", files=files)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert words.lower() in r.json()["error"].lower(), (name, r.text)
+    # Oversize file (handler limit) and oversize request (refused before the body is read).
+    noise = np.random.default_rng(2).integers(0, 255, 320_000, dtype=np.uint8).tobytes()
+    r = _post(svc, "predict", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + noise, "image/png")})
+    assert r.status_code == 413 and "300000" in r.json()["error"]
+    r = _post(svc, "predict", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + noise * 10, "image/png")})
+    assert r.status_code == 413 and "request body" in r.json()["error"]
+    # Wrong request content type (JSON that would make BentoML fetch a URL) and a text value in a file field.
+    r = _post(svc, "predict", json={"image": "http://127.0.0.1:1/x.png"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = _post(svc, "predict", data={"image": "http://127.0.0.1:1/x.png"}, files={"other": ("a", b"a", "text/plain")})
+    assert r.status_code == 400 and "file upload" in r.json()["error"]
+    # Too many files in one batch call, and a zip bomb.
+    files = [("images", _file(svc["files"][0]))] * 11
+    assert _post(svc, "predict_batch", files=files).status_code == 413
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", b"\0" * 50_000_000)
+    r = _post(svc, "predict_batch", files={"images": ("z.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == 413
+    # The worker is still healthy and answers correctly.
+    ok = _post(svc, "predict", files={"image": _file(svc["files"][0])})
+    assert ok.status_code == 200 and "probabilities" in ok.json()
+
+
+def test_api_key_is_required_but_health_and_metrics_stay_open(svc):
+    files = {"image": _file(svc["files"][0])}
+    assert _post(svc, "predict", files=files, headers={}).status_code == 401
+    r = _post(svc, "predict", files=files, headers={"X-API-Key": KEY[:-1] + "x"})
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert _post(svc, "metadata", json={}, headers={}).status_code == 401
+    assert _post(svc, "predict", files=files, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    for route in ("healthz", "readyz", "livez", "metrics"):
+        assert httpx.get(f"{svc['url']}/{route}", timeout=30).status_code == 200, route
+    assert "bentoml_service_request_total" in httpx.get(f"{svc['url']}/metrics", timeout=30).text
+    assert KEY not in svc["server"].log_text()
+
+
+def test_modality_mismatch_is_reported_not_refused(svc):
+    ct = _dicom(svc["tmp"] / "ct.dcm", (np.random.default_rng(3).random((40, 40)) * 4000).astype(np.uint16), modality="CT")
+    r = _post(svc, "predict", files={"image": _file(ct)})
+    assert r.status_code == 200, r.text
+    assert r.json()["modality"] == "CT" and "CT" in r.json()["warnings"][0]
+
+
+def test_no_patient_identifier_in_responses_or_logs(svc):
+    phi = _dicom(svc["tmp"] / "phi.dcm", (np.random.default_rng(4).random((40, 40)) * 4000).astype(np.uint16), **PLANTED)
+    broken = phi.read_bytes()[:-900]
+    texts = []
+    for route, files in (("predict", {"image": ("Quixote_PID-93417.dcm", phi.read_bytes(), "application/dicom")}),
+                         ("embed", {"image": _file(phi)}),
+                         ("predict", {"image": ("Quixote_PID-93417.dcm", broken, "application/dicom")}),
+                         ("predict_batch", [("images", _file(phi)), ("images", ("x.dcm", broken, "application/dicom"))])):
+        r = _post(svc, route, files=files)
+        assert r.status_code < 500
+        texts.append(r.text)
+    log = svc["server"].log_text()
+    for value in PLANTED.values():
+        for part in re.split(r"\^", value):
+            assert part not in log and all(part not in t for t in texts), part
+
+
+def test_concurrent_requests_are_batched_and_answer_like_sequential(svc):
+    paths = svc["files"]
+    sequential = {p: _post(svc, "predict", files={"image": _file(p)}).json() for p in paths}
+    before = _batch_stats(svc)
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def call(i: int):
+        p = paths[i % len(paths)]
+        r = _post(svc, "predict", files={"image": _file(p)})
+        if r.status_code != 200:
+            with lock:
+                errors.append(f"{r.status_code} {r.text[:200]}")
+            return
+        got, exp = r.json(), sequential[p]
+        for c in ("benign", "malignant"):
+            if abs(got["probabilities"][c] - exp["probabilities"][c]) > 1e-5 or got["label"] != exp["label"]:
+                with lock:
+                    errors.append(f"{p.name}: {got['probabilities']} != {exp['probabilities']}")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(64)))
+    assert not errors, errors[:5]
+    after = _batch_stats(svc)
+    calls, images = after[0] - before[0], after[1] - before[1]
+    assert images >= 64 and calls < images, (calls, images)  # some forward passes served several requests
+
+
+def _batch_stats(svc) -> tuple[float, float]:
+    text = httpx.get(f"{svc['url']}/metrics", timeout=30).text
+    count = sum(float(m) for m in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text))
+    total = sum(float(m) for m in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text))
+    return count, total
+
+
+def test_load_mixed_requests_lose_nothing_and_never_5xx(svc):
+    """Bounded load on loopback: mixed good and bad requests from 16 clients; every request is
+    answered, none with a 5xx. (1,000 requests with REMEDIS_LOAD_REQUESTS=1000; the default keeps
+    the suite fast on 2 cores.)"""
+    n = int(os.environ.get("REMEDIS_LOAD_REQUESTS", "120"))
+    good = [(p, _file(p)) for p in svc["files"]]
+    bad = [("x.png", b"garbage" * 20, "image/png"), ("x.dcm", svc["files"][1].read_bytes()[:-1000], "application/dicom")]
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def call(i: int):
+        if i % 5 == 4:
+            files = {"image": bad[i % 2]}
+        else:
+            files = {"image": good[i % len(good)][1]}
+        route = "embed" if i % 7 == 3 else "predict"
+        try:
+            code = _post(svc, route, files=files).status_code
+        except httpx.HTTPError as exc:
+            code = -1
+            print("lost:", type(exc).__name__)
+        with lock:
+            statuses.append(code)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(n)))
+    assert len(statuses) == n and -1 not in statuses
+    assert not [s for s in statuses if s >= 500], sorted(set(statuses))
+    assert statuses.count(200) == sum(1 for i in range(n) if i % 5 != 4)

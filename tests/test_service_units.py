@@ -1,0 +1,241 @@
+"""The service's parts without a server: settings, upload checks, the request guard (through an
+in-process ASGI call), the model runtime against `AdaptedModel`, and the exported model card."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from remedis.config import ConfigError
+from serving.inputs import UploadError, check_upload, decode, expand_zip, safe_reason, sniff
+from serving.settings import AuthSettings, LimitSettings, ServeSettings, load_settings, read_api_key
+
+
+def _png_bytes(h: int, w: int, value: int | None = None) -> bytes:
+    from PIL import Image
+
+    arr = np.full((h, w), value, np.uint8) if value is not None else (np.random.default_rng(0).random((h, w)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _dicom_bytes(tmp_path, **header) -> bytes:
+    import pydicom
+
+    from remedis.data.synthetic import write_dicom
+
+    path = tmp_path / "x.dcm"
+    write_dicom(path, (np.random.default_rng(0).random((16, 16)) * 4000).astype(np.uint16), "P-1", "site-A")
+    if header:
+        ds = pydicom.dcmread(path)
+        for k, v in header.items():
+            setattr(ds, k, v)
+        ds.save_as(path)
+    return path.read_bytes()
+
+
+def test_default_settings_file_loads_and_unknown_keys_are_named(tmp_path):
+    s = load_settings()
+    assert s == ServeSettings().validate()  # the shipped YAML says exactly the defaults
+    bad = tmp_path / "s.yaml"
+    bad.write_text("batching: {max_batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match=r"batching.max_batch_sise.*did you mean 'batching.max_batch_size'"):
+        load_settings(bad)
+    bad.write_text("precision: fp8\n")
+    with pytest.raises(ConfigError, match="precision"):
+        load_settings(bad)
+    bad.write_text("batching: {enabled: false}\n")
+    assert load_settings(bad).max_batch_size == 1
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_api_key_comes_from_env_or_file_and_is_never_in_the_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("K_ENV", "zq7x")
+    with pytest.raises(ConfigError) as err:
+        read_api_key(AuthSettings(enabled=True, key_env="K_ENV"))
+    assert "K_ENV" in str(err.value) and "zq7x" not in str(err.value)
+    monkeypatch.setenv("K_ENV", "k" * 20)
+    assert read_api_key(AuthSettings(enabled=True, key_env="K_ENV")) == "k" * 20
+    f = tmp_path / "key"
+    f.write_text("f" * 24 + "\n")
+    assert read_api_key(AuthSettings(enabled=True, key_file=str(f))) == "f" * 24
+
+
+def test_format_is_sniffed_from_bytes_and_declared_type_is_checked(tmp_path):
+    lim = LimitSettings()
+    png, dcm = _png_bytes(8, 8), _dicom_bytes(tmp_path)
+    assert sniff(png) == "png" and sniff(dcm) == "dicom" and sniff(b"\xff\xd8\xff\xe0junk") == "jpeg"
+    assert sniff(b"II*\x00rest") == "tiff" and sniff(b"PK\x03\x04") == "zip" and sniff(b"hello") is None
+    assert check_upload(png, "image/png", lim).format == "png"
+    assert check_upload(png, None, lim).format == "png"
+    assert check_upload(png, "application/octet-stream", lim).format == "png"
+    up = check_upload(dcm, "application/dicom", lim)
+    assert up.format == "dicom" and up.modality == "US" and (up.rows, up.columns) == (16, 16)
+    for data, declared, status in ((png, "image/jpeg", 415), (dcm, "image/png", 415), (png, "text/html", 415),
+                                   (b"GIF89a....", "image/gif", 415), (b"", "image/png", 400)):
+        with pytest.raises(UploadError) as err:
+            check_upload(data, declared, lim)
+        assert err.value.status == status
+    # DICOM without the Part-10 preamble: accepted on the declared type, then the reader decides.
+    raw = dcm[132:]
+    assert check_upload(raw, "application/dicom", lim).format == "dicom"
+
+
+def test_pixel_and_size_limits_are_checked_on_the_header_before_decoding(tmp_path):
+    lim = LimitSettings(max_pixels=10_000, max_upload_bytes=50_000)
+    with pytest.raises(UploadError, match=r"200x200 pixels.*10000") as err:
+        check_upload(_png_bytes(200, 200, value=0), "image/png", lim)
+    assert err.value.status == 413
+    # A DICOM header claiming 30000 x 30000 is refused without touching its (tiny) pixel data.
+    with pytest.raises(UploadError, match="30000x30000") as err:
+        check_upload(_dicom_bytes(tmp_path, Rows=30000, Columns=30000), None, lim)
+    assert err.value.status == 413
+    with pytest.raises(UploadError, match="50000") as err:
+        check_upload(b"\x89PNG\r\n\x1a\n" + b"\0" * 60_000, "image/png", lim)
+    assert err.value.status == 413
+
+
+def test_decode_errors_are_422_and_carry_no_decoder_details(tmp_path):
+    lim = LimitSettings()
+    dcm = _dicom_bytes(tmp_path, PatientName="Quixote^Dulcinea")
+    with pytest.raises(UploadError) as err:
+        decode(check_upload(dcm[:-200], None, lim))
+    assert err.value.status == 422 and "Quixote" not in err.value.reason and "(" not in err.value.reason
+    from remedis.data.readers import ImageReadError
+
+    assert safe_reason(ImageReadError("/tmp/Doe_John.dcm: not a readable DICOM file (ValueError: tag 19610203)")) \
+        == "not a readable DICOM file"
+    pixels = decode(check_upload(dcm, None, lim))
+    assert pixels.shape == (16, 16) and pixels.dtype == np.float32
+
+
+def test_zip_expansion_guards_count_and_size():
+    def z(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return buf.getvalue()
+
+    lim = LimitSettings(max_batch_files=3, max_zip_bytes=1_000_000, max_upload_bytes=100_000)
+    got = expand_zip(z({"a/1.png": b"one", "__MACOSX/._1.png": b"x", "a/.DS_Store": b"x", "2.dcm": b"two"}), lim)
+    assert got == [b"one", b"two"]
+    for members, status in (({f"{i}.png": b"x" for i in range(4)}, 413), ({"big.png": b"\0" * 2_000_000}, 413), ({}, 400)):
+        with pytest.raises(UploadError) as err:
+            expand_zip(z(members), lim)
+        assert err.value.status == status
+    with pytest.raises(UploadError) as err:
+        expand_zip(b"PK\x03\x04 truncated", lim)
+    assert err.value.status == 422
+    # A member larger than one upload is cut at the limit (check_upload then refuses it with 413).
+    assert len(expand_zip(z({"a.png": b"\0" * 200_000}), lim)[0]) == 100_001
+
+
+def _asgi(settings: ServeSettings, method: str, path: str, headers: dict[str, str] | None = None,
+          content: bytes | None = None, chunked: bool = False):
+    """One request through RequestGuard in front of a tiny app that echoes the body length."""
+    import httpx
+
+    from serving.guard import RequestGuard
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    guard = RequestGuard(app, settings=settings, upload_paths={"/predict"})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as c:
+            if chunked:
+                async def gen():
+                    for _ in range(4):
+                        yield content
+                return await c.request(method, path, headers=headers, content=gen())
+            return await c.request(method, path, headers=headers, content=content)
+
+    return asyncio.run(go())
+
+
+def test_guard_checks_key_type_and_size_before_the_app(monkeypatch):
+    monkeypatch.setenv("REMEDIS_UNIT_KEY", "u" * 32)
+    s = ServeSettings(auth=AuthSettings(enabled=True, key_env="REMEDIS_UNIT_KEY"), limits=LimitSettings(max_request_bytes=1000))
+    mp = {"content-type": "multipart/form-data; boundary=x"}
+    assert _asgi(s, "POST", "/predict", mp, b"x").status_code == 401
+    assert _asgi(s, "POST", "/predict", {**mp, "x-api-key": "u" * 31 + "v"}, b"x").status_code == 401
+    assert _asgi(s, "POST", "/predict", {**mp, "x-api-key": "u" * 32}, b"x").text == "1"
+    assert _asgi(s, "POST", "/predict", {**mp, "authorization": "Bearer " + "u" * 32}, b"x").text == "1"
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert _asgi(s, "GET", open_path).status_code == 200
+    key = {"x-api-key": "u" * 32}
+    r = _asgi(s, "POST", "/predict", {**key, "content-type": "application/json"}, b"{}")
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = _asgi(s, "POST", "/predict", {**key, **mp}, b"x" * 1001)
+    assert r.status_code == 413 and "1001" in r.json()["error"]
+    r = _asgi(s, "POST", "/predict", {**key, **mp}, b"x" * 300, chunked=True)  # 1,200 bytes, no Content-Length
+    assert r.status_code == 413
+    assert _asgi(s, "POST", "/predict", {**key, **mp}, b"x" * 200, chunked=True).text == "800"
+    open_settings = ServeSettings()
+    assert _asgi(open_settings, "POST", "/predict", mp, b"abc").text == "3"  # auth off by default
+
+
+def test_runtime_forward_equals_adapted_model_logits_and_embedding():
+    from remedis.adapt.model import AdaptedModel
+    from remedis.data.preprocess import Preprocessing
+    from remedis.models import Classifier
+    from serving.runtime import ModelRuntime
+
+    torch.manual_seed(0)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 3, in_chans=1), ["a", "b", "c"], Preprocessing(image_size=32))
+    x = torch.randn(3, 1, 32, 32)
+    logits, emb = model.logits(x).numpy(), model.embed(x).numpy()
+    rt = ModelRuntime(model, "cpu")
+    got_logits, got_emb = rt.split(rt.forward(x.numpy()))
+    assert np.array_equal(got_logits, logits) and np.array_equal(got_emb, emb)
+    single = np.concatenate([rt.forward(x[i:i + 1].numpy()) for i in range(3)])
+    assert np.abs(single - rt.forward(x.numpy())).max() < 1e-5  # a batch answers like single images
+    fp32 = ModelRuntime(model, "cpu", precision="fp32").forward(x.numpy())
+    model.autocast = False
+    assert np.allclose(fp32[:, :3], model.logits(x).numpy(), atol=1e-6)
+
+
+def test_model_card_carries_task_operating_point_ood_and_report_summary(tmp_path):
+    from remedis.adapt.model import AdaptedModel
+    from remedis.data.preprocess import Preprocessing
+    from remedis.evaluate.ood import OODDetector
+    from remedis.export import model_card
+    from remedis.models import Classifier
+
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], Preprocessing(image_size=32),
+                         temperature=1.3, provenance={"target_site": "site-B", "manifest_sha256": "m" * 64})
+    folder = model.save(tmp_path / "m")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["calibration"]["threshold"] = 0.31
+    (folder / "meta.json").write_text(json.dumps(meta))
+    OODDetector("energy", 2.5).save(folder)
+    report = {"schema_version": 2, "task": {"class_names": ["benign", "malignant"]},
+              "sites": {"site-A": {"role": "source"}, "site-B": {"role": "target"}},
+              "models": [{"name": "m", "train_images": 40, "operating_point": {"threshold": 0.31},
+                          "sites": {"site-B": {"auroc": 0.8, "auroc_ci": [0.7, 0.9], "ece": 0.05,
+                                               "calibration": {"ece": 0.05, "brier": 0.2, "reliability": [[0.1, 0.2]] * 10}}},
+                          "ood": {"detector": {"method": "energy", "threshold": 2.5}, "summary": {"far": {"energy": 0.9}}}}]}
+    card = model_card(folder, report, "m")
+    assert card["task"] == "binary classification: malignant vs benign" and card["temperature"] == 1.3
+    assert card["operating_point"]["threshold"] == 0.31
+    assert card["ood_detector"] == {"method": "energy", "threshold": 2.5, "accept_rate": 0.95}
+    assert card["training_sites"]["target_site"] == "site-B" and card["training_sites"]["report"]["site-A"] == "source"
+    assert card["report"]["metrics"]["site-B"] == {"auroc": 0.8, "auroc_ci": [0.7, 0.9], "ece": 0.05, "brier": 0.2}
+    assert card["report"]["ood"]["summary"] == {"far": {"energy": 0.9}} and card["manifest_sha256"] == "m" * 64
