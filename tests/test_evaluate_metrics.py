@@ -7,7 +7,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from remedis.adapt.calibration import expected_calibration_error
 from remedis.evaluate.metrics import bootstrap_indices, patient_bootstrap_ci, site_metrics
-from remedis.metrics import brier, ece, reliability_bins, sensitivity_specificity, threshold_for_sensitivity
+from remedis.metrics import auprc, brier, ece, reliability_bins, sensitivity_specificity, threshold_for_sensitivity
 
 
 def _binary(seed=0, n=120):
@@ -46,7 +46,7 @@ def test_binary_metrics_match_sklearn():
     assert m0["auprc"] == pytest.approx(average_precision_score(y == 0, p[:, 0])) and m0["auroc_ci"] == [None, None]
 
 
-def test_binary_auroc_equals_sklearn_with_ties():
+def test_fast_auroc_and_auprc_equal_sklearn_with_ties():
     from remedis.metrics import binary_auroc
 
     rng = np.random.default_rng(7)
@@ -54,6 +54,7 @@ def test_binary_auroc_equals_sklearn_with_ties():
         y = rng.integers(0, 2, 80).astype(bool)
         s = np.round(rng.normal(size=80) + y, 1)  # rounded: many ties
         assert binary_auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert auprc(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
 
 
 def test_ece_matches_naive_loop_and_the_training_implementation():

@@ -52,6 +52,15 @@ def run(tmp_path_factory):
             Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(out / "data" / row[0])
             lines.append(",".join(row))
     (out / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    # Another "modality" for far-OOD: stripes, in its own kit folder with its own manifest.
+    (out / "xray" / "img").mkdir(parents=True)
+    stripes = ["image,label,site,patient_id"]
+    for i in range(8):
+        a = np.zeros((SIZE, SIZE), np.uint8)
+        a[:, (i % 4)::4] = 255
+        Image.fromarray(a).save(out / "xray" / "img" / f"s{i}.png")
+        stripes.append(f"img/s{i}.png,normal,XR,x{i}")
+    (out / "xray" / "manifest.csv").write_text("\n".join(stripes) + "\n")
     train_pix = torch.tensor(np.round(sets[0][0].numpy() * 255) / 255)
 
     before = Classifier(ARCH, 2, 1)
@@ -75,7 +84,8 @@ def run(tmp_path_factory):
             clf.head.bias[:] = torch.tensor([-w[-1] * 2, w[-1] * 2], dtype=torch.float32)
         folders.append(model.save(out / "adapted" / f"{backbone}@{fraction:g}"))
     args = ["evaluate", "--manifest", str(out / "data" / "manifest.csv"), "--output", str(out), "--source-site", "site-A",
-            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}", "--bootstrap", "20"]
+            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}", "--bootstrap", "20",
+            "--far-ood", str(out / "xray" / "manifest.csv")]
     for f in folders:
         args += ["--model", str(f)]
     assert main(args) == 0
@@ -95,8 +105,10 @@ def test_report_json_schema_v2(run):
     assert {"calibration", "calibration_uncalibrated"} <= set(met) and met["calibration"]["brier"] is not None
     assert set(m["subgroups"]["device"]["site-B"]) == {"scanner-A", "scanner-B"}
     ood = m["ood"]
-    assert set(ood["sets"]) == {"site-A", "site-C", "synthetic-noise"}
-    assert ood["sets"]["site-C"]["kind"] == "near" and ood["sets"]["synthetic-noise"]["kind"] == "far"
+    assert set(ood["sets"]) == {"site-A", "site-C", "synthetic-noise", "xray"}
+    assert ood["sets"]["site-C"]["kind"] == "near" and ood["sets"]["site-A"]["kind"] == "other-site"
+    assert ood["sets"]["synthetic-noise"]["kind"] == ood["sets"]["xray"]["kind"] == "far"
+    assert ood["sets"]["xray"]["n_images"] == 8 and len(r["provenance"]["far_ood_manifests"][0]) == 64
     for v in ood["sets"].values():
         assert set(v["methods"]) == {"msp", "max_logit", "energy", "mahalanobis", "knn"}
     assert ood["detector"]["method"] == "mahalanobis"
@@ -166,3 +178,15 @@ def test_cli_errors_name_the_problem_and_report_rerenders(run, capsys):
     assert main(["report", "--from-json", str(run["json"]), "--output", str(again)]) == 0
     strip = lambda t: t.split("</p>", 1)[1]  # noqa: E731  (same body after the header line)
     assert strip((again / "report.html").read_text()) == strip(run["html"].read_text())
+
+
+def test_evaluation_inference_equals_the_service_calls():
+    """`infer` does one forward pass for logits and embeddings; the service calls logits() and embed()."""
+    from remedis.evaluate.evaluation import infer
+
+    torch.manual_seed(1)
+    model = AdaptedModel(Classifier(ARCH, 2, 1), ["a", "b"], Preprocessing(SIZE))
+    px = torch.rand(6, 1, SIZE, SIZE)
+    logits, emb = infer(model, px)
+    x = model.preprocessing.normalize(px)
+    assert np.array_equal(logits, model.logits(x).numpy()) and np.array_equal(emb, model.embed(x).numpy())

@@ -84,9 +84,15 @@ def infer(model: AdaptedModel, pixels: torch.Tensor, batch: int = 256, memo: dic
     if len(pixels) == 0:
         return np.empty((0, k)), np.empty((0, model.classifier.head.in_features))
     x = model.preprocessing.normalize(pixels.float())
-    logits = torch.cat([model.logits(x[i:i + batch]) for i in range(0, len(x), batch)])
-    emb = torch.cat([model.embed(x[i:i + batch]) for i in range(0, len(x), batch)])
-    return logits.numpy().astype(np.float64), emb.numpy().astype(np.float64)
+    clf = model.classifier
+
+    def both(xb: torch.Tensor) -> torch.Tensor:  # one forward pass, the same ops as model.embed + model.logits
+        e = clf.embed(xb)
+        return torch.cat([e, clf.head(e)], 1)
+
+    out = torch.cat([model._run(x[i:i + batch], both) for i in range(0, len(x), batch)])
+    d = clf.head.in_features
+    return out[:, d:].numpy().astype(np.float64), out[:, :d].numpy().astype(np.float64)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
