@@ -37,7 +37,7 @@ from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, read_image, rea
 
 CACHE_FORMAT = 2
 
-Result = tuple  # (tensor | None, reason | None)
+Result = tuple[torch.Tensor | None, str | None]  # (pixels, None) or (None, why the file is unreadable)
 
 
 def decode(path: Path, preprocessing: Preprocessing, data: bytes | None = None, **read_options: Any) -> torch.Tensor:
