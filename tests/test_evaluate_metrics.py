@@ -112,7 +112,7 @@ def test_patient_level_ci_is_wider_than_image_level_for_clustered_images():
     # images and give a too-narrow interval.
     y, p, _ = _binary(4, n=40)
     Y, P = np.repeat(y, 5), np.repeat(p, 5, axis=0)
-    acc = lambda t, q: float(np.mean(q.argmax(1) == t))  # noqa: E731
+    acc = lambda t, q: float(np.mean(q.argmax(1) == t))
     by_patient = patient_bootstrap_ci(Y, P, np.repeat(np.arange(40), 5), acc, 400, 0)
     by_image = patient_bootstrap_ci(Y, P, np.arange(200), acc, 400, 0)
     assert by_patient[1] - by_patient[0] > 1.5 * (by_image[1] - by_image[0])

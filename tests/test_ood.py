@@ -9,8 +9,16 @@ from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_curve
 from sklearn.neighbors import NearestNeighbors
 
-from remedis.evaluate.ood import (METHODS, OODDetector, all_scores, fit_ood_detector, fit_state, fpr_at_tpr,
-                                  ood_auroc, threshold_for_accept_rate)
+from remedis.evaluate.ood import (
+    METHODS,
+    OODDetector,
+    all_scores,
+    fit_ood_detector,
+    fit_state,
+    fpr_at_tpr,
+    ood_auroc,
+    threshold_for_accept_rate,
+)
 
 
 def test_ood_auroc_and_fpr95_on_known_score_sets():
@@ -70,7 +78,7 @@ def test_knn_matches_sklearn_nearest_neighbours():
     emb, y = _two_class(rng, n=60)
     q = rng.normal(size=(7, 8))
     got = OODDetector("knn", 0.0, fit_state("knn", emb, y, k=5)).score(None, q)
-    norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     dist, _ = NearestNeighbors(n_neighbors=5).fit(norm(emb)).kneighbors(norm(q))
     assert np.allclose(got, dist[:, 4], atol=1e-5)
 
@@ -80,7 +88,7 @@ def test_detector_accepts_95pct_of_validation_and_flags_far_outliers(method, tmp
     rng = np.random.default_rng(4)
     emb, y = _two_class(rng, n=300)
     logits = _logits(emb)
-    val_emb, val_y = _two_class(rng, n=200)
+    val_emb, _ = _two_class(rng, n=200)
     det = fit_ood_detector(method, emb, y, _logits(val_emb), val_emb)
     assert det.method == method and np.mean(~det.is_ood(_logits(val_emb), val_emb)) >= 0.95
     # Far OOD: embeddings in a direction orthogonal to both classes, with ambiguous near-zero logits.

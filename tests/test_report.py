@@ -4,7 +4,6 @@ model folder."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,7 +175,7 @@ def test_cli_errors_name_the_problem_and_report_rerenders(run, capsys):
     # `remedis report --from-json` renders the same page from report.json alone.
     again = run["out"] / "again"
     assert main(["report", "--from-json", str(run["json"]), "--output", str(again)]) == 0
-    strip = lambda t: t.split("</p>", 1)[1]  # noqa: E731  (same body after the header line)
+    strip = lambda t: t.split("</p>", 1)[1]
     assert strip((again / "report.html").read_text()) == strip(run["html"].read_text())
 
 

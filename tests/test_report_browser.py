@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from remedis.evaluate.cka import linear_cka
 from remedis.evaluate.metrics import site_metrics
 from remedis.evaluate.report import build_report, write_report
@@ -65,7 +65,7 @@ def _report(folder: Path) -> Path:
 
 def _chromium(args: list[str], tmp: Path, timeout: int = 90) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HOME": str(tmp)})
 
 

@@ -3,4 +3,4 @@
 from remedis.evaluate.metrics import patient_bootstrap_ci, site_metrics
 from remedis.evaluate.report import build_report, write_report
 
-__all__ = ["patient_bootstrap_ci", "site_metrics", "build_report", "write_report"]
+__all__ = ["build_report", "patient_bootstrap_ci", "site_metrics", "write_report"]

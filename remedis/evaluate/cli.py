@@ -127,16 +127,16 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
             caches[key] = load_images([r for r in records if r.label], model.preprocessing)
         cache = caches[key]
         known = set(model.class_names)
-        test = cache.subset(lambda r: r.split == "test" and r.label in known)
+        test = cache.subset(lambda r, known=known: r.split == "test" and r.label in known)
         if not len(test):
             raise ValueError(f"{manifest_path}: no test image has one of the labels {model.class_names} of {folder}")
         prov = meta.get("provenance", {})
         budget = prov.get("budget")
-        t_train = cache.subset(lambda r: r.site == target and r.split == "train" and r.label in known)
+        t_train = cache.subset(lambda r, known=known: r.site == target and r.split == "train" and r.label in known)
         if budget is not None and len(t_train):
             chosen = {r.image for r in budget_subset(t_train.records, budget, seed=seed)}
-            t_train = t_train.subset(lambda r: r.image in chosen)
-        t_val = cache.subset(lambda r: r.site == target and r.split == "val" and r.label in known)
+            t_train = t_train.subset(lambda r, chosen=chosen: r.image in chosen)
+        t_val = cache.subset(lambda r, known=known: r.site == target and r.split == "val" and r.label in known)
         init = prov.get("backbone_init")
         before_dir = (backbones or {}).get(init) or (folder.parent.parent / "backbones" / init if init and init != "random" else None)
         before = None

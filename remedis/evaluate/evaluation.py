@@ -200,7 +200,7 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     results = {}
     for name, (kind, lg, em) in sets.items():
         scores = all_scores(lg, em, None, None, states=states)
-        results[name] = {"kind": kind, "n_images": int(len(lg)),
+        results[name] = {"kind": kind, "n_images": len(lg),
                          "methods": {m: {"auroc": _none(ood_auroc(id_scores[m], scores[m])),
                                          "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in METHODS}}
         if detector is not None:
@@ -233,7 +233,7 @@ def _representation_section(model, inputs: EvalInputs, emb, sites, test: ImageCa
     before = layer_features(inputs.backbone_before, x)
     after = layer_features(model.classifier.backbone, x)
     matrix = cka_matrix(before, after)
-    out["cka"] = {"layers": list(before), "n_images": int(len(pick)), "matrix": matrix,
+    out["cka"] = {"layers": list(before), "n_images": len(pick), "matrix": matrix,
                   "diagonal": [row[i] for i, row in enumerate(matrix)]}
     return out
 

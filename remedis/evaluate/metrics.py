@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -89,7 +89,7 @@ def site_metrics(targets, probs, patients, positive_index: int = 1, n_boot: int 
 
     full = point(targets, probs) if len(targets) else {}
     boots = [point(targets[i], probs[i]) for i in bootstrap_indices(patients, n_boot, seed)]
-    result: dict = {"n_images": int(len(targets)), "n_patients": int(len(set(patients)))}
+    result: dict = {"n_images": len(targets), "n_patients": len(set(patients))}
     for key in full:
         if key.startswith("auroc:"):
             continue

@@ -140,7 +140,7 @@ class OODDetector:
             Path(tmp).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, model_folder: str | Path) -> "OODDetector | None":
+    def load(cls, model_folder: str | Path) -> OODDetector | None:
         """The detector stored in `model_folder`, or None when it has none."""
         from safetensors.numpy import load_file
 

@@ -279,11 +279,11 @@ def render_html(report: dict) -> str:
         return f"<table><thead><tr><th>model</th><th>labels</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
     parts = [f"<h1>{esc(report['title'])}</h1>",
-             f"<p class='meta'>{esc(report['generated_by'])} &middot; {esc(report['created'])} &middot; "
-             f"report schema v{report['schema_version']} &middot; numbers from <code>report.json</code></p>",
-             "<nav><a href='#sites'>sites</a><a href='#metrics'>metrics</a><a href='#efficiency'>data efficiency</a>"
-             "<a href='#calibration'>calibration</a><a href='#ood'>OOD detection</a><a href='#shift'>representation shift</a>"
-             "<a href='#provenance'>provenance</a></nav>"]
+             (f"<p class='meta'>{esc(report['generated_by'])} &middot; {esc(report['created'])} &middot; "
+              f"report schema v{report['schema_version']} &middot; numbers from <code>report.json</code></p>"),
+             ("<nav><a href='#sites'>sites</a><a href='#metrics'>metrics</a><a href='#efficiency'>data efficiency</a>"
+              "<a href='#calibration'>calibration</a><a href='#ood'>OOD detection</a><a href='#shift'>representation shift</a>"
+              "<a href='#provenance'>provenance</a></nav>")]
     parts.append(_provenance_header(report))
     task = report.get("task", {})
     site_rows = "".join(
@@ -417,10 +417,10 @@ def _calibration(report: dict, sites: list[str]) -> str:
 
 def _ood(report: dict) -> str:
     esc = html.escape
-    out = ["<h2 id='ood'>OOD detection</h2><p class='note'>In-distribution: the target site's test images. "
+    out = [("<h2 id='ood'>OOD detection</h2><p class='note'>In-distribution: the target site's test images. "
            "AUROC of telling each set apart from them (1 = perfect) and FPR at 95% TPR (share of that set still "
            "accepted when 95% of in-distribution images are accepted; 0 = perfect). near = another site of the same "
-           "modality, far = synthetic noise or another modality.</p>"]
+           "modality, far = synthetic noise or another modality.</p>")]
     any_ood = False
     for m in report["models"]:
         ood = m.get("ood") or {}
