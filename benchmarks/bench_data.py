@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     def raw():
         for path in paths:
-            pydicom.dcmread(path).pixel_array
+            _ = pydicom.dcmread(path).pixel_array
 
     pre = Preprocessing(image_size=args.size)
     raw_rate = best_rate(raw, n, args.repeat)

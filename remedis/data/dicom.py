@@ -126,40 +126,81 @@ def minmax(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
-def _grayscale(arr: np.ndarray, ds, index: int, mode) -> np.ndarray:
+def _linear_rescale(ds, frame: dict[str, Any]) -> tuple[float, float] | None:
+    """(slope, intercept) of the Modality LUT when it is linear (almost always); None for a LUT
+    sequence. Same precedence as pydicom's apply_modality_lut: the sequence, then slope+intercept."""
+    if "RescaleSlope" in frame or "RescaleIntercept" in frame:
+        return float(frame.get("RescaleSlope", 1.0)), float(frame.get("RescaleIntercept", 0.0))
+    if "ModalityLUTSequence" in ds:
+        return None
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope in (None, "") or intercept in (None, ""):
+        return 1.0, 0.0
+    return float(slope), float(intercept)
+
+
+def _file_window(ds, frame: dict[str, Any]) -> tuple[float, float, str] | None:
+    center = frame.get("WindowCenter", ds.get("WindowCenter"))
+    width = frame.get("WindowWidth", ds.get("WindowWidth"))
+    if center in (None, "") or width in (None, ""):
+        return None
+    try:
+        return _first(center), _first(width), str(frame.get("VOILUTFunction", ds.get("VOILUTFunction", "LINEAR")) or "LINEAR").upper()
+    except (TypeError, ValueError, IndexError):
+        return None  # malformed window in the header: the caller falls back to the image's range
+
+
+def _grayscale(arr: np.ndarray, ds, index: int, mode, monochrome1: bool) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     frame = _frame_transform(ds, index)
-    if arr.dtype.kind == "f":  # float pixel data is already in real-world units
-        values = arr.astype(np.float32)
-    elif "RescaleSlope" in frame or "RescaleIntercept" in frame:
-        values = arr.astype(np.float32) * float(frame.get("RescaleSlope", 1.0)) + float(frame.get("RescaleIntercept", 0.0))
-    else:
-        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    lin = None if arr.dtype.kind == "f" else _linear_rescale(ds, frame)
+
+    def values() -> np.ndarray:
+        if arr.dtype.kind == "f":  # float pixel data is already in real-world units
+            return arr.astype(np.float32)
+        if lin is None:
+            return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        out = arr.astype(np.float32)
+        if lin != (1.0, 0.0):
+            out *= lin[0]
+            out += lin[1]
+        return out
+
     if mode == "raw":
-        return values
+        return values()
+    out = None
+    win = None
     if isinstance(mode, (tuple, list)):
-        out = window(values, float(mode[0]), float(mode[1]))
-    elif mode == "minmax":
-        out = minmax(values)
-    else:  # auto: the file's own VOI, else min-max
-        out = None
+        win = (float(mode[0]), float(mode[1]), "LINEAR")
+    elif mode == "auto":
         if ds.get("VOILUTSequence") and "WindowCenter" not in frame:
             desc = ds.VOILUTSequence[0].get("LUTDescriptor")
             if desc is not None and ds.VOILUTSequence[0].get("LUTData") is not None:
                 lut_bits = int(desc[2]) if int(desc[2]) in range(1, 17) else 16
-                out = np.clip(np.asarray(apply_voi_lut(values, ds), np.float32) / float(2**lut_bits - 1), 0.0, 1.0)
+                out = np.clip(np.asarray(apply_voi_lut(values(), ds), np.float32) / float(2**lut_bits - 1), 0.0, 1.0)
         if out is None:
-            center = frame.get("WindowCenter", ds.get("WindowCenter"))
-            width = frame.get("WindowWidth", ds.get("WindowWidth"))
-            if center not in (None, "") and width not in (None, ""):
-                try:
-                    out = window(values, _first(center), _first(width), str(frame.get("VOILUTFunction", ds.get("VOILUTFunction", "LINEAR"))))
-                except (DicomError, TypeError, ValueError, IndexError):
-                    out = None  # malformed window in the header: fall back to the image's own range
-        if out is None:
-            out = minmax(values)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+            win = _file_window(ds, frame)
+    if out is None and win is not None:
+        center, width, function = win
+        if lin is not None and function in ("LINEAR", "LINEAR_EXACT") and width > (1 if function == "LINEAR" else 0):
+            # Rescale and window are both affine: one fused pass over the pixels, then the clip.
+            den = (width - 1) if function == "LINEAR" else width
+            shift = (center - 0.5) if function == "LINEAR" else center
+            out = arr.astype(np.float32)
+            out *= lin[0] / den
+            out += (lin[1] - shift) / den + 0.5
+            np.clip(out, 0.0, 1.0, out=out)
+        else:
+            try:
+                out = window(values(), center, width, function)
+            except DicomError:
+                if isinstance(mode, (tuple, list)):
+                    raise
+                out = None  # the file's window is invalid: fall back to the image's own range
+    if out is None:
+        out = minmax(values())
+    if monochrome1:
         out = 1.0 - out
     return out
 
@@ -207,7 +248,7 @@ def _read(data: bytes, window: Any, frame: int | str, channels: int, max_pixels:
     ds = parse(data)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError("DICOM file has no pixel data")
-    rows, cols, frames, samples = geometry(ds)
+    rows, cols, frames, _samples = geometry(ds)
     if rows * cols * frames > max_pixels:
         raise DicomError(f"image too large ({rows}x{cols}x{frames} pixels, limit {max_pixels})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -240,7 +281,7 @@ def _read(data: bytes, window: Any, frame: int | str, channels: int, max_pixels:
         if photometric == "PALETTE COLOR" or arr.ndim == 3:
             out = _colour(arr, ds)
         else:
-            out = _grayscale(arr, ds, i, window)
+            out = _grayscale(arr, ds, i, window, photometric == "MONOCHROME1")
         if not np.all(np.isfinite(out)):
             raise DicomError("decoded pixels are not finite (NaN or infinity)")
         images.append(_layout(out.astype(np.float32, copy=False), channels, is_colour))

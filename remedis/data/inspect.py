@@ -26,7 +26,7 @@ def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20
 
     manifest = read_manifest(path, check_files=False)
     records = manifest.records
-    by = lambda key: dict(sorted(Counter(key(r) for r in records).items()))  # noqa: E731
+    by = lambda key: dict(sorted(Counter(key(r) for r in records).items()))
     labels = Counter(lab for r in records for lab in r.labels) if records else Counter()
     sizes: Counter = Counter()
     modalities: Counter = Counter()
