@@ -103,3 +103,14 @@ def test_cached_load_with_workers_starts_no_worker(records, tmp_path, monkeypatc
     monkeypatch.setattr(dataset_mod, "DataLoader", no_workers)
     again = load_images(records, pre, num_workers=2, cache_dir=tmp_path / "c")
     assert torch.equal(first.pixels, again.pixels)
+
+
+def test_large_loads_are_stored_in_several_packs(records, tmp_path, monkeypatch):
+    import remedis.data.dataset as dataset_mod
+
+    monkeypatch.setattr(dataset_mod, "STORE_EVERY", 2)
+    pre = Preprocessing(16)
+    first = load_images(records, pre, cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("v*/pack-*.npy"))) == 3  # 5 images: 2 + 2 + 1
+    calls = count_decodes(monkeypatch)
+    assert torch.equal(load_images(records, pre, cache_dir=tmp_path / "c").pixels, first.pixels) and calls == []

@@ -31,6 +31,8 @@ from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError
 
 log = logging.getLogger(__name__)
 
+STORE_EVERY = 2048  # images per on-disk cache pack
+
 
 @dataclass
 class ImageCache:
@@ -70,8 +72,11 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
     for i, x, reason, key, content in items:
         results[i] = (x, reason)
         computed.append((key, content, (x, reason)))
+        if disk is not None and len(computed) >= STORE_EVERY:  # an interrupted run keeps what it decoded
+            disk.store(computed)
+            computed = []
     if disk is not None and computed:
-        disk.store(computed)  # one pack for the whole batch: a file per image costs more than decoding
+        disk.store(computed)  # one pack per batch: a file per image costs more than decoding it
     kept, tensors, failures = [], [], []
     for r, (x, reason) in zip(records, results):
         if x is None:
