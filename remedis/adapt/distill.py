@@ -1,0 +1,96 @@
+"""Distillation to a small serving model (SimCLRv2 style).
+
+A large adapted teacher labels the site's images, labeled or not, with soft probabilities; a small
+student (e.g. ResNet-18) learns to match them (KL divergence at a distillation temperature). The
+site's unlabeled images thus become training signal, and serving gets cheap. The student is then
+calibrated and given an operating threshold on the validation split like any adapted model.
+
+Example:
+    >>> student = distill(teacher, site_images, val, "resnet18", epochs=10)
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
+from remedis.adapt.model import AdaptedModel
+from remedis.config import RuntimeConfig
+from remedis.data.dataset import ImageCache, LabeledDataset
+from remedis.models.classifier import Classifier
+from remedis.pretrain.transforms import FineTuneAugment
+from remedis.training import make_trainer
+
+
+class _SoftTargets(Dataset):
+    def __init__(self, cache: ImageCache, targets: torch.Tensor, augment):
+        self.cache, self.targets, self.augment = cache, targets, augment
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        x = self.cache.pixels[i].float()
+        return self.cache.preprocessing.normalize(self.augment(x)), self.targets[i]
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, student: Classifier, temperature: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.student, self.temperature, self.lr, self.weight_decay = student, temperature, lr, weight_decay
+        self.losses: list[float] = []
+
+    def on_fit_start(self) -> None:
+        self.student.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch, batch_idx):
+        x, teacher_probs = batch
+        logits = self.student(x.contiguous(memory_format=torch.channels_last)).float()
+        t = self.temperature
+        loss = F.kl_div(F.log_softmax(logits / t, 1), teacher_probs, reduction="batchmean") * t * t
+        self.losses.append(loss.detach().item())
+        self.log("kl", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.lr, total_steps=steps, pct_start=0.15), "interval": "step"}}
+
+
+def teacher_probabilities(teacher: AdaptedModel, cache: ImageCache, temperature: float = 1.0) -> torch.Tensor:
+    x = teacher.preprocessing.normalize(cache.pixels.float())
+    logits = torch.cat([teacher.logits(x[i:i + 256]) for i in range(0, len(x), 256)])
+    return (logits / temperature).softmax(1)
+
+
+def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_arch: str, epochs: int = 10,
+            lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0, runtime: RuntimeConfig | None = None,
+            seed: int = 0, sensitivity: float = 0.9, progress: bool = False) -> AdaptedModel:
+    if images.preprocessing != teacher.preprocessing:
+        raise ValueError("distill: images must be cached with the teacher's preprocessing")
+    runtime = runtime or RuntimeConfig()
+    L.seed_everything(seed, verbose=False)
+    soft = teacher_probabilities(teacher, images, temperature)
+    student = Classifier(student_arch, len(teacher.class_names), teacher.preprocessing.in_chans)
+    module = DistillModule(student, temperature, lr)
+    loader = DataLoader(_SoftTargets(images, soft, FineTuneAugment(teacher.preprocessing.image_size, seed=seed)),
+                        batch_size=min(batch_size, len(images)), shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), drop_last=len(images) > batch_size)
+    make_trainer(runtime, epochs, progress=progress).fit(module, loader)
+    result = AdaptedModel(student, list(teacher.class_names), teacher.preprocessing, positive_index=teacher.positive_index)
+    val_ds = LabeledDataset(val, result.class_names)
+    logits = torch.cat([result.logits(x) for x, _ in DataLoader(val_ds, batch_size=256)])
+    result.temperature = fit_temperature(logits, val_ds.targets)
+    if len(result.class_names) == 2:
+        probs = result.probs_from_logits(logits).numpy()
+        result.threshold = threshold_for_sensitivity(probs[:, result.positive_index],
+                                                     val_ds.targets.numpy() == result.positive_index, sensitivity)
+        result.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
+    result.provenance = {**teacher.provenance, "distilled_from": teacher.architecture, "distill_images": len(images),
+                         "distill_temperature": temperature, "distill_loss": module.losses[-5:]}
+    return result

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from remedis.adapt.distill import distill, teacher_probabilities
+from remedis.adapt.model import AdaptedModel
+from remedis.config import RuntimeConfig
+from remedis.data.dataset import ImageCache
+from remedis.data.manifest import Record
+from remedis.data.preprocess import Preprocessing
+from remedis.models import Classifier
+
+
+def bright_dark(n, size=24, seed=0):
+    """Trivially separable: label 1 = bright image, 0 = dark image."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    pixels = (0.2 + 0.6 * labels[:, None, None, None] + 0.05 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
+    recs = [Record(Path(f"/x/{i}.png"), ["dark", "bright"][int(l)], "s", f"p{i}") for i, l in enumerate(labels)]
+    return ImageCache(recs, pixels.half(), Preprocessing(size)), labels
+
+
+
+def test_student_matches_teacher_on_separable_task():
+    torch.manual_seed(0)
+    images, labels = bright_dark(32, size=16)
+    val, _ = bright_dark(8, size=16, seed=1)
+    teacher = AdaptedModel(Classifier("resnet18", 2), ["bright", "dark"], Preprocessing(16), positive_index=0)
+    # Make the teacher a correct classifier of the rule: train its head on the true labels briefly.
+    opt = torch.optim.Adam(teacher.classifier.parameters(), lr=1e-3)
+    x = images.preprocessing.normalize(images.pixels.float())
+    y = 1 - labels  # class 0 = bright
+    teacher.classifier.train()
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher.classifier(x), y).backward()
+        opt.step()
+    teacher.classifier.eval()
+    teacher_pred = teacher_probabilities(teacher, images).argmax(1)
+    assert (teacher_pred == y).float().mean() > 0.95
+    student = distill(teacher, images, val, "resnet18", epochs=6, lr=2e-3, batch_size=16,
+                      runtime=RuntimeConfig(precision="fp32"), seed=0)
+    agree = (teacher_probabilities(student, images).argmax(1) == teacher_pred).float().mean()
+    assert agree >= 0.95
+    assert student.architecture == "resnet18" and student.threshold is not None
+    assert student.provenance["distilled_from"] == "resnet18"
