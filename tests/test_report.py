@@ -83,7 +83,8 @@ def run(tmp_path_factory):
             clf.head.bias[:] = torch.tensor([-w[-1] * 2, w[-1] * 2], dtype=torch.float32)
         folders.append(model.save(out / "adapted" / f"{backbone}@{fraction:g}"))
     args = ["evaluate", "--manifest", str(out / "data" / "manifest.csv"), "--output", str(out), "--source-site", "site-A",
-            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}", "--bootstrap", "20",
+            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}",
+            "--bootstrap", "20", "--noise-images", "16",
             "--far-ood", str(out / "xray" / "manifest.csv")]
     for f in folders:
         args += ["--model", str(f)]
@@ -105,7 +106,7 @@ def test_report_json_schema_v2(run):
     assert set(m["subgroups"]["device"]["site-B"]) == {"scanner-A", "scanner-B"}
     ood = m["ood"]
     assert set(ood["sets"]) == {"site-A", "site-C", "synthetic-noise", "xray"}
-    assert ood["sets"]["site-C"]["kind"] == "near" and ood["sets"]["site-A"]["kind"] == "other-site"
+    assert ood["sets"]["site-C"]["kind"] == "near" and ood["sets"]["site-A"]["kind"] == "near"
     assert ood["sets"]["synthetic-noise"]["kind"] == ood["sets"]["xray"]["kind"] == "far"
     assert ood["sets"]["xray"]["n_images"] == 8 and len(r["provenance"]["far_ood_manifests"][0]) == 64
     for v in ood["sets"].values():
@@ -159,6 +160,10 @@ def test_label_savings_smallest_budget_reaching_the_full_data_baseline():
     assert never["reached_images"] is None and never["savings"] is None
     assert "did not reach" in advice_lines({"B": never}, "B")[0]
     assert label_savings([_m("supervised", 1.0, 100, 0.9)]) == {}
+    same = label_savings([_m("remedis", 1.0, 100, 0.95), _m("supervised", 1.0, 100, 0.90)])["B"]
+    assert same["savings"] == 0 and "no label saving" in advice_lines({"B": same}, "B")[0]
+    two = {"A": s, "B": s}
+    assert len(advice_lines(two, "B")) == 1 and len(advice_lines(two, None)) == 2
 
 
 def test_cli_errors_name_the_problem_and_report_rerenders(run, capsys):

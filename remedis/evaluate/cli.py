@@ -34,6 +34,7 @@ def register(sub) -> None:
         p.add_argument("--label-map", action="append", default=[], help="FROM=TO manifest label renaming, e.g. normal=benign")
         p.add_argument("--ood-method", default="mahalanobis", help="detector fitted when a model has none (or with --refit-ood)")
         p.add_argument("--refit-ood", action="store_true", help="refit and overwrite the models' stored OOD detectors")
+        p.add_argument("--noise-images", type=int, default=64, help="synthetic noise images (far-OOD set)")
         p.add_argument("--bootstrap", type=int, default=200)
         p.add_argument("--seed", type=int, default=0, help="the seed of the splits/budgets and of the bootstrap")
         p.add_argument("--from-json", help="(report) re-render report.html from this report.json")
@@ -72,7 +73,7 @@ def cmd_evaluate(args) -> int:
         args.model, args.manifest, args.output, target_site=args.target_site, source_site=args.source_site,
         subgroups=args.subgroup, far_ood=args.far_ood, backbones=_pairs(args.backbone, "--backbone"),
         label_map=_pairs(args.label_map, "--label-map"), ood_method=args.ood_method, refit_ood=args.refit_ood,
-        n_boot=args.bootstrap, seed=args.seed)
+        n_boot=args.bootstrap, seed=args.seed, noise_images=args.noise_images)
     print(f"report: {html_path}\n        {json_path}")
     return 0
 
@@ -80,7 +81,7 @@ def cmd_evaluate(args) -> int:
 def evaluate_folders(models: list, manifest_path, output, target_site: str | None = None, source_site: str | None = None,
                      subgroups: list[str] = (), far_ood: list = (), backbones: dict[str, str] | None = None,
                      label_map: dict[str, str] | None = None, ood_method: str = "mahalanobis", refit_ood: bool = False,
-                     n_boot: int = 200, seed: int = 0) -> tuple[Path, Path]:
+                     n_boot: int = 200, seed: int = 0, noise_images: int = 64) -> tuple[Path, Path]:
     """Evaluate adapted model folders on `manifest_path` and write the report into `output`."""
     from dataclasses import replace
 
@@ -147,7 +148,7 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
                 before = load_backbone_before(before_dir, model.architecture, model.preprocessing.in_chans)
         inputs = EvalInputs(test=test, target_site=target, roles=roles, train=t_train, val=t_val,
                             far_ood=load_far_ood(list(far_ood), model.preprocessing, seed=seed), subgroups=list(subgroups),
-                            backbone_before=before, ood_method=ood_method)
+                            backbone_before=before, ood_method=ood_method, noise_images=noise_images)
         refit = refit_ood or OODDetector.load(folder) is None
         log.info("evaluating %s on %d test images", folder.name, len(test))
         entry = evaluate_folder(folder, inputs, n_boot=n_boot, seed=seed, refit_ood=refit)

@@ -188,9 +188,8 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     id_scores = all_scores(logits[sites == tgt], emb[sites == tgt], None, None, states=states)
 
     sets: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
-    for s in sorted(set(sites) - {tgt}):
-        kind = "near" if inputs.roles.get(s) == "ood" else "other-site"
-        sets[s] = (kind, logits[sites == s], emb[sites == s])
+    for s in sorted(set(sites) - {tgt}):  # every other site of the manifest: same modality, near-OOD
+        sets[s] = ("near", logits[sites == s], emb[sites == s])
     noise_l, noise_e = infer(model, noise_images(inputs.noise_images, model.preprocessing.image_size, seed))
     sets["synthetic-noise"] = ("far", noise_l, noise_e)
     for name, cache in inputs.far_ood.items():

@@ -124,6 +124,7 @@ class OODDetector:
         os.close(fd)
         try:
             save_file(tensors, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a service running as another user must read it
             digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
             os.replace(tmp, folder / OOD_WEIGHTS)
         finally:
@@ -135,6 +136,7 @@ class OODDetector:
         os.close(fd)
         try:
             Path(tmp).write_text(json.dumps(meta, indent=2))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, folder / OOD_JSON)
         finally:
             Path(tmp).unlink(missing_ok=True)

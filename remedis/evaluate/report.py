@@ -12,7 +12,7 @@ Schema (`schema_version` 2; version 1 had only `sites`, `models[*].sites[*]` aur
                       operating_point {threshold, chosen_on, positive_class},
                       sites {site: METRICS}, subgroups {column: {site: {value: METRICS}}},
                       ood {in_distribution, detector {method, threshold, accept_rate, rule},
-                           sets {name: {kind: near|far|other-site, n_images,
+                           sets {name: {kind: near (another site of the manifest) | far (noise, other modality), n_images,
                                         methods {msp|max_logit|energy|mahalanobis|knn: {auroc, fpr95}}}},
                            summary {near|far: {method: mean AUROC}}},
                       representation {cka {layers, matrix (before x after), diagonal} | null,
@@ -115,13 +115,19 @@ def label_savings(models: list[dict], metric: str = "auroc", method: str = METHO
 
 
 def advice_lines(savings: dict[str, dict], target_site: str | None) -> list[str]:
-    """One plain sentence per site (target site first) on how many labels the metric level needs."""
-    order = sorted(savings, key=lambda s: (s != target_site, s))
+    """A plain sentence on how many target-site labels the metric level needs (the labels are the
+    target site's, so the advice is for it; every site when no target is known)."""
+    order = [target_site] if target_site in savings else sorted(savings)
     lines = []
     for site in order:
         s = savings[site]
         m = s["metric"].upper()
-        if s["reached_images"] is not None:
+        if s["reached_images"] is not None and s["reached_images"] >= s["baseline_images"]:
+            lines.append(
+                f"To reach {m} {s['baseline_value']:.3f} at {site} (the {s['baseline']} baseline with all "
+                f"{s['baseline_images']} labeled images), the {s['method']} backbone needed as many labels "
+                f"({s['reached_images']}): no label saving at the budgets tried.")
+        elif s["reached_images"] is not None:
             overlap = _overlap(s["baseline_ci"], s["reached_ci"])
             lines.append(
                 f"To reach {m} {s['baseline_value']:.3f} at {site} (the {s['baseline']} baseline with all "
@@ -420,7 +426,7 @@ def _ood(report: dict) -> str:
     out = [("<h2 id='ood'>OOD detection</h2><p class='note'>In-distribution: the target site's test images. "
            "AUROC of telling each set apart from them (1 = perfect) and FPR at 95% TPR (share of that set still "
            "accepted when 95% of in-distribution images are accepted; 0 = perfect). near = another site of the same "
-           "modality, far = synthetic noise or another modality.</p>")]
+           "modality (source or ood role), far = synthetic noise or another modality.</p>")]
     any_ood = False
     for m in report["models"]:
         ood = m.get("ood") or {}
