@@ -194,3 +194,23 @@ def test_evaluation_inference_equals_the_service_calls():
     logits, emb = infer(model, px)
     x = model.preprocessing.normalize(px)
     assert np.array_equal(logits, model.logits(x).numpy()) and np.array_equal(emb, model.embed(x).numpy())
+
+
+def test_multiclass_report_has_per_class_auroc_and_no_operating_point(tmp_path):
+    from remedis.evaluate.metrics import site_metrics
+    from remedis.evaluate.report import build_report, write_report
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    z = rng.normal(size=(90, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    met = site_metrics(y, p, np.arange(90) // 2, n_boot=20, class_names=["a", "b", "c"])
+    model = {"name": "remedis@1", "backbone": "remedis", "fraction": 1.0, "train_images": 50, "temperature": 1.0,
+             "operating_point": {"threshold": None, "chosen_on": "multi-class: argmax"}, "sites": {"S": met}}
+    report = build_report([model], {"S": {"role": "target", "test_images": 90, "test_patients": 45}}, {"seed": 0},
+                          task={"class_names": ["a", "b", "c"], "target_site": "S"})
+    _, html_path = write_report(report, tmp_path)
+    page = html_path.read_text()
+    assert "AUROC per class" in page and "macro one-vs-rest" in page and "Operating points" not in page
+    for c in "abc":
+        assert f"{met['per_class_auroc'][c]['auroc']:.3f}" in page
