@@ -164,7 +164,9 @@ def main() -> None:
         folder, tag, home = make_model(tmp, args.image_size, args.gpu)
         files = pngs(args.image_size)
         raw = raw_forward(folder, args.image_size, args.gpu)
+        print(json.dumps({"raw_forward": raw}), file=sys.stderr)
         batched = serve_and_measure(tag, home, tmp, True, args, files)
+        print(json.dumps({"service_batched": batched}), file=sys.stderr)
         unbatched = serve_and_measure(tag, home, tmp, False, args, files)
     print(json.dumps({
         "benchmark": "service", "image_size": args.image_size, "clients": args.clients, "requests": args.requests,

@@ -65,7 +65,9 @@ class RemedisModel:
             log.info("model %s warmed up on %s (%s) in %.1f s", self.model_ref.tag, self.runtime.device,
                      self.runtime.dtype or "fp32", time.perf_counter() - t0)
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.batching.max_latency_ms)
+    # Batching off (or a max batch of 1): a plain endpoint, one request per forward pass.
+    @bentoml.api(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
+                 max_latency_ms=SETTINGS.batching.max_latency_ms)
     def forward(self, x: np.ndarray) -> np.ndarray:
         """(N, C, S, S) preprocessed images -> (N, classes + embedding) [logits | embedding]."""
         return self.runtime.forward(x)
@@ -327,8 +329,13 @@ class RemedisService:
                 "warnings": warnings, "model": self._model}
 
     @bentoml.api
-    def metadata(self) -> dict:
+    async def metadata(self) -> dict:
         """Model card: task, classes, sites, report summary (per-site AUROC, ECE, OOD), provenance hashes."""
+        net = self.net
+        try:
+            runtime = await net.to_async.device() if hasattr(net, "to_async") else net.device()
+        except Exception as exc:  # the card is still useful when the model worker is busy or restarting
+            runtime = {"error": type(exc).__name__}
         ood = None if self.detector is None else {"method": self.detector.method, "threshold": float(self.detector.threshold),
                                                   "accept_rate": float(getattr(self.detector, "accept_rate", 0.95))}
         return {
@@ -336,7 +343,8 @@ class RemedisService:
             "model": self._model,
             "operating_threshold": self.threshold,
             "ood_detector": ood,
-            "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size},
+            "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size,
+                        "runtime": runtime},
         }
 
     def _model_failure(self, ctx: bentoml.Context, exc: Exception) -> JSONResponse:

@@ -165,14 +165,14 @@ def test_embed_equals_offline_embedding(svc):
 
 
 def test_predict_batch_files_and_zip_match_single_answers(svc):
-    paths = svc["files"][:5]
-    singles = [_post(svc, "predict", files={"image": _file(p)}).json() for p in paths]
+    paths = (svc["files"] * 2)[:9]  # 9 good + 1 bad: two forward chunks at max_batch_size 8
+    singles = [_post(svc, "predict", files={"image": _file(p)}).json() for p in svc["files"]] * 2
     bad = ("bad.png", b"not an image at all", "image/png")
     r = _post(svc, "predict_batch", files=[("images", _file(p)) for p in paths[:2]] + [("images", bad)]
               + [("images", _file(p)) for p in paths[2:]])
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["count"] == 6 and body["errors"] == 1
+    assert body["count"] == 10 and body["errors"] == 1
     assert body["results"][2]["status"] == 415 and "format" in body["results"][2]["error"]
     good = [res for res in body["results"] if "error" not in res]
     for res, single in zip(good, singles):
@@ -182,7 +182,7 @@ def test_predict_batch_files_and_zip_match_single_answers(svc):
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        for i, p in enumerate(paths):
+        for i, p in enumerate(paths[:5]):
             zf.writestr(f"study/{i}{p.suffix}", p.read_bytes())
         zf.writestr("__MACOSX/._junk", b"junk")
     r = _post(svc, "predict_batch", files={"images": ("scans.zip", buf.getvalue(), "application/zip")})
@@ -204,6 +204,8 @@ def test_metadata_is_the_model_card(svc):
     assert card["ood_detector"]["threshold"] == pytest.approx(svc["detector"].threshold)
     assert len(card["weights_sha256"]) == 64
     assert card["serving"]["auth"] == {"enabled": True, "header": "X-API-Key"}
+    assert card["serving"]["runtime"] == {"device": "cpu", "precision": "bfloat16"}  # resources: CPU by default
+    assert card["serving"]["batching"]["max_batch_size"] == 8
     assert KEY not in r.text and "REMEDIS_TEST_API_KEY" not in r.text
 
 

@@ -239,3 +239,13 @@ def test_model_card_carries_task_operating_point_ood_and_report_summary(tmp_path
     assert card["training_sites"]["target_site"] == "site-B" and card["training_sites"]["report"]["site-A"] == "source"
     assert card["report"]["metrics"]["site-B"] == {"auroc": 0.8, "auroc_ci": [0.7, 0.9], "ece": 0.05, "brier": 0.2}
     assert card["report"]["ood"]["summary"] == {"far": {"energy": 0.9}} and card["manifest_sha256"] == "m" * 64
+
+
+def test_gpu_request_without_a_gpu_falls_back_to_cpu():
+    from serving.runtime import pick_device
+
+    if torch.cuda.is_available():
+        assert pick_device(1).type == "cuda"
+    else:
+        assert pick_device(1).type == "cpu"
+    assert pick_device(0).type == "cpu"
