@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import io
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -103,7 +104,9 @@ def _check_header(up: Upload, limits: LimitSettings) -> None:
             modality = ds.get("Modality", None)
         except Exception:  # a broken header: the reader gives the precise (safe) reason below
             return
-        up.modality = (str(modality).strip().upper() or None) if modality is not None else None
+        text = str(modality).strip().upper() if modality is not None else ""
+        # A DICOM code string (CS: A-Z, 0-9, space, underscore; 16 chars): anything else is not echoed.
+        up.modality = text if re.fullmatch(r"[A-Z0-9_ ]{1,16}", text) else None
     else:
         from PIL import Image
 

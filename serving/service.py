@@ -149,6 +149,9 @@ class RemedisService:
 
     def __init__(self) -> None:
         torch.set_num_threads(1)  # this worker decodes and resizes; the model worker owns the cores
+        # pydicom can log an invalid element's value verbatim (warn_and_log), and values can be
+        # identifiers; every DICOM failure reaches the client and the log as a safe reason instead.
+        logging.getLogger("pydicom").disabled = True
         folder = Path(self.model_ref.path)
         meta = read_meta(folder)
         self.tag = self.model_ref.tag

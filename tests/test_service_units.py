@@ -34,9 +34,13 @@ def _dicom_bytes(tmp_path, **header) -> bytes:
     path = tmp_path / "x.dcm"
     write_dicom(path, (np.random.default_rng(0).random((16, 16)) * 4000).astype(np.uint16), "P-1", "site-A")
     if header:
+        import warnings
+
         ds = pydicom.dcmread(path)
-        for k, v in header.items():
-            setattr(ds, k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deliberately invalid values (a name in Modality)
+            for k, v in header.items():
+                setattr(ds, k, v)
         ds.save_as(path)
     return path.read_bytes()
 
@@ -84,6 +88,7 @@ def test_format_is_sniffed_from_bytes_and_declared_type_is_checked(tmp_path):
         with pytest.raises(UploadError) as err:
             check_upload(data, declared, lim)
         assert err.value.status == status
+    assert check_upload(_dicom_bytes(tmp_path, Modality="Doe^John 1961"), None, lim).modality is None  # not a code string
     # DICOM without the Part-10 preamble: accepted on the declared type, then the reader decides.
     raw = dcm[132:]
     assert check_upload(raw, "application/dicom", lim).format == "dicom"
