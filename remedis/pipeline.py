@@ -39,6 +39,7 @@ from remedis.evaluate.metrics import site_metrics
 from remedis.evaluate.report import build_report, write_report
 from remedis.models.checkpoint import CheckpointError, read_meta
 from remedis.pretrain.jobs import train_simclr, train_supervised
+from remedis.pretrain.monitor import KNNMonitor
 from remedis.training import setup_runtime
 
 log = logging.getLogger("remedis")
@@ -165,7 +166,9 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
     key = stage_key("simclr", data_key, cfg.pretrain.simclr, read_meta(supervised)["weights_sha256"])
     if not reusable(remedis_ckpt, key):
         log.info("[2/5 pretrain] SimCLR on unlabeled train images of all sites")
-        train_simclr(cfg, part(split="train"), supervised, remedis_ckpt, manifest.sha256, progress, stage_key=key)
+        monitor = KNNMonitor(part(src, "train", True), part(src, "val", True), class_names, positive_index)
+        train_simclr(cfg, part(split="train"), supervised, remedis_ckpt, manifest.sha256, progress, stage_key=key,
+                     monitor=monitor)
     inits = {"remedis": remedis_ckpt, "supervised": supervised, "random": None}
 
     target_train, target_val = part(tgt, "train", True), part(tgt, "val", True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -45,14 +46,21 @@ def accelerator(runtime: RuntimeConfig) -> str:
 
 
 def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int | None = None,
-                 progress: bool = True, callbacks: list | None = None) -> L.Trainer:
+                 progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None) -> L.Trainer:
+    """The Trainer every stage uses; `log_dir` gets Lightning's CSV metrics log (metrics.csv)."""
+    logger = False
+    if log_dir is not None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(save_dir=str(log_dir), name="", version="")
     return L.Trainer(
         max_epochs=epochs,
         limit_train_batches=max_steps_per_epoch if max_steps_per_epoch else 1.0,
         accelerator=accelerator(runtime),
         devices=1,
         precision="bf16-mixed" if runtime.precision == "bf16" else "32-true",
-        logger=False,
+        logger=logger,
+        log_every_n_steps=10,
         enable_checkpointing=False,  # remedis writes its own atomic checkpoint folders
         enable_model_summary=False,
         enable_progress_bar=progress,

@@ -149,3 +149,18 @@ def test_parse_budget():
     for bad in ("0", "150%", "-3", "ten"):
         with pytest.raises(ValueError, match="--budget"):
             parse_budget(bad)
+
+
+def test_knn_scores_match_brute_force():
+    from remedis.pretrain.monitor import knn_scores
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(30, 8, generator=g), torch.randn(5, 8, generator=g)
+    targets = torch.randint(0, 3, (30,), generator=g)
+    got = knn_scores(bank, targets, queries, 3, k=4, temperature=0.1)
+    for q in range(5):
+        sims = [(float(F.cosine_similarity(queries[q], bank[b], dim=0)), b) for b in range(30)]
+        votes = np.zeros(3)
+        for s, b in sorted(sims, reverse=True)[:4]:
+            votes[int(targets[b])] += np.exp(s / 0.1)
+        assert np.allclose(got[q], votes / votes.sum(), atol=1e-5)

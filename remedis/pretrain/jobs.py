@@ -16,6 +16,7 @@ from remedis.models.external import load_external_weights
 from remedis.models.classifier import Classifier
 from remedis.models.backbones import create_backbone
 from remedis.pretrain.micle import MICLeDataset
+from remedis.pretrain.monitor import KNNMonitor
 from remedis.pretrain.simclr import SimCLRModule
 from remedis.pretrain.supervised import ClassifierModule, class_weights
 from remedis.pretrain.transforms import FineTuneAugment, SimCLRAugment
@@ -29,6 +30,11 @@ def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=cfg.runtime.num_workers, generator=generator,
                       persistent_workers=cfg.runtime.num_workers > 0)
+
+
+def _log_dir(output: Path) -> Path:
+    """runs/x/backbones/<stage> -> runs/x/logs/<stage> (Lightning's CSV metrics, outside the checkpoint)."""
+    return Path(output).parent.parent / "logs" / Path(output).name
 
 
 def backbone_meta(cfg: RunConfig, preprocessing, stage_history: list[dict]) -> dict:
@@ -54,7 +60,7 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
     module = ClassifierModule(model, lr=sc.lr, weight_decay=sc.weight_decay,
                               class_weights=class_weights(train_ds.targets, len(class_names)),
                               label_smoothing=sc.label_smoothing, positive_index=positive_index)
-    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress)
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, log_dir=_log_dir(output))
     trainer.fit(module, _loader(train_ds, sc.batch_size, True, cfg, drop_last=len(train_ds) > sc.batch_size),
                 _loader(LabeledDataset(val, class_names), 256, False, cfg))
     module.load_best()
@@ -68,7 +74,8 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
 
 
 def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, output: Path,
-                 manifest_sha256: str | None, progress: bool = True, stage_key: str | None = None) -> Path:
+                 manifest_sha256: str | None, progress: bool = True, stage_key: str | None = None,
+                 monitor: KNNMonitor | None = None) -> Path:
     """SimCLR on unlabeled images (labels ignored), starting from `init` (the supervised backbone)."""
     sc = cfg.pretrain.simclr
     backbone = create_backbone(cfg.model.backbone, cfg.model.in_chans)
@@ -84,14 +91,22 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, outpu
     dataset = MICLeDataset(unlabeled, aug, seed=cfg.seed) if sc.micle else TwoViewDataset(unlabeled, aug)
     if sc.micle:
         log.info("MICLe: %.0f%% of images have a partner image of the same patient", 100 * dataset.multi_image_fraction)
-    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress)
+    callbacks = [monitor] if monitor is not None else []
+    if monitor is not None:
+        before = monitor.measure(backbone)
+        log.info("kNN monitor: AUROC %.3f before SimCLR", before)
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, callbacks, log_dir=_log_dir(output))
     trainer.fit(module, _loader(dataset, batch, True, cfg, drop_last=True))
+    for record, value in zip(module.history, monitor.history if monitor is not None else []):
+        record["knn_auroc"] = value
     stage_history.append({"stage": "simclr", "manifest_sha256": manifest_sha256,
                           "sites": sorted({r.site for r in unlabeled.records}), "images": len(unlabeled),
                           "temperature": sc.temperature, "batch_size": batch, "micle": sc.micle,
-                          "epochs": module.history})
+                          "knn_auroc_before": before if monitor is not None else None, "epochs": module.history})
     meta = {**backbone_meta(cfg, unlabeled.preprocessing, stage_history), "stage_key": stage_key}
     path = save_checkpoint(output, backbone.state_dict(), meta)
     if module.history:
-        log.info("SimCLR: NT-Xent %.3f -> %.3f -> %s", module.history[0]["nt_xent"], module.history[-1]["nt_xent"], path)
+        log.info("SimCLR: NT-Xent %.3f -> %.3f, kNN AUROC %s -> %s", module.history[0]["nt_xent"],
+                 module.history[-1]["nt_xent"], f"{before:.3f}" if monitor else "n/a",
+                 f"{module.history[-1].get('knn_auroc', float('nan')):.3f}" if monitor else "n/a")
     return path
