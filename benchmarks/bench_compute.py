@@ -6,7 +6,8 @@ Figures:
   inference images/s in fp32 (contiguous) and bf16 autocast + channels_last, and achieved GFLOP/s
   (FLOPs counted by torch's FlopCounterMode) as a fraction of the bf16 matmul peak (goal >= 30%);
 - torch.compile for inference: compile time, and images/s compiled vs eager (bf16 + channels_last);
-  `BENCH_COMPILE_TARGETS=resnet10t@32` (name@size, comma-separated) picks other models (the tests use it);
+  full mode compiles `resnetv2_18_bit`@64 and `resnet50`@224, reduced mode `resnet10t`@32 (compile time
+  is the cost there); `BENCH_COMPILE_TARGETS=name@size,...` picks others;
 - BiT backbones with weight standardisation folded for inference (`fold_std_conv`) vs as trained:
   StdConv2d re-standardises every weight on every forward pass, a cost that inference need not pay.
 
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import torch
@@ -108,8 +110,9 @@ def _compile_targets(reduced: bool) -> list[tuple[str, int]]:
     env = os.environ.get("BENCH_COMPILE_TARGETS")
     if env:
         return [(t.split("@")[0], int(t.split("@")[1])) for t in env.split(",") if t]
-    # The demo backbone (what adapt and serving run); resnet50 too in full mode.
-    return [("resnetv2_18_bit", 64)] if reduced else [("resnetv2_18_bit", 64), ("resnet50", 224)]
+    # Full: the demo backbone (what adapt and serving run) and resnet50. Reduced: the smallest timm ResNet,
+    # since compiling the demo backbone alone takes 80-90 s on 2 shared cores.
+    return [("resnet10t", 32)] if reduced else [("resnetv2_18_bit", 64), ("resnet50", 224)]
 
 
 def compile_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
@@ -118,22 +121,36 @@ def compile_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
     x = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
     eager = batch / time_per_call(_infer(net, x, bf16=True), warmup=1, iters=iters)
     compiled = torch.compile(net)
-    t0 = time.perf_counter()
-    _infer(compiled, x, bf16=True)()
-    compile_s = time.perf_counter() - t0
+    # Cold compile: a fresh inductor cache, so the time is what a first run (a new machine) pays.
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            t0 = time.perf_counter()
+            _infer(compiled, x, bf16=True)()
+            compile_s = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
     comp = batch / time_per_call(_infer(compiled, x, bf16=True), warmup=1, iters=iters)
     label = f"{name}@{size}"
     return [fig(f"{label} infer bf16+CL torch.compile", comp, "img/s", eager, "eager bf16+CL", batch=batch,
                 compile_s=compile_s),
-            fig(f"{label} torch.compile time", compile_s, "s", None, None)]
+            fig(f"{label} torch.compile time (cold cache)", compile_s, "s", None, None)]
 
 
 def run(reduced: bool) -> dict:
-    n = 512 if reduced else 2048
-    fp32 = matmul_gflops(torch.float32, n, iters=3)
-    bf16 = matmul_gflops(torch.bfloat16, n, iters=3)
-    figures = [fig("matmul fp32", fp32, "GFLOP/s", None, None, n=n),
-               fig("matmul bf16", bf16, "GFLOP/s", fp32, "matmul fp32", n=n)]
+    # The limit is the best rate over sizes and repeats: on a CPU shared with other jobs, sizes whose
+    # operands leave the per-core L2 (n >= 1024 here) lose 2-3x to contention in the shared L3.
+    sizes = (256, 512) if reduced else (256, 512, 1024)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        best[dtype] = max((matmul_gflops(dtype, n, iters=3), n) for n in sizes for _ in range(2))
+    (fp32, n32), (bf16, n16) = best[torch.float32], best[torch.bfloat16]
+    figures = [fig("matmul fp32", fp32, "GFLOP/s", None, None, n=n32),
+               fig("matmul bf16", bf16, "GFLOP/s", fp32, "matmul fp32", n=n16)]
     batch, iters = (2, 2) if reduced else (16, 5)
     for name, size in BACKBONES:
         figures += backbone_figures(name, size, batch, iters, bf16)

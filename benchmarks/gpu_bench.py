@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count_flops, environment, fig, matmul_gflops, sync  # noqa: E402
+from _common import append_history, count_flops, environment, fig, matmul_gflops, sync  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM, dense
 DEV = "cuda"  # --device cpu runs the same code on the CPU (a dry run of the script)
@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--history", type=Path, help="append the figures to this history JSON (e.g. benchmarks/history.json)")
+    ap.add_argument("--label", default="gpu", help="a note stored with the run in --history")
     args = ap.parse_args()
     global DEV
     DEV = args.device
@@ -209,6 +211,8 @@ def main() -> None:
         c = ips(lambda: model.logits(x))
         rec.add(fig(f"adapted {arch}@{size} infer bs{n} bf16 compiled", c, "img/s", e, "eager", compile_s=cs,
                     tflops=fwd_flops / n * c / 1e12, mfu_datasheet=fwd_flops / n * c / 1e12 / H100_BF16_DENSE_TFLOPS))
+    if args.history:
+        append_history(args.history, args.label, "quick" if args.quick else "full", rec.result["environment"], rec.figures)
     print("done", flush=True)
 
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from benchmarks._common import environment
+    from benchmarks._common import append_history, environment
 
     torch.set_num_threads(args.threads)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
@@ -121,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
     if args.history:
-        history = json.loads(args.history.read_text()) if args.history.exists() else []
-        history.append({"label": args.label, "mode": report["mode"], "environment": report["environment"],
-                        "figures": [f for e in report["benchmarks"].values() if e["status"] == "ok"
-                                    for f in figures_of(e["result"])]})
-        args.history.write_text(json.dumps(history, indent=1))
+        append_history(args.history, args.label, report["mode"], report["environment"],
+                       [f for e in report["benchmarks"].values() if e["status"] == "ok" for f in figures_of(e["result"])])
     print(table(report))
     print(f"wrote {args.output} ({report['seconds']:.0f} s)")
     return 1 if any(e["status"] != "ok" for e in report["benchmarks"].values()) else 0
