@@ -31,6 +31,8 @@ try:
 except ImportError:  # run as a script from benchmarks/
     from _common import count_flops, fig, matmul_gflops, time_per_call
 
+from remedis.models.backbones import fold_std_conv
+
 BACKBONES = [("resnet18", 224), ("resnet50", 224), ("resnetv2_50x1_bit", 224), ("resnetv2_18_bit", 64)]
 
 
@@ -67,25 +69,6 @@ def backbone_figures(name: str, size: int, batch: int, iters: int, bf16_peak: fl
     out.append(fig(f"{label} bf16+CL achieved / bf16 matmul peak", flops_per_image * ips16 / 1e9, "GFLOP/s", bf16_peak,
                    "matmul bf16", goal="ratio >= 0.30"))
     return out
-
-
-def fold_std_conv(net: nn.Module) -> nn.Module:
-    """Replace each timm StdConv2d by a plain Conv2d holding its standardised weight (inference only)."""
-    from timm.layers import StdConv2d
-
-    for parent in list(net.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, StdConv2d) and not getattr(child, "same_pad", False):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                                 child.dilation, child.groups, bias=child.bias is not None)
-                with torch.no_grad():
-                    w = child.weight
-                    conv.weight.copy_(F.batch_norm(w.reshape(1, child.out_channels, -1), None, None, training=True,
-                                                   momentum=0.0, eps=child.eps).reshape_as(w))
-                    if child.bias is not None:
-                        conv.bias.copy_(child.bias)
-                setattr(parent, child_name, conv)
-    return net
 
 
 def fold_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:

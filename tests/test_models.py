@@ -73,3 +73,18 @@ def test_checkpoint_roundtrip_and_corruption_detected(tmp_path):
     (folder / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="hash does not match"):
         load_checkpoint(folder)
+
+
+def test_folded_std_conv_gives_the_same_outputs():
+    from remedis.models.backbones import fold_std_conv
+
+    net = create_backbone("resnetv2_18_bit").eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        before = net.forward_head(net.forward_features(x))
+        fold_std_conv(net)
+        after = net.forward_head(net.forward_features(x))
+    from timm.layers import StdConv2d
+
+    assert not any(isinstance(m, StdConv2d) for m in net.modules())
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

@@ -22,6 +22,7 @@ import torch
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import read_image
 from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
+from remedis.models.backbones import fold_std_conv
 from remedis.models.classifier import Classifier
 
 
@@ -51,6 +52,8 @@ class AdaptedModel:
         return self
 
     def save(self, folder: str | Path) -> Path:
+        if getattr(self, "folded", False):
+            raise ValueError("this AdaptedModel was loaded for inference (weight standardisation folded); save the trained one")
         meta = {
             "kind": "adapted_model",
             "architecture": self.architecture,
@@ -65,16 +68,21 @@ class AdaptedModel:
         return save_checkpoint(folder, self.classifier.state_dict(), meta)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AdaptedModel":
+    def load(cls, folder: str | Path, fold: bool = True) -> "AdaptedModel":
+        """Load for inference; `fold` bakes BiT weight standardisation into plain convs (faster, same outputs)."""
         state, meta = load_checkpoint(folder)
         if meta.get("kind") != "adapted_model":
             raise CheckpointError(f"{folder}: is a {meta.get('kind', 'unknown')!r} checkpoint, not an adapted model")
         pre = Preprocessing.from_dict(meta["preprocessing"])
         clf = Classifier(meta["architecture"], len(meta["class_names"]), pre.in_chans)
         load_matching(clf, state, str(folder))
+        if fold:
+            fold_std_conv(clf)
         cal = meta["calibration"]
-        return cls(clf, list(meta["class_names"]), pre, float(cal["temperature"]), int(meta.get("positive_index", 1)),
-                   meta.get("provenance", {}), cal.get("threshold"), cal.get("operating_point", {}))
+        model = cls(clf, list(meta["class_names"]), pre, float(cal["temperature"]), int(meta.get("positive_index", 1)),
+                    meta.get("provenance", {}), cal.get("threshold"), cal.get("operating_point", {}))
+        model.folded = fold
+        return model
 
     def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
