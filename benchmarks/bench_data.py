@@ -41,16 +41,25 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64, help="Preprocessing.image_size")
     p.add_argument("--manifest", default=str(KIT))
     args = p.parse_args(argv)
+    print(json.dumps(measure(args.manifest, repeat, workers, size), indent=2))
+    return 0
+
+
+def run(reduced: bool) -> dict:
+    """Entry point for benchmarks/run.py (reduced: one pass per measurement)."""
+    return measure(str(KIT), repeat=1 if reduced else 3, workers=0, size=64)
+
+
+def measure(manifest: str, repeat: int, workers: int, size: int) -> dict:
     torch.set_num_threads(1)
-    if not Path(args.manifest).is_file():
-        print(json.dumps({"skipped": f"{args.manifest} not present"}))
-        return 0
+    if not Path(manifest).is_file():
+        return {"skipped": f"{manifest} not present"}
 
     import pydicom
 
     from remedis.data import Preprocessing, load_images, read_manifest
 
-    records = read_manifest(args.manifest).records
+    records = read_manifest(manifest).records
     paths = [r.image for r in records]
     n = len(paths)
     for path in paths:  # page cache warm for every contender alike
@@ -60,24 +69,24 @@ def main(argv=None) -> int:
         for path in paths:
             _ = pydicom.dcmread(path).pixel_array
 
-    pre = Preprocessing(image_size=args.size)
-    raw_rate = best_rate(raw, n, args.repeat)
+    pre = Preprocessing(image_size=size)
+    raw_rate = best_rate(raw, n, repeat)
     first_times = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(args.repeat):  # each pass gets a fresh, empty cache folder
+        for k in range(repeat):  # each pass gets a fresh, empty cache folder
             t0 = time.perf_counter()
-            first = load_images(records, pre, cache_dir=Path(tmp) / f"c{k}", num_workers=args.workers)
+            first = load_images(records, pre, cache_dir=Path(tmp) / f"c{k}", num_workers=workers)
             first_times.append(time.perf_counter() - t0)
         first_rate = n / min(first_times)
-        cached_rate = best_rate(lambda: load_images(records, pre, cache_dir=Path(tmp) / "c0", num_workers=args.workers), n, args.repeat)
+        cached_rate = best_rate(lambda: load_images(records, pre, cache_dir=Path(tmp) / "c0", num_workers=workers), n, repeat)
         again = load_images(records, pre, cache_dir=Path(tmp) / "c0")
-    memory_rate = best_rate(lambda: load_images(records, pre, num_workers=args.workers), n, args.repeat)
+    memory_rate = best_rate(lambda: load_images(records, pre, num_workers=workers), n, repeat)
     identical = bool(torch.equal(first.pixels, again.pixels))
     out = {
-        "kit": str(Path(args.manifest).parent.name),
+        "kit": str(Path(manifest).parent.name),
         "images": n,
-        "image_size": args.size,
-        "workers": args.workers,
+        "image_size": size,
+        "workers": workers,
         "torch_threads": torch.get_num_threads(),
         "images_per_s": {
             "raw_decode": round(raw_rate, 1),
@@ -93,8 +102,7 @@ def main(argv=None) -> int:
         "cached_equals_first": identical,
         "failures": len(first.failures),
     }
-    print(json.dumps(out, indent=2))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

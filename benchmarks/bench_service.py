@@ -147,6 +147,13 @@ def serve_and_measure(tag: str, home: Path, tmp: Path, batching: bool, args, fil
     return result
 
 
+def run(reduced: bool) -> dict:
+    """Entry point for benchmarks/run.py: two service start-ups cost ~2 minutes, so full mode only."""
+    if reduced:
+        return {"skipped": "the service benchmark runs in full mode only (two server start-ups)"}
+    return measure(argparse.Namespace(image_size=128, clients=16, requests=400, max_batch=32, gpu=0, load=0))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image-size", type=int, default=128)
@@ -155,7 +162,10 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--gpu", type=int, default=0)
     p.add_argument("--load", type=int, default=0, help="also send this many mixed good/bad requests (e.g. 1000)")
-    args = p.parse_args()
+    print(json.dumps(measure(p.parse_args()), indent=2))
+
+
+def measure(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -168,14 +178,14 @@ def main() -> None:
         batched = serve_and_measure(tag, home, tmp, True, args, files)
         print(json.dumps({"service_batched": batched}), file=sys.stderr)
         unbatched = serve_and_measure(tag, home, tmp, False, args, files)
-    print(json.dumps({
+    return {
         "benchmark": "service", "image_size": args.image_size, "clients": args.clients, "requests": args.requests,
         "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
         "raw_forward": raw, "service_batched": batched, "service_unbatched": unbatched,
         "ratios": {"batched_vs_raw_forward": batched["images_per_s"] / raw["images_per_s"],
                    "batched_vs_unbatched": batched["images_per_s"] / unbatched["images_per_s"]},
         "targets": {"batched_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
-    }, indent=2))
+    }
 
 
 if __name__ == "__main__":
