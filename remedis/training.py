@@ -60,7 +60,7 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         devices=1,
         precision="bf16-mixed" if runtime.precision == "bf16" else "32-true",
         logger=logger,
-        log_every_n_steps=10,
+        log_every_n_steps=1,  # epochs here are short; every step goes to metrics.csv
         enable_checkpointing=False,  # remedis writes its own atomic checkpoint folders
         enable_model_summary=False,
         enable_progress_bar=progress,
