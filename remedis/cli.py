@@ -32,7 +32,7 @@ def _summary(result) -> str:
 
 
 def cmd_run(args) -> int:
-    cfg = RunConfig.from_yaml(args.config)
+    cfg = RunConfig.from_yaml(args.config, args.set)
     if args.seed is not None:
         cfg.seed = args.seed
     from remedis.pipeline import run_pipeline
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--output", "-o", required=True, help="run folder")
     r.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.image_size=128 (repeatable)")
     r.add_argument("--no-build", action="store_true", help="skip export to BentoML and `bentoml build`")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)

@@ -86,10 +86,25 @@ def prepare_data(cfg: RunConfig, output: Path) -> Manifest:
         if unknown:
             raise ConfigError(f"data.label_map: label(s) {unknown} do not occur in the manifest ({manifest.labels()})")
         records = [replace(r, label=cfg.data.label_map.get(r.label, r.label)) for r in records]
-    records = assign_splits(records, tuple(cfg.data.split_fractions), seed=cfg.seed)
+    unknown = sorted(set(cfg.data.site_split_fractions) - set(sites))
+    if unknown:
+        raise ConfigError(f"data.site_split_fractions: site(s) {unknown} are not in the manifest (sites: {', '.join(sites)})")
+    records = split_by_site(records, cfg.data.split_fractions, cfg.data.site_split_fractions, cfg.seed)
     manifest = manifest.with_records(records)
     write_manifest(manifest, output / "manifest.csv")
     return manifest
+
+
+def split_by_site(records, fractions, per_site: dict[str, list[float]], seed: int):
+    """Patient-level splits with the default fractions, or a site's own where `per_site` names it.
+    Each site's split draws from its own random stream, so an override never moves another site's patients."""
+    groups = [[r for r in records if r.site not in per_site]] + [[r for r in records if r.site == s] for s in per_site]
+    fracs = [fractions] + list(per_site.values())
+    split = {}
+    for group, fr in zip(groups, fracs):
+        for old, new in zip(group, assign_splits(group, tuple(fr), seed=seed)):
+            split[id(old)] = new
+    return [split[id(r)] for r in records]
 
 
 def evaluate_model(model: AdaptedModel, test: ImageCache, class_names: list[str], positive_index: int,

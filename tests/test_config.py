@@ -42,3 +42,35 @@ def test_serve_model_must_be_adapted(tmp_path):
 def test_values_are_read(tmp_path):
     cfg = RunConfig.from_yaml(write(tmp_path, "seed: 3\nadapt:\n  fractions: [0.25, 1]\nserve:\n  model: remedis@0.25\n"))
     assert cfg.seed == 3 and cfg.adapt.fractions == [0.25, 1.0]
+
+
+def test_overrides_are_applied_and_checked(tmp_path):
+    path = write(tmp_path, "data:\n  image_size: 64\n")
+    cfg = RunConfig.from_yaml(path, ["data.image_size=128", "adapt.fractions=[0.5, 1.0]", "serve.model=remedis@0.5",
+                                     "data.site_split_fractions={site-A: [0.8, 0.1, 0.1]}"])
+    assert cfg.data.image_size == 128 and cfg.adapt.fractions == [0.5, 1.0]
+    assert cfg.data.site_split_fractions == {"site-A": [0.8, 0.1, 0.1]}
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.imagesize'.*data\.image_size"):
+        RunConfig.from_yaml(path, ["data.imagesize=128"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        RunConfig.from_yaml(path, ["data.image_size"])
+    with pytest.raises(ConfigError, match="data.image_size is not a section"):
+        RunConfig.from_yaml(path, ["data.image_size.x=1"])
+
+
+def test_site_split_fractions_must_sum_to_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.site_split_fractions\.BUS-BRA"):
+        RunConfig.from_yaml(write(tmp_path, "data:\n  site_split_fractions: {BUS-BRA: [0.8, 0.1]}\n"))
+
+
+def test_site_split_override_moves_only_that_site():
+    from remedis.data.manifest import Record
+    from remedis.pipeline import split_by_site
+
+    records = [Record(image=f"{s}/{i}.png", label="ab"[i % 2], site=s, patient_id=f"p{i}") for s in ("A", "B") for i in range(200)]
+    default = split_by_site(records, [0.6, 0.2, 0.2], {}, seed=0)
+    override = split_by_site(records, [0.6, 0.2, 0.2], {"A": [0.8, 0.1, 0.1]}, seed=0)
+    assert [r.image for r in override] == [r.image for r in records]  # order kept
+    share = lambda recs, site: sum(r.split == "train" for r in recs if r.site == site) / 200
+    assert share(default, "A") == pytest.approx(0.6) and share(override, "A") == pytest.approx(0.8)
+    assert [r.split for r in default if r.site == "B"] == [r.split for r in override if r.site == "B"]

@@ -71,7 +71,7 @@ def cmd_adapt(args) -> int:
     records = [r for r in manifest.records if r.site == site]
     if cfg.data.label_map:
         records = [replace(r, label=cfg.data.label_map.get(r.label, r.label)) for r in records]
-    records = assign_splits(records, tuple(cfg.data.split_fractions), seed=cfg.seed)
+    records = assign_splits(records, tuple(cfg.data.site_split_fractions.get(site, cfg.data.split_fractions)), seed=cfg.seed)
     write_manifest(records, output / "manifest.csv")
     class_names = sorted({r.label for r in records if r.label})
     if len(class_names) < 2:
