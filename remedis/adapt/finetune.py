@@ -30,7 +30,7 @@ from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
 from remedis.config import RunConfig
-from remedis.data.dataset import ImageCache, LabeledDataset
+from remedis.data.dataset import ImageCache, LabeledDataset, seed_loader_worker
 from remedis.metrics import auroc
 from remedis.models.backbones import backbone_blocks
 from remedis.models.checkpoint import load_checkpoint, load_matching
@@ -118,8 +118,11 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
                                   label_smoothing=ac.label_smoothing, positive_index=positive_index,
                                   param_groups=groups, frozen=frozen)
         generator = torch.Generator().manual_seed(cfg.seed)
+        workers = cfg.runtime.num_workers
         train_loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=generator,
-                                  drop_last=len(train_ds) > batch and len(train_ds) % batch == 1)  # no 1-image batch
+                                  drop_last=len(train_ds) > batch and len(train_ds) % batch == 1,  # no 1-image batch
+                                  num_workers=workers, persistent_workers=workers > 0,
+                                  worker_init_fn=seed_loader_worker if workers > 0 else None)
         callbacks = []
         if ac.patience:
             from lightning.pytorch.callbacks import EarlyStopping

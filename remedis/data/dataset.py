@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -93,6 +94,22 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
 
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # each worker decodes one image at a time; threads would oversubscribe
+
+
+def seed_loader_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn` for augmenting datasets: each worker process starts with a copy of the
+    dataset, so without this every worker (and, without persistent workers, every epoch) would draw the
+    same augmentations. torch gives each worker a distinct seed derived from the loader's generator,
+    so the streams stay deterministic for a seed."""
+    info = torch.utils.data.get_worker_info()
+    torch.set_num_threads(1)
+    dataset = info.dataset
+    seed = info.seed % 2**32
+    augment = getattr(dataset, "augment", None)
+    if hasattr(augment, "reseed"):
+        augment.reseed(seed)
+    if isinstance(getattr(dataset, "rng", None), np.random.Generator):
+        dataset.rng = np.random.default_rng(seed)
 
 
 class _Loader(Dataset):

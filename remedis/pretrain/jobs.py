@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from remedis.config import RunConfig
-from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset
+from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset, seed_loader_worker
 from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from remedis.models.external import load_external_weights
 from remedis.models.classifier import Classifier
@@ -29,7 +29,8 @@ def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: 
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=cfg.runtime.num_workers, generator=generator,
-                      persistent_workers=cfg.runtime.num_workers > 0)
+                      persistent_workers=cfg.runtime.num_workers > 0,
+                      worker_init_fn=seed_loader_worker if cfg.runtime.num_workers > 0 else None)
 
 
 def _log_dir(output: Path) -> Path:

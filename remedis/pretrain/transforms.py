@@ -38,6 +38,10 @@ class _Recipe:
         out = self.transform(x)
         return torch.as_tensor(out).clamp_(0.0, 1.0)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream (DataLoader workers each get their own, see `seed_loader_worker`)."""
+        self.transform.set_random_state(seed % 2**32)
+
 
 class SimCLRAugment(_Recipe):
     """Random resized crop, flip, rotation, gamma/contrast/brightness, blur and noise (strong views)."""
