@@ -116,3 +116,29 @@ def test_flop_count_matches_a_naive_conv_formula():
     with torch.inference_mode():
         counted = count_flops(lambda: net(x))
     assert counted == sum(naive) > 0
+
+
+def test_reference_protocol_script_runs_on_remedis_splits(shared_data):
+    """The independent reference recipe (benchmarks/reference_protocol.py) runs end to end on the same
+    BUSI test patients remedis uses for that seed (one epoch per stage, CPU)."""
+    import subprocess
+    from dataclasses import replace
+
+    from conftest import ROOT
+
+    manifest = shared_data / "breast-ultrasound" / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip("breast-ultrasound kit not present")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reference_protocol.py"), "--manifest", str(manifest),
+                          "--seed", "0", "--budgets", "1.0", "--epochs-scale", "0.01"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    from remedis.data.manifest import read_manifest
+    from remedis.data.splits import assign_splits
+
+    busi = [r for r in read_manifest(manifest).records if r.site == "BUSI"]
+    merged = {"benign": "not_malignant", "normal": "not_malignant"}
+    busi = assign_splits([replace(r, label=merged.get(r.label, r.label)) for r in busi], (0.6, 0.2, 0.2), seed=0)
+    assert result["busi_test_images"] == sum(r.split == "test" for r in busi)
+    assert set(result["busi_test_auroc"]) == {"random@1", "supervised@1", "remedis@1"}
+    assert all(0.0 <= v <= 1.0 for v in result["busi_test_auroc"].values())
