@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from remedis.config import RuntimeConfig
 
@@ -45,9 +46,50 @@ def accelerator(runtime: RuntimeConfig) -> str:
     return runtime.accelerator
 
 
+class EpochCheckpoint(Checkpoint):
+    """Writes the full training state (weights, optimizer, schedule, loop counters, the module's and
+    callbacks' histories) after every epoch, atomically: a temp file, fsync, then rename, so a killed
+    job finds either the previous epoch's file or this one's, never half of one. A subclass of
+    Lightning's `Checkpoint` so it runs after the module's own epoch-end hook."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def fit_resumable(trainer: L.Trainer, module: L.LightningModule, train_loader, val_loader=None,
+                  resume_file: Path | None = None) -> None:
+    """`trainer.fit`, continuing from `resume_file` when a killed run left one (with `EpochSampler`
+    data order and per-image augmentation seeds the result equals an uninterrupted run's). The file
+    is removed once the stage has finished; the caller then writes the stage's checkpoint folder."""
+    ckpt = None
+    if resume_file is not None and Path(resume_file).is_file():
+        try:
+            torch.load(resume_file, map_location="cpu", weights_only=False)["loops"]
+            ckpt = str(resume_file)
+            log.info("resuming from %s", resume_file)
+        except Exception as exc:  # unreadable resume state: start the stage again rather than fail
+            log.warning("ignoring unreadable resume file %s (%s); starting the stage from scratch", resume_file, exc)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+    if resume_file is not None:
+        Path(resume_file).unlink(missing_ok=True)
+
+
 def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int | None = None,
-                 progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None) -> L.Trainer:
-    """The Trainer every stage uses; `log_dir` gets Lightning's CSV metrics log (metrics.csv)."""
+                 progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None,
+                 resume_file: str | Path | None = None) -> L.Trainer:
+    """The Trainer every stage uses; `log_dir` gets Lightning's CSV metrics log (metrics.csv);
+    `resume_file` gets the training state after every epoch (see `fit_resumable`)."""
+    callbacks = list(callbacks or [])
+    if resume_file is not None:
+        callbacks.append(EpochCheckpoint(Path(resume_file)))
     logger = False
     if log_dir is not None:
         from lightning.pytorch.loggers import CSVLogger
@@ -61,10 +103,10 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         precision="bf16-mixed" if runtime.precision == "bf16" else "32-true",
         logger=logger,
         log_every_n_steps=1,  # epochs here are short; every step goes to metrics.csv
-        enable_checkpointing=False,  # remedis writes its own atomic checkpoint folders
+        enable_checkpointing=resume_file is not None,  # only the epoch resume file; stage outputs are remedis folders
         enable_model_summary=False,
         enable_progress_bar=progress,
         num_sanity_val_steps=0,
         deterministic=False,
-        callbacks=callbacks or [],
+        callbacks=callbacks,
     )

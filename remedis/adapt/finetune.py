@@ -30,7 +30,7 @@ from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
 from remedis.config import RunConfig
-from remedis.data.dataset import ImageCache, LabeledDataset, seed_loader_worker
+from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, seed_loader_worker
 from remedis.metrics import auroc
 from remedis.models.backbones import backbone_blocks
 from remedis.models.checkpoint import load_checkpoint, load_matching
@@ -117,9 +117,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         module = ClassifierModule(model, lr=lr, weight_decay=ac.weight_decay, class_weights=weights,
                                   label_smoothing=ac.label_smoothing, positive_index=positive_index,
                                   param_groups=groups, frozen=frozen)
-        generator = torch.Generator().manual_seed(cfg.seed)
         workers = cfg.runtime.num_workers
-        train_loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=generator,
+        train_loader = DataLoader(train_ds, batch_size=batch, sampler=EpochSampler(len(train_ds), cfg.seed),
                                   drop_last=len(train_ds) > batch and len(train_ds) % batch == 1,  # no 1-image batch
                                   num_workers=workers, persistent_workers=workers > 0,
                                   worker_init_fn=seed_loader_worker if workers > 0 else None)

@@ -96,6 +96,47 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # each worker decodes one image at a time; threads would oversubscribe
 
 
+def item_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (seed, epoch, index): a stable hash, so an image's augmentation in an
+    epoch does not depend on the order, the worker or what ran before (resumed runs repeat it exactly)."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1)[0])
+
+
+def dataset_key(key) -> tuple[int, int | None]:
+    """Dataset index from a plain sampler (i) or from `EpochSampler` ((i, epoch))."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
+def augment_item(augment, x: torch.Tensor, epoch: int | None, i: int, view: int = 0) -> torch.Tensor:
+    if epoch is not None and hasattr(augment, "reseed"):
+        augment.reseed(item_seed(getattr(augment, "seed", 0), epoch, i, view))
+    return augment(x)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles by (seed, epoch) and yields (index, epoch) keys, so every epoch's order and every image's
+    augmentation are functions of the seed and the epoch alone. Lightning calls `set_epoch` before each
+    epoch, so a run resumed from an epoch checkpoint continues exactly as the uninterrupted run would."""
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(item_seed(self.seed, self.epoch))).tolist()
+        else:
+            order = range(self.length)
+        return iter([(i, self.epoch) for i in order])
+
+
 def seed_loader_worker(_worker_id: int) -> None:
     """DataLoader `worker_init_fn` for augmenting datasets: each worker process starts with a copy of the
     dataset, so without this every worker (and, without persistent workers, every epoch) would draw the
@@ -168,10 +209,11 @@ class LabeledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, epoch = dataset_key(key)
         x = self.cache.pixels[i].float()
         if self.augment is not None:
-            x = self.augment(x)
+            x = augment_item(self.augment, x, epoch, i)
         return self.cache.preprocessing.normalize(x), self.targets[i]
 
 
@@ -185,7 +227,8 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, epoch = dataset_key(key)
         x = self.cache.pixels[i].float()
         norm = self.cache.preprocessing.normalize
-        return norm(self.augment(x)), norm(self.augment(x))
+        return norm(augment_item(self.augment, x, epoch, i, 0)), norm(augment_item(self.augment, x, epoch, i, 1))

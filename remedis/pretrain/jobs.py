@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from remedis.config import RunConfig
-from remedis.data.dataset import ImageCache, LabeledDataset, TwoViewDataset, seed_loader_worker
+from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, TwoViewDataset, seed_loader_worker
 from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from remedis.models.external import load_external_weights
 from remedis.models.classifier import Classifier
@@ -20,17 +21,27 @@ from remedis.pretrain.monitor import KNNMonitor
 from remedis.pretrain.simclr import SimCLRModule
 from remedis.pretrain.supervised import ClassifierModule, class_weights
 from remedis.pretrain.transforms import FineTuneAugment, SimCLRAugment
-from remedis.training import make_trainer
+from remedis.training import fit_resumable, make_trainer
 
 log = logging.getLogger("remedis")
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=cfg.runtime.num_workers, generator=generator,
+    # Training loaders shuffle with EpochSampler: order and augmentations are functions of (seed, epoch),
+    # which is what makes a resumed stage equal an uninterrupted one.
+    sampler = EpochSampler(len(dataset), cfg.seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=cfg.runtime.num_workers,
                       persistent_workers=cfg.runtime.num_workers > 0,
                       worker_init_fn=seed_loader_worker if cfg.runtime.num_workers > 0 else None)
+
+
+def resume_file(output: Path, stage_key: str | None) -> Path | None:
+    """runs/x/backbones/<stage> -> runs/x/backbones/.<stage>-<key>.resume.ckpt (the per-epoch training
+    state of an unfinished stage; keyed so a changed config never resumes from a stale state)."""
+    if not stage_key:
+        return None
+    return Path(output).parent / f".{Path(output).name}-{stage_key[:16]}.resume.ckpt"
 
 
 def _log_dir(output: Path) -> Path:
@@ -54,6 +65,9 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
                      stage_key: str | None = None) -> Path:
     """Supervised upstream pretraining on labeled source images; writes a backbone checkpoint."""
     sc = cfg.pretrain.supervised
+    # Each stage starts from the seed, not from whatever RNG state earlier stages left: a pipeline
+    # that resumes after (or reuses) a finished stage then builds the same initial weights.
+    L.seed_everything(cfg.seed, verbose=False)
     model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
     if cfg.model.weights:  # start the upstream stage from external (e.g. ImageNet BiT) weights
         load_external_weights(model.backbone, cfg.model.weights)
@@ -61,9 +75,11 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
     module = ClassifierModule(model, lr=sc.lr, weight_decay=sc.weight_decay,
                               class_weights=class_weights(train_ds.targets, len(class_names)),
                               label_smoothing=sc.label_smoothing, positive_index=positive_index)
-    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, log_dir=_log_dir(output))
-    trainer.fit(module, _loader(train_ds, sc.batch_size, True, cfg, drop_last=len(train_ds) > sc.batch_size),
-                _loader(LabeledDataset(val, class_names), 256, False, cfg))
+    resume = resume_file(output, stage_key)
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, log_dir=_log_dir(output),
+                           resume_file=resume)
+    fit_resumable(trainer, module, _loader(train_ds, sc.batch_size, True, cfg, drop_last=len(train_ds) > sc.batch_size),
+                  _loader(LabeledDataset(val, class_names), 256, False, cfg), resume_file=resume)
     module.load_best()
     history = [{"stage": "supervised", "manifest_sha256": manifest_sha256, "sites": sorted({r.site for r in train.records}),
                 "images": len(train), "class_names": class_names, "epochs": module.history}]
@@ -79,6 +95,7 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, outpu
                  monitor: KNNMonitor | None = None) -> Path:
     """SimCLR on unlabeled images (labels ignored), starting from `init` (the supervised backbone)."""
     sc = cfg.pretrain.simclr
+    L.seed_everything(cfg.seed, verbose=False)  # see train_supervised
     backbone = create_backbone(cfg.model.backbone, cfg.model.in_chans)
     stage_history: list[dict] = []
     if init is not None:
@@ -96,8 +113,10 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, outpu
     if monitor is not None:
         before = monitor.measure(backbone)
         log.info("kNN monitor: AUROC %.3f before SimCLR", before)
-    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, callbacks, log_dir=_log_dir(output))
-    trainer.fit(module, _loader(dataset, batch, True, cfg, drop_last=True))
+    resume = resume_file(output, stage_key)
+    trainer = make_trainer(cfg.runtime, sc.epochs, sc.max_steps_per_epoch, progress, callbacks, log_dir=_log_dir(output),
+                           resume_file=resume)
+    fit_resumable(trainer, module, _loader(dataset, batch, True, cfg, drop_last=True), resume_file=resume)
     for record, value in zip(module.history, monitor.history if monitor is not None else []):
         record["knn_auroc"] = value
     stage_history.append({"stage": "simclr", "manifest_sha256": manifest_sha256,

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from remedis.data.dataset import ImageCache
+from remedis.data.dataset import ImageCache, augment_item, dataset_key, item_seed
 
 
 class MICLeDataset(Dataset):
@@ -29,20 +29,26 @@ class MICLeDataset(Dataset):
         for i, r in enumerate(cache.records):
             groups[(r.site, r.patient_id)].append(i)
         self.partners = [groups[(r.site, r.patient_id)] for r in cache.records]
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
     @property
     def multi_image_fraction(self) -> float:
         return float(np.mean([len(p) > 1 for p in self.partners])) if self.partners else 0.0
 
-    def partner(self, i: int) -> int:
+    def partner(self, i: int, epoch: int | None = None) -> int:
         others = [j for j in self.partners[i] if j != i]
-        return int(self.rng.choice(others)) if others else i
+        if not others:
+            return i
+        rng = self.rng if epoch is None else np.random.default_rng(item_seed(self.seed, epoch, i))
+        return int(rng.choice(others))
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int):
-        j = self.partner(i)
+    def __getitem__(self, key):
+        i, epoch = dataset_key(key)
+        j = self.partner(i, epoch)
         norm = self.cache.preprocessing.normalize
-        return norm(self.augment(self.cache.pixels[i].float())), norm(self.augment(self.cache.pixels[j].float()))
+        return (norm(augment_item(self.augment, self.cache.pixels[i].float(), epoch, i, 0)),
+                norm(augment_item(self.augment, self.cache.pixels[j].float(), epoch, i, 1)))

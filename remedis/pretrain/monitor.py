@@ -60,6 +60,12 @@ class KNNMonitor(L.Callback):
                             self.num_classes, self.k)
         return auroc(self.query_targets, scores, self.positive_index)
 
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         value = self.measure(pl_module.backbone)
         self.history.append(value)  # merged into the stage history by the job (callbacks run before the module's hook)

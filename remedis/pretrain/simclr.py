@@ -51,6 +51,12 @@ class SimCLRModule(L.LightningModule):
         self.log("nt_xent", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["remedis"] = {"history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("remedis", {}).get("history", []))
+
     def on_train_epoch_end(self) -> None:
         self.history.append({"epoch": int(self.current_epoch), "nt_xent": float(np.mean(self._losses))})
         self._losses.clear()

@@ -51,6 +51,16 @@ class ClassifierModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.model.to(memory_format=torch.channels_last)
 
+    # The epoch resume file (remedis.training.EpochCheckpoint) carries what lives outside the weights.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["remedis"] = {"history": self.history, "best_metric": self.best_metric, "best_state": self.best_state}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("remedis", {})
+        self.history = list(state.get("history", []))
+        self.best_metric = state.get("best_metric", -math.inf)
+        self.best_state = state.get("best_state")
+
     def on_train_epoch_start(self) -> None:
         for m in self.frozen:
             m.eval()

@@ -38,8 +38,11 @@ class _Recipe:
         out = self.transform(x)
         return torch.as_tensor(out).clamp_(0.0, 1.0)
 
+    seed: int = 0
+
     def reseed(self, seed: int) -> None:
-        """Restart the random stream (DataLoader workers each get their own, see `seed_loader_worker`)."""
+        """Restart the random stream (DataLoader workers each get their own, see `seed_loader_worker`;
+        training datasets reseed per (epoch, image), see `remedis.data.dataset.item_seed`)."""
         self.transform.set_random_state(seed % 2**32)
 
 
@@ -60,6 +63,7 @@ class SimCLRAugment(_Recipe):
             RandGaussianNoise(prob=0.3, std=0.03 * strength),
         ])
         self.transform.set_random_state(seed)
+        self.seed = seed
 
 
 class FineTuneAugment(_Recipe):
@@ -75,3 +79,4 @@ class FineTuneAugment(_Recipe):
             RandScaleIntensity(factors=0.1, prob=0.5),
         ])
         self.transform.set_random_state(seed)
+        self.seed = seed
