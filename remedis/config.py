@@ -79,6 +79,10 @@ class SimCLRConfig:
     projection_dim: int = 128
     min_crop_scale: float = 0.5  # random resized crop keeps 50-100% of the side
     micle: bool = True  # positives from two different images of one patient when the patient has several
+    projection_layers: int = 2  # MLP projection head depth (SimCLR v1: 2, SimCLR v2: 3)
+    optimizer: str = "adamw"  # "adamw" or "lars" (SimCLR's; lr is then the LARS base lr, e.g. 0.3 * batch / 256)
+    hist_eq_prob: float = 0.0  # probability of histogram equalisation per view
+    elastic_prob: float = 0.0  # probability of an elastic deformation per view
     max_steps_per_epoch: int | None = None
 
 
@@ -187,6 +191,14 @@ class RunConfig:
                           *((f"data.site_split_fractions.{k}", v) for k, v in self.data.site_split_fractions.items())]:
             if len(fr) != 3 or abs(sum(fr) - 1.0) > 1e-6 or min(fr) < 0:
                 raise ConfigError(f"{where}: need three non-negative fractions (train, val, test) summing to 1, got {fr}")
+        sim = self.pretrain.simclr
+        if sim.optimizer not in ("adamw", "lars"):
+            raise ConfigError(f"pretrain.simclr.optimizer: expected 'adamw' or 'lars', got {sim.optimizer!r}")
+        if sim.projection_layers < 1:
+            raise ConfigError(f"pretrain.simclr.projection_layers: must be >= 1, got {sim.projection_layers}")
+        for key in ("hist_eq_prob", "elastic_prob"):
+            if not 0.0 <= getattr(sim, key) <= 1.0:
+                raise ConfigError(f"pretrain.simclr.{key}: must be in [0, 1], got {getattr(sim, key)}")
         for f in self.adapt.fractions:
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"adapt.fractions: {f} is not in (0, 1]")

@@ -103,8 +103,9 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache, init: Path | None, outpu
         load_matching(backbone, state, str(init))
         stage_history = list(meta.get("stage_history", []))
     module = SimCLRModule(backbone, temperature=sc.temperature, projection_dim=sc.projection_dim, lr=sc.lr,
-                          weight_decay=sc.weight_decay)
-    aug = SimCLRAugment(cfg.data.image_size, sc.min_crop_scale, seed=cfg.seed)
+                          weight_decay=sc.weight_decay, projection_layers=sc.projection_layers, optimizer=sc.optimizer)
+    aug = SimCLRAugment(cfg.data.image_size, sc.min_crop_scale, seed=cfg.seed, hist_eq_prob=sc.hist_eq_prob,
+                        elastic_prob=sc.elastic_prob)
     batch = min(sc.batch_size, len(unlabeled))
     dataset = MICLeDataset(unlabeled, aug, seed=cfg.seed) if sc.micle else TwoViewDataset(unlabeled, aug)
     if sc.micle:

@@ -23,15 +23,28 @@ from remedis.pretrain.heads import ProjectionHead
 from remedis.pretrain.losses import NTXentLoss
 
 
+def lars(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's LARS as SimCLR uses it: momentum 0.9; biases and normalisation parameters get neither
+    weight decay nor the layer-wise trust ratio (timm adapts only groups with weight decay)."""
+    from timm.optim import Lars
+
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+    return Lars([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=lr, momentum=0.9)
+
+
 class SimCLRModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, temperature: float = 0.1, projection_dim: int = 128,
-                 lr: float = 5e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.1):
+                 lr: float = 5e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.1,
+                 projection_layers: int = 2, optimizer: str = "adamw"):
         super().__init__()
         self.backbone = backbone
         dim = embedding_dim(backbone)
-        self.projection = ProjectionHead(dim, dim, projection_dim)
+        self.projection = ProjectionHead(dim, dim, projection_dim, num_layers=projection_layers)
         self.criterion = NTXentLoss(temperature)
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
+        self.optimizer_name = optimizer
         self.history: list[dict] = []
         self._losses: list[float] = []
 
@@ -62,7 +75,10 @@ class SimCLRModule(L.LightningModule):
         self._losses.clear()
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "lars":
+            opt = lars(self, self.lr, self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.warmup_fraction * total))
 

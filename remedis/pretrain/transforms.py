@@ -18,6 +18,10 @@ import torch
 from monai.data import set_track_meta
 from monai.transforms import (
     Compose,
+    HistogramNormalize,
+    Identity,
+    OneOf,
+    Rand2DElastic,
     RandAdjustContrast,
     RandFlip,
     RandGaussianNoise,
@@ -47,11 +51,20 @@ class _Recipe:
 
 
 class SimCLRAugment(_Recipe):
-    """Random resized crop, flip, rotation, gamma/contrast/brightness, blur and noise (strong views)."""
+    """Random resized crop, flip, rotation, gamma/contrast/brightness, blur and noise (strong views);
+    optionally histogram equalisation and elastic deformation (off by default; `*_prob` > 0 enables)."""
 
-    def __init__(self, image_size: int, min_crop_scale: float = 0.5, seed: int = 0, strength: float = 1.0):
+    def __init__(self, image_size: int, min_crop_scale: float = 0.5, seed: int = 0, strength: float = 1.0,
+                 hist_eq_prob: float = 0.0, elastic_prob: float = 0.0):
         s = image_size
-        self.transform = Compose([
+        optional = []
+        if hist_eq_prob > 0:
+            optional.append(OneOf([HistogramNormalize(num_bins=256, min=0, max=1), Identity()],
+                                  weights=[hist_eq_prob, 1 - hist_eq_prob]))
+        if elastic_prob > 0:
+            optional.append(Rand2DElastic(spacing=max(4, s // 4), magnitude_range=(0.5, 1.5), prob=elastic_prob,
+                                          padding_mode="zeros"))
+        self.transform = Compose([*optional,
             RandSpatialCrop(roi_size=max(8, int(min_crop_scale * s)), max_roi_size=s, random_size=True),
             Resize((s, s), mode="bilinear", anti_aliasing=False),
             RandFlip(prob=0.5, spatial_axis=1),
