@@ -239,7 +239,13 @@ def read_dicom_bytes(data: bytes, name: str = "<dicom>", *, window: Any = "auto"
     """Decode a DICOM file; see the module docstring. Raises DicomError (one line, no file name)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # odd-but-readable values warn on every access in pydicom
-        return _read(data, window, frame, channels, max_pixels)
+        try:
+            return _read(data, window, frame, channels, max_pixels)
+        except (DicomError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses elements lazily: a damaged one (unknown VR, bad length)
+            # raises on first access, anywhere above; it is a bad file, not a crash (found by fuzzing)
+            raise DicomError(f"malformed DICOM element ({_one_line(exc)})") from None
 
 
 def _read(data: bytes, window: Any, frame: int | str, channels: int, max_pixels: int) -> np.ndarray:
