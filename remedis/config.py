@@ -111,6 +111,11 @@ class AdaptConfig:
     wise_alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     operating_sensitivity: float = 0.9  # the stored operating point: threshold for this validation sensitivity
     max_steps_per_epoch: int | None = None
+    # Distillation (SimCLRv2): each REMEDIS-adapted model teaches a small student on all of the target
+    # site's train images (labels unused), reported next to its teacher as "<teacher>-student-<arch>".
+    distill_student: str | None = None  # e.g. resnet18; None = off
+    distill_epochs: int = 20
+    distill_temperature: float = 1.0
 
 
 @dataclass

@@ -212,6 +212,10 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
                            "temperature": adapted.temperature,
                            "sites": evaluate_model(adapted, test, class_names, positive_index, cfg)})
 
+    if cfg.adapt.distill_student:
+        models += distill_stage(cfg, result, models, part(tgt, "train"), target_val, test, class_names, positive_index,
+                                data_key, progress)
+
     roles = {s: "source" if s == src else "target" if s == tgt else "ood" for s in manifest.sites()}
     sites = {s: {"role": roles[s], "test_images": sum(r.site == s for r in test.records),
                  "test_patients": len({r.patient_id for r in test.records if r.site == s})} for s in manifest.sites()}
@@ -222,9 +226,10 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
     for m in models:  # full evaluation; also fits and stores each model's OOD detector
         log.info("[4/5 evaluate] %s: CIs, calibration, OOD detection, CKA", m["name"])
         chosen = {r.image for r in budget_subset(target_train.records, m["fraction"], seed=cfg.seed)}
+        before = None if m.get("distilled") else inits[m["backbone"]]
         inputs = EvalInputs(test=test, target_site=tgt, roles=roles, train=target_train.subset(lambda r: r.image in chosen),
                             val=target_val, far_ood=far_ood, subgroups=list(ev.subgroups),
-                            backbone_before=load_backbone_before(inits[m["backbone"]], cfg.model.backbone, cfg.model.in_chans),
+                            backbone_before=load_backbone_before(before, cfg.model.backbone, cfg.model.in_chans),
                             ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
                             operating_sensitivity=getattr(cfg.adapt, "operating_sensitivity", 0.9),
                             noise_images=ev.noise_images, cka_images=ev.cka_images)
@@ -246,6 +251,36 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
         log.info("[5/5 serve] model %s, bento %s", result.model_tag, result.bento_tag)
     result.seconds = time.time() - start
     return result
+
+
+def distill_stage(cfg: RunConfig, result: RunResult, models: list[dict], site_images: ImageCache, val: ImageCache,
+                  test: ImageCache, class_names: list[str], positive_index: int, data_key, progress: bool) -> list[dict]:
+    """Distil every REMEDIS-adapted model into `adapt.distill_student` on all target-site train images."""
+    from remedis.adapt.distill import distill
+    from remedis.models.checkpoint import read_meta as read_folder_meta
+
+    ac, out = cfg.adapt, []
+    for m in [m for m in models if m["backbone"] == "remedis"]:
+        teacher_folder = result.adapted[m["name"]]
+        name = f"{m['name']}-student-{ac.distill_student}"
+        folder = result.output / "adapted" / name
+        key = stage_key("distill", data_key, ac.distill_student, ac.distill_epochs, ac.distill_temperature,
+                        read_folder_meta(teacher_folder)["weights_sha256"])
+        if reusable(folder, key):
+            student = AdaptedModel.load(folder)
+        else:
+            log.info("[3/5 adapt] distilling %s into %s on %d %s images", m["name"], ac.distill_student,
+                     len(site_images), cfg.data.target_site)
+            student = distill(AdaptedModel.load(teacher_folder), site_images, val, ac.distill_student,
+                              epochs=ac.distill_epochs, temperature=ac.distill_temperature, runtime=cfg.runtime,
+                              seed=cfg.seed, sensitivity=ac.operating_sensitivity, progress=progress)
+            student.provenance = {**student.provenance, "stage_key": key, "teacher": m["name"]}
+            student.save(folder)
+        result.adapted[name] = folder
+        out.append({"name": name, "backbone": "remedis-student", "fraction": m["fraction"],
+                    "train_images": m["train_images"], "temperature": student.temperature, "distilled": True,
+                    "sites": evaluate_model(student, test, class_names, positive_index, cfg)})
+    return out
 
 
 def _parse_serve_model(spec: str) -> tuple[str, float]:

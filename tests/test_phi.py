@@ -2,7 +2,7 @@
 
 DICOMs carry PatientName, PatientID, PatientBirthDate, AccessionNumber and InstitutionName. They are
 indexed (`remedis data index`, which pseudonymises PatientID with a salted HMAC) and run through every
-stage; then the manifest, every file of the run folder (reports, checkpoint metadata, weights, logs)
+stage (distillation included); then the manifest, every file of the run folder (reports, checkpoint metadata, weights, logs)
 and the console output are scanned byte by byte for each planted value.
 """
 
@@ -53,14 +53,15 @@ def test_planted_identifiers_appear_nowhere(tmp_path):
 data: {{manifest: {manifest}, source_site: VendorA, target_site: VendorB, image_size: 32}}
 model: {{backbone: resnet18}}
 pretrain: {{supervised: {{epochs: 1, batch_size: 16}}, simclr: {{epochs: 1, batch_size: 16}}}}
-adapt: {{fractions: [1.0], backbones: [remedis], epochs: 1, batch_size: 8}}
+adapt: {{fractions: [1.0], backbones: [remedis], epochs: 1, batch_size: 8, distill_student: resnet18, distill_epochs: 1}}
 evaluate: {{bootstrap: 10}}
 serve: {{model: remedis@1.0, build: false}}
 """)
     run = subprocess.run([sys.executable, "-m", "remedis.cli", "run", str(config), "-o", str(tmp_path / "run"), "--quiet"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "run" / "report.json").is_file()
+    report = (tmp_path / "run" / "report.json").read_text()
+    assert '"remedis@1-student-resnet18"' in report  # the distilled student went through every stage too
     scanned = [manifest, *[p for p in (tmp_path / "run").rglob("*") if p.is_file()]]
     assert len(scanned) > 10
     blobs = {str(p): p.read_bytes() for p in scanned}

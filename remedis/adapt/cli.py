@@ -96,6 +96,20 @@ def cmd_adapt(args) -> int:
                        "train_images": len(part), "temperature": adapted.temperature,
                        "sites": evaluate_model(adapted, test, class_names, positive_index, cfg)})
         print(f"{name}: {len(part)} labels, test AUROC {models[-1]['sites'][site]['auroc']}, model {folder}")
+        student_arch = args.distill or cfg.adapt.distill_student
+        if student_arch:  # the site's train images, labeled or not, teach a small serving model
+            from remedis.adapt.distill import distill
+
+            site_images = cache.subset(lambda r: r.split == "train")
+            student = distill(adapted, site_images, val, student_arch, epochs=cfg.adapt.distill_epochs,
+                              temperature=cfg.adapt.distill_temperature, runtime=cfg.runtime, seed=cfg.seed,
+                              sensitivity=cfg.adapt.operating_sensitivity, progress=not args.quiet)
+            student_folder = student.save(output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}")
+            models.append({"name": f"{name}-student-{student_arch}", "backbone": f"{Path(args.backbone).name}-student",
+                           "fraction": fraction, "train_images": len(part), "temperature": student.temperature,
+                           "sites": evaluate_model(student, test, class_names, positive_index, cfg)})
+            print(f"{name} -> {student_arch} student ({len(site_images)} images): test AUROC "
+                  f"{models[-1]['sites'][site]['auroc']}, model {student_folder}")
     sites = {site: {"role": "target", "test_images": len(test), "test_patients": len({r.patient_id for r in test.records})}}
     provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": meta.get("weights_sha256"), "seed": cfg.seed,
                   "class_names": class_names, "positive_class": positive, "skipped_images": len(cache.failures)}
@@ -112,5 +126,7 @@ def register(sub) -> None:
     a.add_argument("--output", "-o", required=True)
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
     a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
+    a.add_argument("--distill", default=None, metavar="ARCH",
+                   help="also distil each adapted model into a small student (e.g. resnet18) on all site train images")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_adapt)

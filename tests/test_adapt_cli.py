@@ -1,0 +1,42 @@
+"""`remedis adapt` end to end on synthetic data: budget sweep, one model folder per budget, a report,
+and distillation of each adapted model into a small student."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from remedis.cli import main
+from remedis.config import RunConfig
+from remedis.data.preprocess import Preprocessing
+from remedis.data.synthetic import SyntheticSpec, generate_synthetic
+from remedis.models.backbones import create_backbone
+from remedis.models.checkpoint import read_meta, save_checkpoint
+from remedis.pretrain.jobs import backbone_meta
+
+
+def test_adapt_sweep_with_distillation(tmp_path, capsys):
+    manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=30, max_images_per_patient=2, image_size=40))
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
+                      "adapt: {epochs: 1, batch_size: 16, distill_epochs: 1}\nserve: {model: remedis@1.0, build: false}\n")
+    cfg = RunConfig.from_yaml(config)
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", 1)
+    save_checkpoint(tmp_path / "backbone", backbone.state_dict(), backbone_meta(cfg, Preprocessing(32, 1), []))
+
+    code = main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",
+                 "--budget", "25%,100%", "--output", str(tmp_path / "out"), "--config", str(config), "--distill", "resnet18",
+                 "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["backbone@25%", "backbone@25%-student-resnet18", "backbone@100%", "backbone@100%-student-resnet18"]
+    small, full = report["models"][0], report["models"][2]
+    assert small["train_images"] < full["train_images"]
+    for m in report["models"]:
+        assert 0.0 <= m["sites"]["site-B"]["auroc"] <= 1.0
+    student = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct-student-resnet18")
+    assert student["provenance"]["distilled_from"] == "resnet18" and student["provenance"]["distill_images"] > full["train_images"] - 1
+    assert "student (" in capsys.readouterr().out
