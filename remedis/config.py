@@ -151,6 +151,12 @@ class RuntimeConfig:
     accelerator: str = "auto"  # "cpu", "gpu" or "auto"
     num_workers: int = 0  # DataLoader workers; data is cached in memory so 0 is usually best
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # Data-parallel training (Lightning DDP; gloo on CPU, NCCL on GPU). SimCLR gathers embeddings across
+    # processes, so negatives come from the global batch (batch_size x devices x num_nodes), and on GPUs
+    # BatchNorm is synchronised: the loss equals a one-process run on the same global batch (on CPU,
+    # torch has no SyncBatchNorm: exact with GroupNorm backbones and a 1-layer projection head).
+    devices: int = 1
+    num_nodes: int = 1
 
 
 @dataclass

@@ -95,11 +95,20 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(save_dir=str(log_dir), name="", version="")
+    world = runtime.devices * runtime.num_nodes
+    strategy = "auto"
+    if world > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="nccl" if accelerator(runtime) == "gpu" else "gloo")
     return L.Trainer(
         max_epochs=epochs,
+        strategy=strategy,
+        sync_batchnorm=world > 1 and accelerator(runtime) == "gpu",  # torch has no CPU SyncBatchNorm
         limit_train_batches=max_steps_per_epoch if max_steps_per_epoch else 1.0,
         accelerator=accelerator(runtime),
-        devices=1,
+        devices=runtime.devices,
+        num_nodes=runtime.num_nodes,
         precision="bf16-mixed" if runtime.precision == "bf16" else "32-true",
         logger=logger,
         log_every_n_steps=1,  # epochs here are short; every step goes to metrics.csv

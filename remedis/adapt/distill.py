@@ -43,7 +43,9 @@ class DistillModule(L.LightningModule):
         self.student, self.temperature, self.lr, self.weight_decay = student, temperature, lr, weight_decay
         self.losses: list[float] = []
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # channels_last before the strategy wraps the model: converting after DDP has built its gradient
+        # buckets gave wrong averaged gradients (tests/test_ddp.py)
         self.student.to(memory_format=torch.channels_last)
 
     def training_step(self, batch, batch_idx):

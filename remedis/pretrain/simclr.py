@@ -48,7 +48,9 @@ class SimCLRModule(L.LightningModule):
         self.history: list[dict] = []
         self._losses: list[float] = []
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # channels_last before the strategy wraps the model: converting after DDP has built its gradient
+        # buckets gave wrong averaged gradients (tests/test_ddp.py)
         self.backbone.to(memory_format=torch.channels_last)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,12 @@ class SimCLRModule(L.LightningModule):
         v1, v2 = batch
         z = self.project(torch.cat([v1, v2]))  # one forward pass for both views: BatchNorm sees all 2N
         z1, z2 = z.float().chunk(2)
+        if self.trainer.world_size > 1:
+            # Negatives from the global batch: all_gather keeps the gradient path to every process's
+            # embeddings, and DDP's gradient average then equals the one-process gradient.
+            from torch.distributed.nn.functional import all_gather
+
+            z1, z2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
         loss = self.criterion(z1, z2)
         self._losses.append(loss.detach().item())
         self.log("nt_xent", loss, prog_bar=True, on_step=True, on_epoch=False)

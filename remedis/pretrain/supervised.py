@@ -48,7 +48,9 @@ class ClassifierModule(L.LightningModule):
         self._val_targets: list[torch.Tensor] = []
         self._train_loss: list[float] = []
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # channels_last before the strategy wraps the model: converting after DDP has built its gradient
+        # buckets gave wrong averaged gradients (tests/test_ddp.py)
         self.model.to(memory_format=torch.channels_last)
 
     # The epoch resume file (remedis.training.EpochCheckpoint) carries what lives outside the weights.
@@ -85,8 +87,11 @@ class ClassifierModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_probs:
             return
-        probs = torch.cat(self._val_probs).numpy()
-        targets = torch.cat(self._val_targets).numpy()
+        probs, targets = torch.cat(self._val_probs), torch.cat(self._val_targets)
+        if self.trainer.world_size > 1:  # DDP: every process scores the whole validation split
+            probs = self.all_gather(probs.to(self.device)).flatten(0, 1).cpu()
+            targets = self.all_gather(targets.to(self.device)).flatten(0, 1).cpu()
+        probs, targets = probs.numpy(), targets.numpy()
         self._val_probs.clear()
         self._val_targets.clear()
         val_auroc = auroc(targets, probs, self.positive_index)
