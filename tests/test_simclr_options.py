@@ -17,18 +17,20 @@ def test_projection_head_depth():
 
 
 def test_lars_excludes_biases_and_norms_and_matches_the_lars_rule():
+    torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     opt = lars(module, lr=0.5, weight_decay=1e-2)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 1e-2 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(module[0].weight)}
-    # one step from zero momentum, by hand: g' = g + wd*w; trust = 0.001*|w|/|g'|; update = lr*trust*g'
+    # one step from zero momentum, by hand (You et al. 2017): trust = 0.001*|w| / (|g| + wd*|w|);
+    # update = lr * trust * (g + wd*w)
     w = module[0].weight.detach().clone()
     module(torch.randn(8, 4)).pow(2).sum().backward()
-    g = module[0].weight.grad.detach().clone() + 1e-2 * w
-    trust = 0.001 * w.norm() / g.norm()
+    g = module[0].weight.grad.detach().clone()
+    trust = 0.001 * w.norm() / (g.norm() + 1e-2 * w.norm())
     opt.step()
-    torch.testing.assert_close(module[0].weight.detach(), w - 0.5 * trust * g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(module[0].weight.detach(), w - 0.5 * trust * (g + 1e-2 * w), rtol=1e-5, atol=1e-7)
 
 
 def test_simclr_step_with_lars_and_three_layer_head():
