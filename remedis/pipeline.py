@@ -56,6 +56,32 @@ class RunResult:
     seconds: float = 0.0
 
 
+MIN_FREE_BYTES = 512 * 1024**2  # a run writes checkpoints, resume states and reports: refuse to start below this
+
+
+def check_output_folder(output: str | Path, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Create the run folder and prove it is writable with room to spare, before any work starts:
+    a job that would die at its first checkpoint should fail now, with the reason."""
+    import os
+    import shutil
+    import tempfile
+
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-check-") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ValueError(f"output folder {output}: cannot write there ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(output).free
+    if free < min_free_bytes:
+        raise ValueError(f"output folder {output}: only {free / 1024**2:.0f} MiB free on its disk "
+                         f"(a run needs at least {min_free_bytes / 1024**2:.0f} MiB)")
+    return output
+
+
 def model_name(backbone: str, fraction: float) -> str:
     return f"{backbone}@{fraction:g}"
 
@@ -145,8 +171,7 @@ def reusable(folder: Path, key: str) -> bool:
 
 def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, build: bool | None = None) -> RunResult:
     start = time.time()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = check_output_folder(output)
     setup_runtime(cfg.runtime, cfg.seed)
     (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -48,7 +48,7 @@ def cmd_adapt(args) -> int:
     from remedis.data.splits import assign_splits, budget_subset
     from remedis.evaluate.report import build_report, write_report
     from remedis.models.checkpoint import read_meta
-    from remedis.pipeline import evaluate_model
+    from remedis.pipeline import check_output_folder, evaluate_model
     from remedis.training import setup_runtime
 
     budgets = [(text.strip(), parse_budget(text)) for text in args.budget.split(",")]  # fail before any work
@@ -60,7 +60,7 @@ def cmd_adapt(args) -> int:
     cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
     cfg.data = replace(cfg.data, image_size=pre.image_size)
     setup_runtime(cfg.runtime, cfg.seed)
-    output = Path(args.output)
+    output = check_output_folder(args.output)
 
     manifest = read_manifest(args.manifest)
     site = args.site or (manifest.sites()[0] if len(manifest.sites()) == 1 else None)
