@@ -157,6 +157,7 @@ class RuntimeConfig:
     # torch has no SyncBatchNorm: exact with GroupNorm backbones and a 1-layer projection head).
     devices: int = 1
     num_nodes: int = 1
+    logger: str = "csv"  # training metrics: "csv" (logs/<stage>/metrics.csv), "tensorboard" or "mlflow" (file store in logs/)
 
 
 @dataclass
@@ -202,6 +203,8 @@ class RunConfig:
                           *((f"data.site_split_fractions.{k}", v) for k, v in self.data.site_split_fractions.items())]:
             if len(fr) != 3 or abs(sum(fr) - 1.0) > 1e-6 or min(fr) < 0:
                 raise ConfigError(f"{where}: need three non-negative fractions (train, val, test) summing to 1, got {fr}")
+        if self.runtime.logger not in ("csv", "tensorboard", "mlflow"):
+            raise ConfigError(f"runtime.logger: expected csv, tensorboard or mlflow, got {self.runtime.logger!r}")
         sim = self.pretrain.simclr
         if sim.optimizer not in ("adamw", "lars"):
             raise ConfigError(f"pretrain.simclr.optimizer: expected 'adamw' or 'lars', got {sim.optimizer!r}")

@@ -82,6 +82,25 @@ def fit_resumable(trainer: L.Trainer, module: L.LightningModule, train_loader, v
         Path(resume_file).unlink(missing_ok=True)
 
 
+def make_logger(kind: str, log_dir: str | Path):
+    """Lightning logger for a stage's metrics. TensorBoard and MLflow are optional installs."""
+    from lightning.pytorch import loggers
+
+    log_dir = Path(log_dir)
+    if kind == "csv":
+        return loggers.CSVLogger(save_dir=str(log_dir), name="", version="")
+    try:
+        if kind == "tensorboard":
+            return loggers.TensorBoardLogger(save_dir=str(log_dir), name="", version="")
+        if kind == "mlflow":
+            # a local file store beside the stage's logs (no server, nothing leaves the machine)
+            return loggers.MLFlowLogger(experiment_name="remedis", run_name=log_dir.name,
+                                        tracking_uri=(log_dir.parent / "mlruns").resolve().as_uri())
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"runtime.logger: {kind!r} needs the {kind!r} package (pip install {kind}): {exc}") from None
+    raise ValueError(f"runtime.logger: unknown logger {kind!r}")
+
+
 def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int | None = None,
                  progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None,
                  resume_file: str | Path | None = None) -> L.Trainer:
@@ -90,11 +109,7 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
     callbacks = list(callbacks or [])
     if resume_file is not None:
         callbacks.append(EpochCheckpoint(Path(resume_file)))
-    logger = False
-    if log_dir is not None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(save_dir=str(log_dir), name="", version="")
+    logger = make_logger(runtime.logger, log_dir) if log_dir is not None else False
     world = runtime.devices * runtime.num_nodes
     strategy = "auto"
     if world > 1:

@@ -74,3 +74,12 @@ def test_site_split_override_moves_only_that_site():
     share = lambda recs, site: sum(r.split == "train" for r in recs if r.site == site) / 200
     assert share(default, "A") == pytest.approx(0.6) and share(override, "A") == pytest.approx(0.8)
     assert [r.split for r in default if r.site == "B"] == [r.split for r in override if r.site == "B"]
+
+
+def test_training_loggers(tmp_path):
+    from remedis.training import make_logger
+
+    assert make_logger("csv", tmp_path / "a").__class__.__name__ == "CSVLogger"
+    assert make_logger("tensorboard", tmp_path / "b").__class__.__name__ == "TensorBoardLogger"
+    with pytest.raises(ConfigError, match="runtime.logger"):
+        RunConfig.from_yaml(write(tmp_path, "runtime: {logger: wandb}\n"))
