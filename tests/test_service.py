@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -360,8 +361,31 @@ def test_load_mixed_requests_lose_nothing_and_never_5xx(svc):
         with lock:
             statuses.append(code)
 
+    psutil = pytest.importorskip("psutil")
+
+    def server_rss() -> int:  # the whole `bentoml serve` tree: API and model workers
+        root = psutil.Process(svc["server"].proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    latencies: list[float] = []
+
+    def timed(i: int):
+        t0 = time.perf_counter()
+        call(i)
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(call, range(n)))
+        list(pool.map(timed, range(n // 2)))
+        warm = server_rss()
+        list(pool.map(timed, range(n // 2, n)))
+    grown = server_rss() - warm
     assert len(statuses) == n and -1 not in statuses
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     assert statuses.count(200) == sum(1 for i in range(n) if i % 5 != 4)
+    # memory flat over the second half (no per-request leak), and a bounded tail latency
+    assert grown < max(0.15 * warm, 64 * 1024**2), (warm, grown)
+    p99 = float(np.percentile(latencies, 99))
+    print(f"load: {n} requests, p50 {np.percentile(latencies, 50):.3f} s, p99 {p99:.3f} s, "
+          f"server RSS {warm / 1024**2:.0f} MiB -> +{grown / 1024**2:.1f} MiB")
+    assert p99 < 30.0
