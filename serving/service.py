@@ -142,7 +142,7 @@ def operating_threshold(meta: dict) -> float | None:
     return None if t is None else float(t)
 
 
-@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http={"host": SETTINGS.host})
 class RemedisService:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
     net = bentoml.depends(RemedisModel)

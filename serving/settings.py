@@ -66,6 +66,7 @@ class ServeSettings:
     warmup: bool = True
     workers: int = 1  # API (decode) workers
     timeout_s: float = 120.0
+    host: str = "127.0.0.1"  # where the API listens: loopback unless configured (0.0.0.0 in the container)
     modalities: list[str] = field(default_factory=list)  # DICOM Modality values the model expects; [] = any
     reject_other_modalities: bool = False  # false: a mismatch is reported in the answer, not refused
     resources: ResourceSettings = field(default_factory=ResourceSettings)
