@@ -389,3 +389,24 @@ def test_load_mixed_requests_lose_nothing_and_never_5xx(svc):
     print(f"load: {n} requests, p50 {np.percentile(latencies, 50):.3f} s, p99 {p99:.3f} s, "
           f"server RSS {warm / 1024**2:.0f} MiB -> +{grown / 1024**2:.1f} MiB")
     assert p99 < 30.0
+
+
+def test_corrupt_model_fails_readiness_with_a_clear_log_line(svc, tmp_path):
+    """A model whose weights no longer match their recorded hash is refused at start: the service never
+    reports ready (so no traffic reaches it) and the log says why."""
+    import shutil
+
+    from serving.local import LocalServer
+
+    home = tmp_path / "bentoml"
+    shutil.copytree(svc["tmp"] / "bentoml" / "models", home / "models")
+    name, version = svc["tag"].split(":")
+    weights = home / "models" / name / version / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    server = LocalServer(svc["tag"], home, startup_timeout=45)
+    with pytest.raises(RuntimeError) as failure:
+        server.start()
+    server.stop()
+    assert "hash does not match meta.json" in str(failure.value) + server.log_text()
