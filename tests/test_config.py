@@ -2,7 +2,7 @@ import pytest
 
 from remedis.config import ConfigError, RunConfig
 
-ROOT_CONFIGS = ["configs/quickstart.yaml"]
+ROOT_CONFIGS = ["configs/quickstart.yaml", "configs/smoke.yaml", "configs/breast_ultrasound.yaml", "configs/chest_xray.yaml"]
 
 
 def write(tmp_path, text):
