@@ -282,7 +282,6 @@ def distill_stage(cfg: RunConfig, result: RunResult, models: list[dict], site_im
                   test: ImageCache, class_names: list[str], positive_index: int, data_key, progress: bool) -> list[dict]:
     """Distil every REMEDIS-adapted model into `adapt.distill_student` on all target-site train images."""
     from remedis.adapt.distill import distill
-    from remedis.models.checkpoint import read_meta as read_folder_meta
 
     ac, out = cfg.adapt, []
     for m in [m for m in models if m["backbone"] == "remedis"]:
@@ -290,7 +289,7 @@ def distill_stage(cfg: RunConfig, result: RunResult, models: list[dict], site_im
         name = f"{m['name']}-student-{ac.distill_student}"
         folder = result.output / "adapted" / name
         key = stage_key("distill", data_key, ac.distill_student, ac.distill_epochs, ac.distill_temperature,
-                        read_folder_meta(teacher_folder)["weights_sha256"])
+                        read_meta(teacher_folder)["weights_sha256"])
         if reusable(folder, key):
             student = AdaptedModel.load(folder)
         else:

@@ -259,20 +259,29 @@ class RemedisService:
             raise UploadError(400, f"send exactly one file in field '{field}' (got {len(files)}); use predict_batch for more")
         return await self._prepare_async(*files[0])
 
+    async def _forward_one(self, ctx: bentoml.Context, route: str):
+        """The one upload in field `image` through the checks and the model: ((upload, output, warnings),
+        None), or (None, the error answer) for a client mistake or a model failure."""
+        try:
+            up, x, warnings = await self._one(ctx, "image")
+        except UploadError as exc:
+            log.info("%s: %d %s", route, exc.status, exc.reason)
+            return None, _error(ctx, exc.status, exc.reason, "image")
+        try:
+            out = await self._forward(x[None])
+        except bentoml.exceptions.BentoMLException as exc:
+            return None, self._model_failure(ctx, exc)
+        return (up, out, warnings), None
+
     # ---- endpoints ---------------------------------------------------------------------------------
 
     @bentoml.api(input_spec=ImageInput)
     async def predict(self, image: Path, ctx: bentoml.Context) -> dict:
         """Calibrated class probabilities, the label at the stored operating point and the OOD flag for one image."""
-        try:
-            up, x, warnings = await self._one(ctx, "image")
-        except UploadError as exc:
-            log.info("predict: %d %s", exc.status, exc.reason)
-            return _error(ctx, exc.status, exc.reason, "image")
-        try:
-            out = await self._forward(x[None])
-        except bentoml.exceptions.BentoMLException as exc:
-            return self._model_failure(ctx, exc)
+        done, failure = await self._forward_one(ctx, "predict")
+        if failure is not None:
+            return failure
+        up, out, warnings = done
         answer = self._answers(out)[0]
         return {**answer, "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
 
@@ -318,15 +327,10 @@ class RemedisService:
     @bentoml.api(input_spec=ImageInput)
     async def embed(self, image: Path, ctx: bentoml.Context) -> dict:
         """The backbone's pooled embedding of one image (for retrieval, clustering, downstream heads)."""
-        try:
-            up, x, warnings = await self._one(ctx, "image")
-        except UploadError as exc:
-            log.info("embed: %d %s", exc.status, exc.reason)
-            return _error(ctx, exc.status, exc.reason, "image")
-        try:
-            out = await self._forward(x[None])
-        except bentoml.exceptions.BentoMLException as exc:
-            return self._model_failure(ctx, exc)
+        done, failure = await self._forward_one(ctx, "embed")
+        if failure is not None:
+            return failure
+        up, out, warnings = done
         emb = out[0, len(self.class_names):]
         return {"embedding": [float(v) for v in emb], "dim": int(emb.shape[0]), "format": up.format,
                 "warnings": warnings, "model": self._model}
