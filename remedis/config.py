@@ -100,7 +100,9 @@ class AdaptConfig:
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 1e-4
-    mode: str = "full"  # "full", "partial" (train blocks after `fine_tune_after_block`) or "linear" (head only)
+    # "full", "partial" (train blocks after `fine_tune_after_block`), "linear" (head only) or "lp-ft"
+    # (full fine-tuning from a linear-probe head; the probe is kept as a sweep member)
+    mode: str = "full"
     fine_tune_after_block: int = -1  # partial: -1 trains all; k trains blocks after block k (0 = stem)
     backbone_lr_scale: float = 1.0  # discriminative learning rate: backbone lr = lr * scale
     label_smoothing: float = 0.0
@@ -216,8 +218,8 @@ class RunConfig:
         for f in self.adapt.fractions:
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"adapt.fractions: {f} is not in (0, 1]")
-        if self.adapt.mode not in ("full", "partial", "linear"):
-            raise ConfigError(f"adapt.mode: expected full, partial or linear, got {self.adapt.mode!r}")
+        if self.adapt.mode not in ("full", "partial", "linear", "lp-ft"):
+            raise ConfigError(f"adapt.mode: expected full, partial, linear or lp-ft, got {self.adapt.mode!r}")
         if self.adapt.soup not in ("best", "uniform", "greedy"):
             raise ConfigError(f"adapt.soup: expected best, uniform or greedy, got {self.adapt.soup!r}")
         for a in self.adapt.wise_alphas:

@@ -164,3 +164,56 @@ def test_knn_scores_match_brute_force():
         for s, b in sorted(sims, reverse=True)[:4]:
             votes[int(targets[b])] += np.exp(s / 0.1)
         assert np.allclose(got[q], votes / votes.sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_head_reproduces_the_sklearn_probe(classes):
+    """The scaler and (for two classes) sklearn's single logit are folded into one nn.Linear whose
+    softmax must equal the probe's predict_proba."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from remedis.adapt.linear_head import head_weights
+
+    rng = np.random.default_rng(classes)
+    y = np.arange(90) % classes
+    x = rng.normal(size=(90, 6)) * rng.uniform(0.1, 5, 6) + rng.normal(size=6) + y[:, None] * 0.7
+    scaler = StandardScaler().fit(x)
+    probe = LogisticRegression(C=0.5, max_iter=5000).fit(scaler.transform(x), y)
+    weight, bias = head_weights(scaler, probe, classes)
+    ours = torch.softmax(torch.from_numpy(x @ weight.T + bias), 1).numpy()
+    assert np.allclose(ours, probe.predict_proba(scaler.transform(x)), atol=1e-10)
+
+
+def bright_dark(n, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    pixels = (0.2 + 0.6 * labels[:, None, None, None] + 0.05 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
+    recs = [Record(Path(f"/x/{seed}-{i}.png"), ["benign", "malignant"][int(v)], "s", f"p{seed}-{i}") for i, v in enumerate(labels)]
+    return ImageCache(recs, pixels.half(), Preprocessing(size))
+
+
+def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
+    from remedis.adapt.finetune import fine_tune
+    from remedis.adapt.linear_head import fit_linear_head
+    from remedis.config import RunConfig
+
+    train, val, test = bright_dark(24), bright_dark(12, seed=1), bright_dark(12, seed=2)
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 2)
+    c, score = fit_linear_head(model, train, val, ["benign", "malignant"], 1)
+    assert score == 1.0 and c in (0.01, 0.1, 1.0)  # a random backbone still separates bright from dark
+    with torch.no_grad():
+        x = test.preprocessing.normalize(test.pixels.float())
+        model.eval()
+        assert (model(x).argmax(1) == torch.arange(12) % 2).all()
+
+    cfg = RunConfig()
+    cfg.data.image_size = 16
+    cfg.model.backbone = "resnet18"
+    cfg.adapt.mode, cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = "lp-ft", 1, 8, "fp32"
+    adapted, _ = fine_tune(cfg, None, train, val, ["benign", "malignant"], 1, progress=False)
+    prov = adapted.provenance
+    assert prov["mode"] == "lp-ft" and prov["linear_probe"]["val_auroc"] == 1.0
+    assert prov["sweep"][0]["lr"] == 0.0 and len(prov["sweep"]) == 2  # the probe + one fine-tuned member
+    assert prov["val_auroc"] == 1.0

@@ -2,7 +2,9 @@
 
 One call runs the whole adaptation recipe:
 1. a small sweep (`adapt.lr` plus `adapt.sweep_lrs`), each member fine-tuned with early selection on
-   the site's validation AUROC (full, partial or linear fine-tuning; class-weighted loss);
+   the site's validation AUROC (full, partial or linear fine-tuning, or LP-FT: full fine-tuning from a
+   logistic-regression head fitted on frozen embeddings, the probe itself kept as one more member;
+   class-weighted loss);
 2. the members combined by `adapt.soup` (best member, uniform or greedy soup);
 3. WiSE-FT: the backbone interpolated towards its initial weights, alpha chosen on validation;
 4. temperature scaling and the operating threshold (validation sensitivity `operating_sensitivity`).
@@ -27,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
+from remedis.adapt.linear_head import fit_linear_head
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
 from remedis.config import RunConfig
@@ -62,7 +65,7 @@ def check_adaptation_data(train: ImageCache, val: ImageCache, class_names: list[
 
 def _freeze(model: Classifier, mode: str, after_block: int) -> list[torch.nn.Module]:
     """Freeze backbone parts per `mode`; return the frozen modules (kept in eval mode)."""
-    if mode == "full" or (mode == "partial" and after_block < 0):
+    if mode in ("full", "lp-ft") or (mode == "partial" and after_block < 0):
         return []
     if mode == "linear":
         frozen = [model.backbone]
@@ -103,6 +106,19 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     weights = class_weights(train_ds.targets, len(class_names))
 
     members: list[SweepMember] = []
+    head_state, probe = None, {}
+    if ac.mode == "lp-ft":
+        # The probe: the initial backbone (random init included, as a baseline) plus a fitted head.
+        L.seed_everything(cfg.seed, verbose=False)
+        model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
+        if init_state is not None:
+            load_matching(model.backbone, init_state, str(backbone))
+        c, probe_auroc = fit_linear_head(model, train, val, class_names, positive_index)
+        head_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        probe = {"C": c, "val_auroc": probe_auroc}
+        log.info("adapt: linear probe head (C=%g) val AUROC %.3f", c, probe_auroc)
+        members.append(SweepMember(0.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, probe_auroc,
+                                   [{"epoch": -1, "val_auroc": probe_auroc, "linear_probe_C": c}]))
     for lr in [ac.lr, *ac.sweep_lrs]:
         if init_state is None:
             lr = lr * 3  # random init needs a larger step (the reference protocol uses 1e-3 vs 3e-4)
@@ -110,6 +126,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
         if init_state is not None:
             load_matching(model.backbone, init_state, str(backbone))
+        if head_state is not None:
+            model.head.load_state_dict(head_state)
         frozen = _freeze(model, ac.mode, ac.fine_tune_after_block)
         groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr * ac.backbone_lr_scale},
                   {"params": list(model.head.parameters()), "lr": lr}]
@@ -167,6 +185,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         "backbone_sha256": backbone_hash,
         "backbone_init": "random" if backbone is None else str(Path(backbone).name),
         "mode": ac.mode,
+        **({"linear_probe": probe} if probe else {}),
         "train_images": len(train),
         "val_images": len(val),
         "sweep": [{"lr": m.lr, "val_auroc": m.val_auroc, "history": m.history} for m in members],
