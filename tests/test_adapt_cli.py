@@ -28,7 +28,7 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
 
     code = main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",
                  "--budget", "25%,100%", "--output", str(tmp_path / "out"), "--config", str(config), "--distill", "resnet18",
-                 "--quiet"])
+                 "--set", "adapt.mode=lp-ft", "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     names = [m["name"] for m in report["models"]]
@@ -37,6 +37,16 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
     assert small["train_images"] < full["train_images"]
     for m in report["models"]:
         assert 0.0 <= m["sites"]["site-B"]["auroc"] <= 1.0
+    teacher = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct")["provenance"]
+    assert teacher["mode"] == "lp-ft" and teacher["sweep"][0]["lr"] == 0.0  # --set reached the recipe
     student = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct-student-resnet18")
     assert student["provenance"]["distilled_from"] == "resnet18" and student["provenance"]["distill_images"] > full["train_images"] - 1
     assert "student (" in capsys.readouterr().out
+
+
+def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):
+    code = main(["adapt", "--backbone", str(tmp_path / "missing"), "--manifest", "m.csv", "--output", str(tmp_path / "o"),
+                 "--set", "adapt.mode=deep"])
+    assert code == 2
+    assert "adapt.mode: expected full, partial, linear or lp-ft, got 'deep'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work

@@ -2,6 +2,7 @@
 
     remedis adapt --backbone runs/x/backbones/remedis --manifest site.csv --budget 10% --output runs/site-x
     remedis adapt --backbone ... --manifest site.csv --budget 1%,5%,10%,25%,100% --output runs/site-x   # a sweep
+    remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft             # overrides
 
 Splits the site's data by patient (unless the manifest has splits), takes the nested label budget(s),
 fine-tunes (sweep, soup, WiSE-FT, calibration as configured), and writes one adapted model folder per
@@ -52,7 +53,18 @@ def cmd_adapt(args) -> int:
     from remedis.training import setup_runtime
 
     budgets = [(text.strip(), parse_budget(text)) for text in args.budget.split(",")]  # fail before any work
-    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    if args.config:
+        cfg = RunConfig.from_yaml(args.config, args.set)
+    else:
+        cfg = RunConfig()
+        if args.set:  # overrides on the defaults, checked like a file
+            from remedis.config import apply_override, from_dict
+
+            raw: dict = {}
+            for item in args.set:
+                apply_override(raw, item)
+            cfg = from_dict(RunConfig, raw)
+            cfg.validate()
     meta = read_meta(args.backbone)
     if meta.get("kind") != "backbone":
         raise ConfigError(f"{args.backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
@@ -126,6 +138,8 @@ def register(sub) -> None:
     a.add_argument("--output", "-o", required=True)
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
     a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set adapt.mode=lp-ft (repeatable)")
     a.add_argument("--distill", default=None, metavar="ARCH",
                    help="also distil each adapted model into a small student (e.g. resnet18) on all site train images")
     a.add_argument("--quiet", action="store_true")
