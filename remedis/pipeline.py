@@ -35,6 +35,7 @@ from remedis.data.manifest import Manifest, read_manifest, write_manifest
 from remedis.data.preprocess import Preprocessing
 from remedis.data.splits import assign_splits, budget_subset
 from remedis.data.synthetic import DEFAULT_SITES, SyntheticSpec, generate_synthetic
+from remedis.evaluate.evaluation import recipe_ablation
 from remedis.evaluate.metrics import site_metrics
 from remedis.evaluate.report import build_report, write_report
 from remedis.models.checkpoint import CheckpointError, read_meta
@@ -227,9 +228,12 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
                 adapted = AdaptedModel.load(folder)
             else:
                 log.info("[3/5 adapt] %s: %d labeled %s images", name, len(train), tgt)
-                adapted, _ = fine_tune(cfg, init, train, target_val, class_names, positive_index, progress,
-                                       provenance={"manifest_sha256": manifest.sha256, "target_site": tgt,
-                                                   "budget": fraction, "stage_key": key})
+                adapted, _, variants = fine_tune(cfg, init, train, target_val, class_names, positive_index, progress,
+                                                 provenance={"manifest_sha256": manifest.sha256, "target_site": tgt,
+                                                             "budget": fraction, "stage_key": key})
+                # What the probe, the soup and WiSE-FT each add, on the target's test images (reported only).
+                adapted.provenance["recipe_ablation"] = recipe_ablation(
+                    adapted, variants, test.subset(lambda r: r.site == tgt), cfg.evaluate.bootstrap, cfg.seed)
                 adapted.save(folder)
             result.adapted[name] = folder
             log.info("[4/5 evaluate] %s", name)

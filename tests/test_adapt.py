@@ -212,8 +212,23 @@ def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     cfg.data.image_size = 16
     cfg.model.backbone = "resnet18"
     cfg.adapt.mode, cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = "lp-ft", 1, 8, "fp32"
-    adapted, _ = fine_tune(cfg, None, train, val, ["benign", "malignant"], 1, progress=False)
+    adapted, _, variants = fine_tune(cfg, None, train, val, ["benign", "malignant"], 1, progress=False)
     prov = adapted.provenance
     assert prov["mode"] == "lp-ft" and prov["linear_probe"]["val_auroc"] == 1.0
     assert prov["sweep"][0]["lr"] == 0.0 and len(prov["sweep"]) == 2  # the probe + one fine-tuned member
     assert prov["val_auroc"] == 1.0
+    assert list(variants) == ["linear_probe", "best_member", "soup"]
+
+    from remedis.evaluate.evaluation import recipe_ablation
+    from remedis.pipeline import evaluate_model
+
+    head_before = adapted.classifier.head.weight.detach().clone()
+    ablation = recipe_ablation(adapted, variants, test, n_boot=50, seed=0)
+    assert torch.equal(adapted.classifier.head.weight, head_before)  # the model itself is left as it was
+    assert set(ablation) == {"linear_probe", "best_member", "soup", "final"}
+    assert ablation["linear_probe"]["auroc"] == 1.0  # the probe separates the test images too
+    final = evaluate_model(adapted, test, ["benign", "malignant"], 1, cfg)["s"]["auroc"]
+    assert abs(ablation["final"]["auroc"] - final) < 1e-9  # same weights, same number as the evaluation
+    # identical weights give identical paired-bootstrap intervals
+    same = recipe_ablation(adapted, {"copy": adapted.classifier.state_dict()}, test, n_boot=50, seed=0)
+    assert same["copy"] == same["final"]

@@ -37,6 +37,10 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
     assert small["train_images"] < full["train_images"]
     for m in report["models"]:
         assert 0.0 <= m["sites"]["site-B"]["auroc"] <= 1.0
+    ablation = report["models"][2]["recipe_ablation"]
+    assert set(ablation) == {"linear_probe", "best_member", "soup", "final"}
+    assert all(0.0 <= v["auroc"] <= 1.0 for v in ablation.values())
+    assert "What each step of the adaptation recipe adds" in (tmp_path / "out" / "report.html").read_text()
     teacher = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct")["provenance"]
     assert teacher["mode"] == "lp-ft" and teacher["sweep"][0]["lr"] == 0.0  # --set reached the recipe
     student = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct-student-resnet18")

@@ -47,6 +47,9 @@ def test_report_has_a_number_for_every_site_and_model(run):
     small = next(m for m in report["models"] if m["name"] == "remedis@0.1")
     full = next(m for m in report["models"] if m["name"] == "remedis@1")
     assert small["train_images"] < full["train_images"]
+    # default recipe (full fine-tuning, one sweep member): the steps exist, and "final" is the reported model
+    assert set(full["recipe_ablation"]) == {"best_member", "soup", "final"}
+    assert abs(full["recipe_ablation"]["final"]["auroc"] - full["sites"]["site-B"]["auroc"]) < 1e-9
     html = (run["out"] / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and "http" not in html.split("<body>")[1]
     assert "wall time" in run["stdout"] and "bento:" in run["stdout"]

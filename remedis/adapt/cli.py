@@ -47,6 +47,7 @@ def cmd_adapt(args) -> int:
     from remedis.data.manifest import read_manifest, write_manifest
     from remedis.data.preprocess import Preprocessing
     from remedis.data.splits import assign_splits, budget_subset
+    from remedis.evaluate.evaluation import recipe_ablation
     from remedis.evaluate.report import build_report, write_report
     from remedis.models.checkpoint import read_meta
     from remedis.pipeline import check_output_folder, evaluate_model
@@ -100,13 +101,15 @@ def cmd_adapt(args) -> int:
         part = train.subset(lambda r: r.image in chosen)
         name = f"{Path(args.backbone).name}@{text}"
         log.info("adapt %s: %d labeled images of %s", name, len(part), site)
-        adapted, _ = fine_tune(cfg, Path(args.backbone), part, val, class_names, positive_index, not args.quiet,
-                               provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget})
+        adapted, _, variants = fine_tune(cfg, Path(args.backbone), part, val, class_names, positive_index, not args.quiet,
+                                         provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget})
+        adapted.provenance["recipe_ablation"] = recipe_ablation(adapted, variants, test, cfg.evaluate.bootstrap, cfg.seed)
         folder = adapted.save(output / "adapted" / name.replace("%", "pct"))
         fraction = budget if isinstance(budget, float) else min(1.0, budget / max(1, len(train)))
         models.append({"name": name, "backbone": Path(args.backbone).name, "fraction": fraction,
                        "train_images": len(part), "temperature": adapted.temperature,
-                       "sites": evaluate_model(adapted, test, class_names, positive_index, cfg)})
+                       "sites": evaluate_model(adapted, test, class_names, positive_index, cfg),
+                       "recipe_ablation": adapted.provenance["recipe_ablation"]})
         print(f"{name}: {len(part)} labels, test AUROC {models[-1]['sites'][site]['auroc']}, model {folder}")
         student_arch = args.distill or cfg.adapt.distill_student
         if student_arch:  # the site's train images, labeled or not, teach a small serving model

@@ -12,8 +12,12 @@ One call runs the whole adaptation recipe:
 `backbone` is a backbone checkpoint folder (REMEDIS or supervised-only) or None for random
 initialisation, so the REMEDIS gain is always measured against baselines trained the same way.
 
+Besides the model, `fine_tune` returns the recipe's intermediate weights (`variants`: the linear probe
+under LP-FT, the best single sweep member, the soup before WiSE-FT), so a caller can measure on its
+test split what each step adds; nothing there is used for any choice.
+
 Example:
-    >>> model = fine_tune(cfg, Path("runs/x/backbones/remedis"), train, val, ["benign", "malignant"], 1)
+    >>> model, history, variants = fine_tune(cfg, Path("runs/x/backbones/remedis"), train, val, ["benign", "malignant"], 1)
     >>> model.save("runs/x/adapted/remedis@0.1")
 """
 
@@ -88,7 +92,7 @@ def _val_auroc(model: AdaptedModel, state, loader) -> float:
 
 def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: ImageCache,
               class_names: list[str], positive_index: int, progress: bool = True,
-              provenance: dict | None = None) -> tuple[AdaptedModel, list[dict]]:
+              provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
     ac = cfg.adapt
     check_adaptation_data(train, val, class_names, "adapt")
     init_state, backbone_hash = None, None
@@ -156,6 +160,10 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     def metric(state):
         return _val_auroc(adapted, state, val_loader)
 
+    best_member = max(range(len(members)), key=lambda i: members[i].val_auroc)
+    variants = {"best_member": members[best_member].state}
+    if probe:
+        variants = {"linear_probe": members[0].state, **variants}
     soup_members = [0]
     if len(members) == 1 or ac.soup == "best":
         best = max(range(len(members)), key=lambda i: members[i].val_auroc)
@@ -165,6 +173,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     else:
         state, soup_members = greedy_soup([m.state for m in members], metric)
 
+    variants["soup"] = state
     alpha, alpha_scores = 1.0, {}
     if ac.wise_ft and init_state is not None and ac.mode != "linear":
         for a in sorted(set(ac.wise_alphas) | {1.0}):
@@ -194,4 +203,4 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         "val_auroc": float(metric(state)),
     }
     history = members[soup_members[0]].history
-    return adapted, history
+    return adapted, history, variants

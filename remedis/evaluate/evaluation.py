@@ -287,7 +287,35 @@ def evaluate_folder(folder, inputs: EvalInputs, n_boot: int = 200, seed: int = 0
         "ood_sha256": file_sha256(folder / OOD_WEIGHTS) if (folder / OOD_WEIGHTS).is_file() else None,
         "architecture": model.architecture,
     }
+    if prov.get("recipe_ablation"):
+        entry["recipe_ablation"] = prov["recipe_ablation"]
     return entry
+
+
+def recipe_ablation(model: AdaptedModel, variants: dict[str, dict[str, torch.Tensor]], test: ImageCache,
+                    n_boot: int = 200, seed: int = 0) -> dict[str, dict]:
+    """Test AUROC [patient-bootstrap CI] of the adaptation recipe's intermediate weights (`fine_tune`'s
+    `variants`: linear probe, best single sweep member, soup before WiSE-FT) and of the final model, on
+    `test` (the target site's test images). Reported only: every choice was made on validation.
+    Paired bootstrap (the same patient resamples for every variant), so the CIs compare like with like."""
+    import copy
+
+    from remedis.evaluate.metrics import patient_bootstrap_ci
+    from remedis.metrics import auroc
+
+    index = {c: i for i, c in enumerate(model.class_names)}
+    part = test.subset(lambda r: r.label in index)
+    targets = np.array([index[r.label] for r in part.records])
+    patients = [r.patient_id for r in part.records]
+    probe = copy.deepcopy(model)
+    out = {}
+    for name, state in [*variants.items(), ("final", model.classifier.state_dict())]:
+        probe.classifier.load_state_dict(state)
+        probs = torch.as_tensor(infer(probe, part.pixels)[0]).float().softmax(1).numpy()
+        out[name] = {"auroc": auroc(targets, probs, model.positive_index),
+                     "auroc_ci": patient_bootstrap_ci(targets, probs, patients,
+                                                      lambda t, p: auroc(t, p, model.positive_index), n_boot, seed)}
+    return out
 
 
 def load_far_ood(manifests: list, preprocessing, limit: int = 256, seed: int = 0) -> dict[str, ImageCache]:

@@ -17,6 +17,8 @@ Schema (`schema_version` 2; version 1 had only `sites`, `models[*].sites[*]` aur
                            summary {near|far: {method: mean AUROC}}},
                       representation {cka {layers, matrix (before x after), diagonal} | null,
                                       embedding_distance {site: {site: distance}}},
+                      recipe_ablation {linear_probe (LP-FT only), best_member, soup, final: {auroc, auroc_ci}}
+                        (target-site test AUROC of the recipe's intermediate weights; optional),
                       provenance {weights_sha256, backbone_sha256, ood_sha256, ...}}]
     data_efficiency {backbone: {site: [[budget fraction, auroc], ...]}}
     label_savings   {site: {metric, baseline, baseline_images, baseline_value, method, reached_fraction,
@@ -313,6 +315,7 @@ def render_html(report: dict) -> str:
         parts.append("<h3>Operating points</h3><p class='note'>Threshold on the calibrated positive-class probability.</p>"
                      f"<table><thead><tr><th>model</th><th>threshold</th><th>chosen on</th></tr></thead><tbody>{ops}</tbody></table>")
     parts.append(_per_class(models, sites))
+    parts.append(_recipe_ablation(models, task.get("target_site")))
     parts.append(_subgroups(models))
 
     parts.append(f"<h2 id='efficiency'>Data efficiency</h2><img alt='AUROC against target-site label budget, per site' "
@@ -364,6 +367,25 @@ def _per_class(models, sites) -> str:
         out.append(f"<p class='note'>{esc(m['name'])}</p><table><thead><tr><th>class</th>"
                    + "".join(f"<th>{esc(s)}</th>" for s in sites) + f"</tr></thead><tbody>{rows}</tbody></table>")
     return "".join(out)
+
+
+RECIPE_STEPS = (("linear_probe", "linear probe"), ("best_member", "best single sweep member"),
+                ("soup", "soup"), ("final", "soup + WiSE-FT (final)"))
+
+
+def _recipe_ablation(models, target_site) -> str:
+    esc = html.escape
+    rows = [m for m in models if m.get("recipe_ablation")]
+    if not rows:
+        return ""
+    steps = [(k, label) for k, label in RECIPE_STEPS if any(k in m["recipe_ablation"] for m in rows)]
+    body = "".join(f"<tr><td>{esc(m['name'])}</td>" + "".join(
+        f"<td>{_fmt(m['recipe_ablation'].get(k, {}).get('auroc'), m['recipe_ablation'].get(k, {}).get('auroc_ci'))}</td>"
+        for k, _ in steps) + "</tr>" for m in rows)
+    return (f"<h3>What each step of the adaptation recipe adds</h3><p class='note'>{esc(str(target_site))} test AUROC of "
+            "the recipe's intermediate weights (every choice was made on validation; these are reported, never "
+            "used). Paired patient bootstrap.</p><table><thead><tr><th>model</th>"
+            + "".join(f"<th>{esc(label)}</th>" for _, label in steps) + f"</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _subgroups(models) -> str:
