@@ -215,6 +215,8 @@ def measure(args) -> dict:
                    "batched_vs_unbatched": batched["images_per_s"] / unbatched["images_per_s"],
                    # the raw forward at the batch size the clients actually formed (largest measured <= it)
                    "batched_vs_raw_at_formed_batch": batched["images_per_s"] / raw_at(raw, batched.get("mean_batch")),
+                   # what batching alone can buy on this device: the raw forward at the formed batch vs batch 1
+                   "raw_formed_batch_vs_raw_batch1": raw_at(raw, batched.get("mean_batch")) / raw["by_batch"]["1"],
                    **({"saturated_vs_raw_forward": batched["saturated"]["images_per_s"] / raw["images_per_s"]}
                       if "saturated" in batched else {})},
         "targets": {"batched_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
