@@ -254,3 +254,48 @@ def test_gpu_request_without_a_gpu_falls_back_to_cpu():
     else:
         assert pick_device(1).type == "cpu"
     assert pick_device(0).type == "cpu"
+
+
+def test_model_hop_resends_only_after_a_dropped_connection():
+    import logging
+
+    import aiohttp
+
+    from serving.hop import call_resending, dropped_connection
+
+    log = logging.getLogger("test")
+    failures = [aiohttp.ClientConnectionError("Connector is closed."), aiohttp.ServerDisconnectedError(),
+                RuntimeError("Session is closed")]
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise failures[len(calls) - 1]
+        return "answer"
+
+    assert asyncio.run(call_resending(flaky, log)) == "answer" and len(calls) == 3
+    calls.clear()
+    failures[:] = [failures[2]] * 3  # still failing after the last attempt: the error surfaces
+
+    async def always_down():
+        calls.append(1)
+        raise failures[0]
+
+    with pytest.raises(RuntimeError, match="Session is closed"):
+        asyncio.run(call_resending(always_down, log))
+    assert len(calls) == 3
+
+    # an answer from the model worker (a shed request, a model error) is never resent
+    shed = aiohttp.ClientResponseError(None, (), status=503)
+    assert not dropped_connection(shed) and not dropped_connection(ValueError("bad input"))
+    assert not dropped_connection(RuntimeError("CUDA out of memory"))
+    calls.clear()
+
+    async def model_error():
+        calls.append(1)
+        raise ValueError("model failed")
+
+    with pytest.raises(ValueError):
+        asyncio.run(call_resending(model_error, log))
+    assert len(calls) == 1
