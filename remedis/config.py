@@ -174,22 +174,24 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
-        """Load a config file; `overrides` are `dotted.key=value` strings (value parsed as YAML),
-        e.g. `data.image_size=128`, applied before validation so they are checked like the file."""
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+        """Load a config file (None: the defaults); `overrides` are `dotted.key=value` strings (value
+        parsed as YAML), e.g. `data.image_size=128`, applied before validation so they are checked like the file."""
+        raw: dict = {}
+        if path is not None:
+            path = Path(path)
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: config file not found") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         for item in overrides:
             apply_override(raw, item)
         try:
             cfg = from_dict(cls, raw)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
         cfg.validate()
         return cfg
 

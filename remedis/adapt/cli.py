@@ -54,18 +54,7 @@ def cmd_adapt(args) -> int:
     from remedis.training import setup_runtime
 
     budgets = [(text.strip(), parse_budget(text)) for text in args.budget.split(",")]  # fail before any work
-    if args.config:
-        cfg = RunConfig.from_yaml(args.config, args.set)
-    else:
-        cfg = RunConfig()
-        if args.set:  # overrides on the defaults, checked like a file
-            from remedis.config import apply_override, from_dict
-
-            raw: dict = {}
-            for item in args.set:
-                apply_override(raw, item)
-            cfg = from_dict(RunConfig, raw)
-            cfg.validate()
+    cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
     meta = read_meta(args.backbone)
     if meta.get("kind") != "backbone":
         raise ConfigError(f"{args.backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")

@@ -166,8 +166,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         variants = {"linear_probe": members[0].state, **variants}
     soup_members = [0]
     if len(members) == 1 or ac.soup == "best":
-        best = max(range(len(members)), key=lambda i: members[i].val_auroc)
-        state, soup_members = members[best].state, [best]
+        state, soup_members = members[best_member].state, [best_member]
     elif ac.soup == "uniform":
         state, soup_members = uniform_soup([m.state for m in members]), list(range(len(members)))
     else:
