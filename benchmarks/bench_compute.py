@@ -8,6 +8,8 @@ Figures:
 - torch.compile for inference: compile time, and images/s compiled vs eager (bf16 + channels_last);
   full mode compiles `resnetv2_18_bit`@64 and `resnet50`@224, reduced mode `resnet10t`@32 (compile time
   is the cost there); `BENCH_COMPILE_TARGETS=name@size,...` picks others;
+- remedis's memory layout (`remedis.models.layout`) against channels_last everywhere with a plain
+  max-pool, for the BiT demo backbone and resnet18 @128: inference and a bf16 training step;
 - BiT backbones with weight standardisation folded for inference (`fold_std_conv`) vs as trained:
   StdConv2d re-standardises every weight on every forward pass, a cost that inference need not pay.
 
@@ -89,6 +91,49 @@ def fold_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
                 batch=batch, fold_rel_error=err, gflops=gflop * after, gflops_before=gflop * before)]
 
 
+def layout_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
+    """remedis's layout choice (`remedis.models.layout`: channels_last max-pool, NCHW for GroupNorm nets
+    on CPU) against channels_last everywhere with a plain max-pool, bf16: inference and a training step."""
+    from remedis.models.layout import memory_format
+
+    def plain_pools(net):
+        for parent in list(net.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.MaxPool2d):
+                    setattr(parent, child_name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding,
+                                                             child.dilation, child.return_indices, child.ceil_mode))
+        return net
+
+    x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(2))
+    old = plain_pools(_model(name, channels_last=True))
+    new = _model(name, channels_last=False)
+    fmt = memory_format(new, "cpu")
+    new.to(memory_format=fmt)
+    xcl, xnew = x.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        err = float((new(x) - old(x)).abs().max() / old(x).abs().max().clamp_min(1e-12))
+    if err > 1e-4:  # the layout must not change the function (fp32)
+        raise RuntimeError(f"layout changed {name}'s output: relative max error {err:.2e}")
+    before = batch / time_per_call(_infer(old, xcl, bf16=True), warmup=1, iters=iters)
+    after = batch / time_per_call(_infer(new, xnew, bf16=True), warmup=1, iters=iters)
+
+    def train_step(net, inp):
+        net.train()
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = net(inp).float().square().mean()
+            loss.backward()
+        return call
+    t_before = time_per_call(train_step(old, xcl), warmup=1, iters=iters)
+    t_after = time_per_call(train_step(new, xnew), warmup=1, iters=iters)
+    fmt_name = "NCHW" if fmt == torch.contiguous_format else "channels_last"
+    return [fig(f"{name}@{size} infer bf16 remedis layout ({fmt_name})", after, "img/s", before,
+                "channels_last + plain max-pool", batch=batch, rel_error=err),
+            fig(f"{name}@{size} train step bf16 remedis layout ({fmt_name})", batch / t_after, "img/s",
+                batch / t_before, "channels_last + plain max-pool", batch=batch)]
+
+
 def _compile_targets(reduced: bool) -> list[tuple[str, int]]:
     env = os.environ.get("BENCH_COMPILE_TARGETS")
     if env:
@@ -139,6 +184,8 @@ def run(reduced: bool) -> dict:
         figures += backbone_figures(name, size, batch, iters, bf16)
     for name, size in (("resnetv2_18_bit", 64), ("resnetv2_50x1_bit", 224)):
         figures += fold_figures(name, size, batch, iters)
+    for name, size in (("resnetv2_18_bit", 64 if reduced else 128), ("resnet18", 64 if reduced else 128)):
+        figures += layout_figures(name, size, batch, iters)
     for name, size in _compile_targets(reduced):
         figures += compile_figures(name, size, batch, iters)
     return {"figures": figures}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from remedis.adapt.model import AdaptedModel
+from remedis.models.layout import memory_format
 
 log = logging.getLogger("bentoml.remedis")
 
@@ -43,10 +44,11 @@ class ModelRuntime:
         if channels_last and self.device.type == "cuda":
             model.to(self.device)  # channels_last weights: tensor-core friendly convs
         else:
-            # On CPU the weights stay as offline evaluation has them (channels_last weights measured
-            # 2x slower with bf16 there); the input is channels_last either way, as in `AdaptedModel`.
+            # On CPU the weights stay as offline evaluation has them; the input takes the layout
+            # `AdaptedModel` gives it (remedis.models.layout: NCHW for GroupNorm nets on CPU).
             model.classifier.to(self.device)
             model.device = self.device
+        self.memory_format = memory_format(model.classifier, self.device)
         self.dtype = self._dtype(precision)
         self.num_classes = len(model.class_names)
 
@@ -75,7 +77,7 @@ class ModelRuntime:
         """(N, C, S, S) preprocessed batch -> (N, num_classes + embedding_dim) float32."""
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.memory_format)
         clf = self.model.classifier
         amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with amp:

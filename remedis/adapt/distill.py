@@ -21,6 +21,7 @@ from remedis.adapt.model import AdaptedModel
 from remedis.config import RuntimeConfig
 from remedis.data.dataset import ImageCache, LabeledDataset
 from remedis.models.classifier import Classifier
+from remedis.models.layout import memory_format
 from remedis.pretrain.transforms import FineTuneAugment
 from remedis.training import make_trainer
 
@@ -46,11 +47,12 @@ class DistillModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
-        self.student.to(memory_format=torch.channels_last)
+        self.memory_format = memory_format(self.student, self.trainer.strategy.root_device)
+        self.student.to(memory_format=self.memory_format)
 
     def training_step(self, batch, batch_idx):
         x, teacher_probs = batch
-        logits = self.student(x.contiguous(memory_format=torch.channels_last)).float()
+        logits = self.student(x.contiguous(memory_format=self.memory_format)).float()
         t = self.temperature
         loss = F.kl_div(F.log_softmax(logits / t, 1), teacher_probs, reduction="batchmean") * t * t
         self.losses.append(loss.detach().item())

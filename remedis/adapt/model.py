@@ -24,6 +24,7 @@ from remedis.data.readers import read_image
 from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
 from remedis.models.backbones import fold_std_conv
 from remedis.models.classifier import Classifier
+from remedis.models.layout import memory_format
 
 
 @dataclass
@@ -48,7 +49,7 @@ class AdaptedModel:
 
     def to(self, device: str | torch.device) -> "AdaptedModel":
         self.device = torch.device(device)
-        self.classifier.to(self.device, memory_format=torch.channels_last)
+        self.classifier.to(self.device, memory_format=memory_format(self.classifier, self.device))
         return self
 
     def save(self, folder: str | Path) -> Path:
@@ -85,7 +86,7 @@ class AdaptedModel:
         return model
 
     def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device).contiguous(memory_format=memory_format(self.classifier, self.device))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return fn(x).float().cpu()
 

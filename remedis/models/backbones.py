@@ -19,11 +19,18 @@ import timm
 import torch.nn as nn
 from timm.layers import GroupNormAct, StdConv2d
 
+from remedis.models.layout import use_layout_pooling
+
 # Small BiT-style ResNetV2s: same StdConv2d + GroupNorm(32) layers as timm's BiT models.
 _BIT_SMALL = {"resnetv2_18_bit": "resnetv2_18", "resnetv2_34_bit": "resnetv2_34"}
 
 
 def create_backbone(name: str, in_chans: int = 1) -> nn.Module:
+    # Max-pools run in channels_last whatever the layout around them (15x faster on CPU; layout.py).
+    return use_layout_pooling(_create(name, in_chans))
+
+
+def _create(name: str, in_chans: int) -> nn.Module:
     if name in _BIT_SMALL:
         return timm.create_model(
             _BIT_SMALL[name],

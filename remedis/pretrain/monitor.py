@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from remedis.data.dataset import ImageCache
 from remedis.metrics import auroc
+from remedis.models.layout import memory_format
 
 
 @torch.inference_mode()
@@ -25,11 +26,12 @@ def embed_cache(backbone: torch.nn.Module, cache: ImageCache, batch_size: int = 
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
+    fmt = memory_format(backbone, device)
     out = []
     for i in range(0, len(cache), batch_size):
         x = cache.preprocessing.normalize(cache.pixels[i:i + batch_size].float()).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda")):
-            out.append(backbone.forward_head(backbone.forward_features(x.contiguous(memory_format=torch.channels_last))).float().cpu())
+            out.append(backbone.forward_head(backbone.forward_features(x.contiguous(memory_format=fmt))).float().cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from remedis.models.backbones import embedding_dim
+from remedis.models.layout import memory_format
 from remedis.pretrain.heads import ProjectionHead
 from remedis.pretrain.losses import NTXentLoss
 
@@ -51,10 +52,11 @@ class SimCLRModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
-        self.backbone.to(memory_format=torch.channels_last)
+        self.memory_format = memory_format(self.backbone, self.trainer.strategy.root_device)
+        self.backbone.to(memory_format=self.memory_format)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=getattr(self, "memory_format", None) or memory_format(self.backbone, x.device))
         return self.projection(self.backbone.forward_head(self.backbone.forward_features(x)))
 
     def training_step(self, batch, batch_idx):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from remedis.metrics import accuracy, auroc
+from remedis.models.layout import memory_format
 
 
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -51,7 +52,8 @@ class ClassifierModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
-        self.model.to(memory_format=torch.channels_last)
+        self.memory_format = memory_format(self.model, self.trainer.strategy.root_device)
+        self.model.to(memory_format=self.memory_format)
 
     # The epoch resume file (remedis.training.EpochCheckpoint) carries what lives outside the weights.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -68,7 +70,7 @@ class ClassifierModule(L.LightningModule):
             m.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+        return self.model(x.contiguous(memory_format=getattr(self, "memory_format", None) or memory_format(self.model, x.device)))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
