@@ -5,7 +5,7 @@ best batch size) and against the same service with batching off. Prints one JSON
 
 Everything runs on this machine over loopback: a small adapted model (resnetv2_18_bit, random
 weights: speed does not depend on them) is exported to a temporary BentoML store and served by
-`bentoml serve` twice (batching on, then off). The clients send PNG uploads; the raw reference is
+`bentoml serve` three times (batching on; on without the API worker's request coalescing; off). The clients send PNG uploads; the raw reference is
 `ModelRuntime.forward` on preprocessed tensors (no decode, no HTTP), so the service/raw ratio is the
 share of the model's own speed the whole serving path keeps. 16 clients measure latency under
 concurrency; `--saturate N` clients measure throughput when the batcher can fill its batches (the
@@ -125,13 +125,15 @@ def drive(url: str, bodies: list[tuple[str, tuple]], clients: int) -> dict:
 
 
 def batch_counts(url: str) -> tuple[float, float]:
-    """(batches, images) the model's batcher has dispatched so far, from the Prometheus metrics."""
+    """(forward passes, images) the model worker has run so far, from the Prometheus metrics."""
     import re
     import urllib.request
 
     text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    c = sum(map(float, re.findall(r'adaptive_batch_size_count\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text)))
-    s = sum(map(float, re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text)))
+    # the model worker's own histogram: BentoML's adaptive_batch_size counts calls, which carry
+    # several requests each when the API worker coalesces them
+    c = sum(map(float, re.findall(r'^remedis_forward_batch_images_count(?:\{[^}]*\})? ([0-9.e+]+)', text, re.M)))
+    s = sum(map(float, re.findall(r'^remedis_forward_batch_images_sum(?:\{[^}]*\})? ([0-9.e+]+)', text, re.M)))
     return c, s
 
 
@@ -140,11 +142,13 @@ def mean_batch(url: str) -> float | None:
     return s / c if c else None
 
 
-def serve_and_measure(tag: str, home: Path, tmp: Path, batching: bool, args, files: list[bytes]) -> dict:
+def serve_and_measure(tag: str, home: Path, tmp: Path, batching: bool, args, files: list[bytes],
+                      coalesce: int = 2) -> dict:
     from serving.local import LocalServer
 
-    cfg = tmp / f"serving-{'on' if batching else 'off'}.yaml"
-    cfg.write_text(f"batching: {{enabled: {str(batching).lower()}, max_batch_size: {args.max_batch}, max_latency_ms: 60000}}\n"
+    cfg = tmp / f"serving-{'on' if batching else 'off'}-{coalesce}.yaml"
+    cfg.write_text(f"batching: {{enabled: {str(batching).lower()}, max_batch_size: {args.max_batch}, max_latency_ms: 60000, "
+                   f"coalesce_in_flight: {coalesce}}}\n"
                    f"resources: {{cpu: 1, gpu: {args.gpu}}}\n")
     with LocalServer(tag, home, cfg) as srv:
         warm = [("predict", ("a.png", files[i % len(files)], "image/png")) for i in range(2 * args.clients)]
@@ -178,7 +182,8 @@ def run(reduced: bool) -> dict:
     """Entry point for benchmarks/run.py: two service start-ups cost ~2 minutes, so full mode only."""
     if reduced:
         return {"skipped": "the service benchmark runs in full mode only (two server start-ups)"}
-    return measure(argparse.Namespace(image_size=128, clients=16, requests=400, max_batch=32, gpu=0, load=0, saturate=64))
+    return measure(argparse.Namespace(image_size=128, clients=16, requests=400, max_batch=32, gpu=0, load=0, saturate=64,
+                                      compare_coalescing=True))
 
 
 def main() -> None:
@@ -191,6 +196,8 @@ def main() -> None:
     p.add_argument("--saturate", type=int, default=64,
                    help="also measure the batched service with this many clients (0 = skip)")
     p.add_argument("--load", type=int, default=0, help="also send this many mixed good/bad requests (e.g. 1000)")
+    p.add_argument("--no-compare-coalescing", dest="compare_coalescing", action="store_false",
+                   help="skip the batched run with the API worker's request coalescing off")
     print(json.dumps(measure(p.parse_args()), indent=2))
 
 
@@ -206,11 +213,14 @@ def measure(args) -> dict:
         print(json.dumps({"raw_forward": raw}), file=sys.stderr)
         batched = serve_and_measure(tag, home, tmp, True, args, files)
         print(json.dumps({"service_batched": batched}), file=sys.stderr)
+        # the same batched service, one model-worker call per request (the API worker's coalescing off)
+        uncoalesced = serve_and_measure(tag, home, tmp, True, args, files, coalesce=0) if args.compare_coalescing else None
         unbatched = serve_and_measure(tag, home, tmp, False, args, files)
     return {
         "benchmark": "service", "image_size": args.image_size, "clients": args.clients, "requests": args.requests,
         "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
         "raw_forward": raw, "service_batched": batched, "service_unbatched": unbatched,
+        **({"service_batched_uncoalesced": uncoalesced} if uncoalesced else {}),
         "ratios": {"batched_vs_raw_forward": batched["images_per_s"] / raw["images_per_s"],
                    "batched_vs_unbatched": batched["images_per_s"] / unbatched["images_per_s"],
                    # the raw forward at the batch size the clients actually formed (largest measured <= it)
@@ -218,7 +228,9 @@ def measure(args) -> dict:
                    # what batching alone can buy on this device: the raw forward at the formed batch vs batch 1
                    "raw_formed_batch_vs_raw_batch1": raw_at(raw, batched.get("mean_batch")) / raw["by_batch"]["1"],
                    **({"saturated_vs_raw_forward": batched["saturated"]["images_per_s"] / raw["images_per_s"]}
-                      if "saturated" in batched else {})},
+                      if "saturated" in batched else {}),
+                   **({"coalesced_vs_uncoalesced": batched["images_per_s"] / uncoalesced["images_per_s"]}
+                      if uncoalesced else {})},
         "targets": {"batched_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
     }
 

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse
 
 from remedis.data.preprocess import Preprocessing
 from remedis.models.checkpoint import read_meta
+from serving.coalesce import Coalescer
 from serving.guard import RequestGuard
 from serving.hop import call_resending
 from serving.inputs import Upload, UploadError, check_upload, decode, expand_zip, sniff
@@ -64,6 +65,13 @@ class RemedisModel:
 
         self.runtime = ModelRuntime.load(self.model_ref.path, gpu=SETTINGS.resources.gpu, precision=SETTINGS.precision,
                                          channels_last=SETTINGS.channels_last, threads=SETTINGS.resources.cpu)
+        # Images per forward pass (BentoML's adaptive_batch_size counts calls, and a call from the API
+        # worker can carry several coalesced requests). prometheus_client is imported here, after BentoML
+        # has pointed it at the multiprocess directory that /metrics reads.
+        from prometheus_client import Histogram
+
+        self.batch_images = Histogram("remedis_forward_batch_images", "Images in each forward pass of the model",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         if SETTINGS.warmup:
             t0 = time.perf_counter()
             self.runtime.warm_up((1, SETTINGS.max_batch_size))
@@ -75,6 +83,7 @@ class RemedisModel:
                  max_latency_ms=SETTINGS.batching.max_latency_ms)
     def forward(self, x: np.ndarray) -> np.ndarray:
         """(N, C, S, S) preprocessed images -> (N, classes + embedding) [logits | embedding]."""
+        self.batch_images.observe(len(x))
         return self.runtime.forward(x)
 
     @bentoml.api
@@ -171,6 +180,8 @@ class RemedisService:
         self.modalities = {m.upper() for m in SETTINGS.modalities}
         self.limits = SETTINGS.limits
         self.decode_limiter = anyio.CapacityLimiter(4)
+        in_flight = SETTINGS.batching.coalesce_in_flight if SETTINGS.max_batch_size > 1 else 0
+        self.coalescer = Coalescer(self._call_model, SETTINGS.max_batch_size, in_flight) if in_flight else None
         log.info("serving %s: %d classes, operating point %s, OOD %s", self.tag, len(self.class_names),
                  "none (argmax)" if self.threshold is None else f"{self.threshold:.4f}",
                  f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none")
@@ -206,11 +217,16 @@ class RemedisService:
             raise UploadError(422, f"image took longer than {self.limits.decode_timeout_s:g} s to decode")
         return result
 
-    async def _forward(self, x: np.ndarray) -> np.ndarray:
+    async def _call_model(self, x: np.ndarray) -> np.ndarray:
         net = self.net
         if not hasattr(net, "to_async"):
             return await asyncio.to_thread(net.forward, x)  # not served (a local instance): a plain call
         return np.asarray(await call_resending(lambda: net.to_async.forward(x), log), dtype=np.float32)
+
+    async def _forward(self, x: np.ndarray) -> np.ndarray:
+        if self.coalescer is None:
+            return await self._call_model(x)
+        return await self.coalescer.submit(x)
 
     async def _forward_chunks(self, xs: list[np.ndarray]) -> np.ndarray:
         """Every image through the batched model; chunks go out together so the batcher can merge them."""

@@ -332,8 +332,10 @@ def test_concurrent_requests_are_batched_and_answer_like_sequential(svc):
 
 def _batch_stats(svc) -> tuple[float, float]:
     text = httpx.get(f"{svc['url']}/metrics", timeout=30).text
-    count = sum(float(m) for m in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text))
-    total = sum(float(m) for m in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="forward"[^}]*\} ([0-9.e+]+)', text))
+    # (forward passes, images): the model worker's own histogram (BentoML's adaptive_batch_size counts
+    # calls, and the API worker coalesces several requests into one call)
+    count = sum(float(m) for m in re.findall(r'^remedis_forward_batch_images_count(?:\{[^}]*\})? ([0-9.e+]+)', text, re.M))
+    total = sum(float(m) for m in re.findall(r'^remedis_forward_batch_images_sum(?:\{[^}]*\})? ([0-9.e+]+)', text, re.M))
     return count, total
 
 

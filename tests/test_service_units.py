@@ -299,3 +299,70 @@ def test_model_hop_resends_only_after_a_dropped_connection():
     with pytest.raises(ValueError):
         asyncio.run(call_resending(model_error, log))
     assert len(calls) == 1
+
+
+def test_coalescer_routes_rows_back_to_their_callers_and_merges_waiting_requests():
+    from serving.coalesce import Coalescer
+
+    sizes = []
+
+    async def model(x):  # row i -> its sum: any mix-up of rows between callers changes an answer
+        sizes.append(len(x))
+        await asyncio.sleep(0.02)
+        return x.reshape(len(x), -1).sum(1, keepdims=True)
+
+    async def main():
+        co = Coalescer(model, max_batch_size=8, max_in_flight=1)
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((int(rng.integers(1, 4)), 1, 2, 2)) for _ in range(30)]
+        outs = await asyncio.gather(*(co.submit(x) for x in xs))
+        for x, out in zip(xs, outs):
+            np.testing.assert_allclose(out[:, 0], x.reshape(len(x), -1).sum(1))
+        return co, xs
+
+    co, xs = asyncio.run(main())
+    assert sum(sizes) == sum(len(x) for x in xs)
+    assert max(sizes) <= 8 and co.calls == len(sizes) < len(xs) / 2  # merged, never above the cap
+    assert sizes[0] == len(xs[0])  # the first request went at once, alone
+
+
+def test_coalescer_sends_an_idle_request_at_once_and_an_oversize_one_alone():
+    from serving.coalesce import Coalescer
+
+    sizes = []
+
+    async def model(x):
+        sizes.append(len(x))
+        return x[:, :1, 0, 0]
+
+    async def main():
+        co = Coalescer(model, max_batch_size=4, max_in_flight=2)
+        a = await asyncio.wait_for(co.submit(np.ones((1, 1, 1, 1))), 1.0)
+        b = await co.submit(np.full((6, 1, 1, 1), 2.0))
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert sizes == [1, 6] and a.tolist() == [[1.0]] and b.tolist() == [[2.0]] * 6
+
+
+def test_coalescer_fails_every_request_of_a_failed_call_and_then_recovers():
+    from serving.coalesce import Coalescer
+
+    state = {"fail": True}
+
+    async def model(x):
+        await asyncio.sleep(0.01)
+        if state["fail"]:
+            raise RuntimeError("model worker gone")
+        return x[:, :1, 0, 0]
+
+    async def main():
+        co = Coalescer(model, max_batch_size=32, max_in_flight=1)
+        results = await asyncio.gather(*(co.submit(np.ones((1, 1, 1, 1))) for _ in range(5)), return_exceptions=True)
+        state["fail"] = False
+        after = await co.submit(np.full((2, 1, 1, 1), 3.0))
+        return results, after, co
+
+    results, after, co = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert after.tolist() == [[3.0], [3.0]] and co._in_flight == 0
