@@ -57,6 +57,9 @@ def test_default_settings_file_loads_and_unknown_keys_are_named(tmp_path):
         load_settings(bad)
     bad.write_text("batching: {enabled: false}\n")
     assert load_settings(bad).max_batch_size == 1
+    bad.write_text("batching: {coalesce_in_flight: -1}\n")
+    with pytest.raises(ConfigError, match="batching.coalesce_in_flight"):
+        load_settings(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "missing.yaml")
 
