@@ -135,9 +135,10 @@ def split_by_site(records, fractions, per_site: dict[str, list[float]], seed: in
 
 
 def evaluate_model(model: AdaptedModel, test: ImageCache, class_names: list[str], positive_index: int,
-                   cfg: RunConfig) -> dict[str, dict]:
-    """Point estimates per site for the progress log; the report's full evaluation (CIs, calibration,
-    OOD, CKA) runs once all models exist (`remedis.evaluate.evaluation.evaluate_folder`)."""
+                   cfg: RunConfig, n_boot: int = 0) -> dict[str, dict]:
+    """Per-site metrics: point estimates for the pipeline's progress log (its report's full evaluation,
+    with CIs, calibration, OOD and CKA, runs once all models exist: `evaluate_folder`); with `n_boot`,
+    patient-bootstrap CIs too (`remedis adapt`'s report)."""
     from remedis.evaluate.evaluation import infer
 
     index = {c: i for i, c in enumerate(class_names)}
@@ -147,7 +148,8 @@ def evaluate_model(model: AdaptedModel, test: ImageCache, class_names: list[str]
         logits, _ = infer(model, part.pixels)
         probs = model.probs_from_logits(torch.as_tensor(logits)).numpy()
         targets = np.array([index[r.label] for r in part.records])
-        per_site[site] = site_metrics(targets, probs, [r.patient_id for r in part.records], positive_index, n_boot=0)
+        per_site[site] = site_metrics(targets, probs, [r.patient_id for r in part.records], positive_index, n_boot=n_boot,
+                                      seed=cfg.seed)
     return per_site
 
 

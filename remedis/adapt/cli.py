@@ -97,7 +97,7 @@ def cmd_adapt(args) -> int:
         fraction = budget if isinstance(budget, float) else min(1.0, budget / max(1, len(train)))
         models.append({"name": name, "backbone": Path(args.backbone).name, "fraction": fraction,
                        "train_images": len(part), "temperature": adapted.temperature,
-                       "sites": evaluate_model(adapted, test, class_names, positive_index, cfg),
+                       "sites": evaluate_model(adapted, test, class_names, positive_index, cfg, cfg.evaluate.bootstrap),
                        "recipe_ablation": adapted.provenance["recipe_ablation"]})
         print(f"{name}: {len(part)} labels, test AUROC {models[-1]['sites'][site]['auroc']}, model {folder}")
         student_arch = args.distill or cfg.adapt.distill_student
@@ -111,7 +111,7 @@ def cmd_adapt(args) -> int:
             student_folder = student.save(output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}")
             models.append({"name": f"{name}-student-{student_arch}", "backbone": f"{Path(args.backbone).name}-student",
                            "fraction": fraction, "train_images": len(part), "temperature": student.temperature,
-                           "sites": evaluate_model(student, test, class_names, positive_index, cfg)})
+                           "sites": evaluate_model(student, test, class_names, positive_index, cfg, cfg.evaluate.bootstrap)})
             print(f"{name} -> {student_arch} student ({len(site_images)} images): test AUROC "
                   f"{models[-1]['sites'][site]['auroc']}, model {student_folder}")
     sites = {site: {"role": "target", "test_images": len(test), "test_patients": len({r.patient_id for r in test.records})}}
