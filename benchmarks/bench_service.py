@@ -5,9 +5,10 @@ best batch size) and against the same service with batching off. Prints one JSON
 
 Everything runs on this machine over loopback: a small adapted model (resnetv2_18_bit, random
 weights: speed does not depend on them) is exported to a temporary BentoML store and served by
-`bentoml serve` three times (batching on; on without the API worker's request coalescing; off). The clients send PNG uploads; the raw reference is
-`ModelRuntime.forward` on preprocessed tensors (no decode, no HTTP), so the service/raw ratio is the
-share of the model's own speed the whole serving path keeps. 16 clients measure latency under
+`bentoml serve` three times (batching on; on without the API worker's request coalescing; off).
+The clients send PNG uploads; the raw reference is `ModelRuntime.forward` on preprocessed tensors
+(no decode, no HTTP), so the service/raw ratio is the share of the model's own speed the whole
+serving path keeps. 16 clients measure latency under
 concurrency; `--saturate N` clients measure throughput when the batcher can fill its batches (the
 raw reference is the best batch size, which 16 clients cannot form). Targets (issue 7): batched
 >= 0.8x raw, batched >= 2x unbatched. `--load N` adds the mixed good/bad load run (0 5xx, 0 lost expected).
@@ -179,9 +180,9 @@ def serve_and_measure(tag: str, home: Path, tmp: Path, batching: bool, args, fil
 
 
 def run(reduced: bool) -> dict:
-    """Entry point for benchmarks/run.py: two service start-ups cost ~2 minutes, so full mode only."""
+    """Entry point for benchmarks/run.py: three service start-ups cost ~3 minutes, so full mode only."""
     if reduced:
-        return {"skipped": "the service benchmark runs in full mode only (two server start-ups)"}
+        return {"skipped": "the service benchmark runs in full mode only (three server start-ups)"}
     return measure(argparse.Namespace(image_size=128, clients=16, requests=400, max_batch=32, gpu=0, load=0, saturate=64,
                                       compare_coalescing=True))
 
