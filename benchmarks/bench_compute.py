@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 try:
     from benchmarks._common import count_flops, fig, matmul_gflops, time_per_call

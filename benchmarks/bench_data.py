@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64, help="Preprocessing.image_size")
     p.add_argument("--manifest", default=str(KIT))
     args = p.parse_args(argv)
-    print(json.dumps(measure(args.manifest, repeat, workers, size), indent=2))
+    print(json.dumps(measure(args.manifest, args.repeat, args.workers, args.size), indent=2))
     return 0
 
 

@@ -10,8 +10,8 @@ The clients send PNG uploads; the raw reference is `ModelRuntime.forward` on pre
 (no decode, no HTTP), so the service/raw ratio is the share of the model's own speed the whole
 serving path keeps. 16 clients measure latency under
 concurrency; `--saturate N` clients measure throughput when the batcher can fill its batches (the
-raw reference is the best batch size, which 16 clients cannot form). Targets (issue 7): batched
->= 0.8x raw, batched >= 2x unbatched. `--load N` adds the mixed good/bad load run (0 5xx, 0 lost expected).
+raw reference is the best batch size, which 16 clients cannot form). Targets (issue 7): throughput at
+saturation >= 0.8x raw (`saturated_vs_raw_forward`), batched >= 2x unbatched. `--load N` adds the mixed good/bad load run (0 5xx, 0 lost expected).
 """
 
 from __future__ import annotations
@@ -94,35 +94,62 @@ def pngs(image_size: int, n: int = 16) -> list[bytes]:
     return out
 
 
-def drive(url: str, bodies: list[tuple[str, tuple]], clients: int) -> dict:
-    """Send every (route, file) from `clients` threads, each with its own keep-alive connection."""
-    import httpx
+def multipart(file: tuple[str, bytes, str]) -> tuple[bytes, dict]:
+    """A multipart/form-data body with one `image` field, and its headers."""
+    name, data, ctype = file
+    boundary = "remedis-bench-7d1e3f"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: {ctype}\r\n\r\n").encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(len(body))}
 
+
+def drive(url: str, bodies: list[tuple[str, tuple]], clients: int) -> dict:
+    """Send every (route, file) from `clients` threads, each with its own keep-alive connection.
+
+    The load generator shares this machine's cores with the service, so it is kept light: bodies are
+    encoded before the clock starts and sent with the standard library's http.client (httpx cost
+    about twice the client CPU). `client_cores` records what it used.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    encoded = {}
+    for _, file in bodies:
+        if id(file) not in encoded:
+            encoded[id(file)] = multipart(file)
+    work = [(f"/{route}", *encoded[id(file)]) for route, file in bodies]
     local = threading.local()
     lat, codes, lock = [], [], threading.Lock()
 
     def call(item):
-        route, file = item
-        if not hasattr(local, "c"):
-            local.c = httpx.Client(timeout=120)
+        path, body, headers = item
+        if getattr(local, "c", None) is None:
+            local.c = http.client.HTTPConnection(host, port, timeout=120)
         t0 = time.perf_counter()
         try:
-            code = local.c.post(f"{url}/{route}", files={"image": file}).status_code
-        except httpx.HTTPError:
+            local.c.request("POST", path, body=body, headers=headers)
+            resp = local.c.getresponse()
+            resp.read()  # drain, so the connection can carry the next request
+            code = resp.status
+        except (OSError, http.client.HTTPException):
             code = -1
+            local.c.close()
+            local.c = None
         with lock:
             lat.append(time.perf_counter() - t0)
             codes.append(code)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(call, bodies))
-    wall = time.perf_counter() - t0
+        list(pool.map(call, work))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     ms = np.array(lat) * 1000
     return {"requests": len(bodies), "answered": len(codes) - codes.count(-1), "lost": codes.count(-1),
             "status_5xx": sum(1 for c in codes if c >= 500), "status_200": codes.count(200),
             "images_per_s": codes.count(200) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall}
+            "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall, "client_cores": cpu / wall}
 
 
 def batch_counts(url: str) -> tuple[float, float]:
@@ -232,7 +259,7 @@ def measure(args) -> dict:
                       if "saturated" in batched else {}),
                    **({"coalesced_vs_uncoalesced": batched["images_per_s"] / uncoalesced["images_per_s"]}
                       if uncoalesced else {})},
-        "targets": {"batched_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
+        "targets": {"saturated_vs_raw_forward": 0.8, "batched_vs_unbatched": 2.0},
     }
 
 

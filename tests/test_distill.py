@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from remedis.adapt.distill import distill, teacher_probabilities

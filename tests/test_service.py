@@ -99,11 +99,11 @@ def svc(tmp_path_factory):
     tag = proc.stdout.split("model:")[1].split()[0]
 
     config = tmp / "serving.yaml"
-    config.write_text(f"""
+    config.write_text("""
 modalities: [US]
-batching: {{max_batch_size: 8, max_latency_ms: 30000}}
-limits: {{max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}}
-auth: {{enabled: true, key_env: REMEDIS_TEST_API_KEY}}
+batching: {max_batch_size: 8, max_latency_ms: 30000}
+limits: {max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}
+auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}
 """)
     server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY}).start()
     offline = AdaptedModel.load(folder)

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from remedis.config import RunConfig
