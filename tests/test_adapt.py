@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from remedis.adapt.calibration import expected_calibration_error, fit_temperature, threshold_for_sensitivity
-from remedis.adapt.cli import parse_budget
+from remedis.adapt.cli import parse_budget, parse_budgets
 from remedis.adapt.finetune import _freeze, check_adaptation_data
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
 from remedis.data.dataset import ImageCache
@@ -149,6 +149,16 @@ def test_parse_budget():
     for bad in ("0", "150%", "-3", "ten"):
         with pytest.raises(ValueError, match="--budget"):
             parse_budget(bad)
+
+
+def test_parse_budgets_sweep_and_lists():
+    assert [b for _, b in parse_budgets("sweep")] == [0.01, 0.05, 0.1, 0.25, 1.0]
+    assert parse_budgets(" 10%, 50 ") == [("10%", 0.1), ("50", 50)]
+    assert parse_budgets("100%,1") == [("100%", 1.0), ("1", 1)]  # all labels, and one labeled image
+    with pytest.raises(ValueError, match="twice"):
+        parse_budgets("10%,0.1")
+    with pytest.raises(ValueError, match="'x'"):
+        parse_budgets("10%,x")
 
 
 def test_knn_scores_match_brute_force():

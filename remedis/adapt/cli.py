@@ -2,6 +2,7 @@
 
     remedis adapt --backbone runs/x/backbones/remedis --manifest site.csv --budget 10% --output runs/site-x
     remedis adapt --backbone ... --manifest site.csv --budget 1%,5%,10%,25%,100% --output runs/site-x   # a sweep
+    remedis adapt --backbone ... --manifest site.csv --budget sweep --output runs/site-x   # the same (SWEEP)
     remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft             # overrides
 
 Splits the site's data by patient (unless the manifest has splits), takes the nested label budget(s),
@@ -16,6 +17,19 @@ from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("remedis")
+
+SWEEP = "1%,5%,10%,25%,100%"  # `--budget sweep`: the data-efficiency curve of the REMEDIS paper
+
+
+def parse_budgets(text: str) -> list[tuple[str, float | int]]:
+    """'10%,25%' -> [('10%', 0.1), ('25%', 0.25)]; 'sweep' -> the default sweep (SWEEP)."""
+    if text.strip().lower() == "sweep":
+        text = SWEEP
+    budgets = [(t.strip(), parse_budget(t)) for t in text.split(",")]
+    seen = [(type(b), b) for _, b in budgets]  # 1 (one image) is not 1.0 (100%)
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"--budget: {text!r} names a budget twice")
+    return budgets
 
 
 def parse_budget(text: str) -> float | int:
@@ -53,7 +67,7 @@ def cmd_adapt(args) -> int:
     from remedis.pipeline import check_output_folder, evaluate_model
     from remedis.training import setup_runtime
 
-    budgets = [(text.strip(), parse_budget(text)) for text in args.budget.split(",")]  # fail before any work
+    budgets = parse_budgets(args.budget)  # fail before any work
     cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
     meta = read_meta(args.backbone)
     if meta.get("kind") != "backbone":
@@ -126,7 +140,8 @@ def register(sub) -> None:
     a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets")
     a.add_argument("--backbone", required=True, help="backbone checkpoint folder (from pretrain)")
     a.add_argument("--manifest", required=True, help="the site's manifest CSV")
-    a.add_argument("--budget", default="100%", help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep")
+    a.add_argument("--budget", default="100%", help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep, or 'sweep' for "
+                        f"{SWEEP.replace('%', '%%')}")
     a.add_argument("--output", "-o", required=True)
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
     a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
