@@ -140,8 +140,9 @@ def register(sub) -> None:
     a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets")
     a.add_argument("--backbone", required=True, help="backbone checkpoint folder (from pretrain)")
     a.add_argument("--manifest", required=True, help="the site's manifest CSV")
-    a.add_argument("--budget", default="100%", help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep, or 'sweep' for "
-                        f"{SWEEP.replace('%', '%%')}")
+    a.add_argument("--budget", default="100%",
+                   help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep, "
+                        f"or 'sweep' for {SWEEP.replace('%', '%%')}")
     a.add_argument("--output", "-o", required=True)
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
     a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
