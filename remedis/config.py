@@ -66,6 +66,7 @@ class SupervisedConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    augment_strength: float = 1.0  # FineTuneAugment magnitude (1 light; 2-3 adds rotation, blur, noise)
     max_steps_per_epoch: int | None = None
 
 
@@ -107,7 +108,12 @@ class AdaptConfig:
     backbone_lr_scale: float = 1.0  # discriminative learning rate: backbone lr = lr * scale
     label_smoothing: float = 0.0
     patience: int | None = None  # early stopping on validation AUROC (epochs without improvement)
-    sweep_lrs: list[float] = field(default_factory=list)  # extra sweep members (lr values) besides `lr`
+    augment_strength: float = 1.0  # FineTuneAugment magnitude (1 light; 2-3 adds rotation, blur, noise)
+    # The sweep is the grid [lr, *sweep_lrs] x [weight_decay, *sweep_weight_decays] x
+    # [augment_strength, *sweep_augment_strengths]; every member is kept for the soup.
+    sweep_lrs: list[float] = field(default_factory=list)
+    sweep_weight_decays: list[float] = field(default_factory=list)
+    sweep_augment_strengths: list[float] = field(default_factory=list)
     soup: str = "greedy"  # how sweep members combine: "best", "uniform" or "greedy" (by validation AUROC)
     wise_ft: bool = True  # interpolate with the initial backbone, alpha chosen on validation
     wise_alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
@@ -227,6 +233,17 @@ class RunConfig:
         for a in self.adapt.wise_alphas:
             if not 0.0 <= a <= 1.0:
                 raise ConfigError(f"adapt.wise_alphas: {a} is not in [0, 1]")
+        ac = self.adapt
+        for key, values, lowest in (("lr", [ac.lr, *ac.sweep_lrs], None),
+                                    ("weight_decay", [ac.weight_decay, *ac.sweep_weight_decays], 0.0),
+                                    ("augment_strength", [ac.augment_strength, *ac.sweep_augment_strengths], 0.0)):
+            for v in values:
+                if (v <= 0 if lowest is None else v < lowest):
+                    raise ConfigError(f"adapt.{key} / adapt.sweep_{key}s: {v} must be {'> 0' if lowest is None else '>= 0'}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"adapt.sweep_{key}s: {values[1:]} repeats a value (adapt.{key} = {values[0]} is already a member)")
+        if self.pretrain.supervised.augment_strength < 0:
+            raise ConfigError(f"pretrain.supervised.augment_strength: must be >= 0, got {self.pretrain.supervised.augment_strength}")
         for b in self.adapt.backbones:
             if b not in ("remedis", "supervised", "random"):
                 raise ConfigError(f"adapt.backbones: unknown backbone {b!r} (remedis, supervised, random)")

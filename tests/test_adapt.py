@@ -203,6 +203,28 @@ def bright_dark(n, size=16, seed=0):
     return ImageCache(recs, pixels.half(), Preprocessing(size))
 
 
+def test_sweep_is_the_grid_of_lr_weight_decay_and_augmentation():
+    from remedis.adapt.finetune import fine_tune
+    from remedis.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.data.image_size = 16
+    cfg.model.backbone = "resnet18"
+    cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 1, 8, "fp32"
+    cfg.adapt.sweep_weight_decays, cfg.adapt.sweep_augment_strengths = [0.05], [3.0]
+    cfg.adapt.soup = "uniform"
+    adapted, _, variants = fine_tune(cfg, None, bright_dark(24), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+                                     progress=False)
+    sweep = adapted.provenance["sweep"]
+    lr = 3 * cfg.adapt.lr  # random init takes the larger step
+    assert [(m["lr"], m["weight_decay"], m["augment_strength"]) for m in sweep] == [
+        (lr, 1e-4, 1.0), (lr, 1e-4, 3.0), (lr, 0.05, 1.0), (lr, 0.05, 3.0)]
+    assert adapted.provenance["soup"]["members"] == [0, 1, 2, 3]
+    # Same start and data order: members 0/1 differ only by augmentation, 0/2 only by weight decay.
+    losses = [m["history"][0]["train_loss"] for m in sweep]
+    assert losses[0] != losses[1] and losses[0] != losses[2]
+
+
 def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     from remedis.adapt.finetune import fine_tune
     from remedis.adapt.linear_head import fit_linear_head

@@ -59,3 +59,37 @@ def test_simclr_options_are_validated(tmp_path):
     path.write_text("pretrain:\n  simclr: {elastic_prob: 2}\n")
     with pytest.raises(ConfigError, match="pretrain.simclr.elastic_prob"):
         RunConfig.from_yaml(path)
+
+
+def test_fine_tune_augment_strength_scales_the_distortion():
+    from remedis.pretrain.transforms import FineTuneAugment
+
+    x = torch.linspace(0.1, 0.6, 48 * 48).view(1, 48, 48)
+    flips = [FineTuneAugment(48, seed=s, strength=0)(x) for s in range(8)]
+    assert all(torch.allclose(v, x, atol=1e-5) or torch.allclose(v, x.flip(-1), atol=1e-5) for v in flips)  # 0: flip alone
+
+    def mean_change(strength: float) -> float:  # how far views move from the image, flips undone
+        aug = FineTuneAugment(48, seed=0, strength=strength)
+        out = []
+        for _ in range(64):
+            v = aug(x)
+            out.append(min((v - x).abs().mean(), (v - x.flip(-1)).abs().mean()))
+        return float(torch.stack(out).mean())
+
+    light, strong = mean_change(1.0), mean_change(3.0)
+    assert 0 < light < strong
+    v = FineTuneAugment(48, seed=1, strength=3.0)(x)
+    assert v.shape == (1, 48, 48) and 0.0 <= v.min() and v.max() <= 1.0
+    with pytest.raises(ValueError, match="strength"):
+        FineTuneAugment(48, strength=-1)
+
+
+def test_sweep_grid_options_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, match in [("adapt: {sweep_augment_strengths: [1.0]}\n", r"adapt\.sweep_augment_strengths.*repeats"),
+                        ("adapt: {sweep_weight_decays: [-0.1]}\n", r"adapt\.weight_decay.*>= 0"),
+                        ("adapt: {sweep_lrs: [0]}\n", r"adapt\.lr.*> 0"),
+                        ("pretrain:\n  supervised: {augment_strength: -1}\n", r"pretrain\.supervised\.augment_strength")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            RunConfig.from_yaml(path)

@@ -70,7 +70,8 @@ def train_supervised(cfg: RunConfig, train: ImageCache, val: ImageCache, class_n
     model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
     if cfg.model.weights:  # start the upstream stage from external (e.g. ImageNet BiT) weights
         load_external_weights(model.backbone, cfg.model.weights)
-    train_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed))
+    train_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed,
+                                                                  strength=sc.augment_strength))
     module = ClassifierModule(model, lr=sc.lr, weight_decay=sc.weight_decay,
                               class_weights=class_weights(train_ds.targets, len(class_names)),
                               label_smoothing=sc.label_smoothing, positive_index=positive_index)

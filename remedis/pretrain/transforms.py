@@ -80,16 +80,32 @@ class SimCLRAugment(_Recipe):
 
 
 class FineTuneAugment(_Recipe):
-    """Light augmentation for supervised training and fine-tuning: crop, flip, mild intensity."""
+    """Augmentation for supervised training and fine-tuning: crop, flip and intensity jitter whose
+    magnitudes scale with `strength`. 1 is the light default (85-100% crop, gamma 0.8-1.25, 10%
+    intensity scale); above 1 the crop widens (down to 50%), and rotation, brightness shift, blur and
+    noise join in, growing with `strength - 1`; 0 leaves only the flip. A sweep can search it
+    (`adapt.sweep_augment_strengths`): scanner and site shifts are largely intensity and texture shifts.
+    """
 
-    def __init__(self, image_size: int, seed: int = 0):
-        s = image_size
-        self.transform = Compose([
-            RandSpatialCrop(roi_size=int(0.85 * s), max_roi_size=s, random_size=True),
+    def __init__(self, image_size: int, seed: int = 0, strength: float = 1.0):
+        if strength < 0:
+            raise ValueError(f"augmentation strength must be >= 0, got {strength}")
+        s, extra = image_size, max(0.0, strength - 1.0)
+        steps = [
+            RandSpatialCrop(roi_size=max(8, int(max(0.5, 1 - 0.15 * strength) * s)), max_roi_size=s, random_size=True),
             Resize((s, s), mode="bilinear", anti_aliasing=False),
             RandFlip(prob=0.5, spatial_axis=1),
-            RandAdjustContrast(prob=0.5, gamma=(0.8, 1.25)),
-            RandScaleIntensity(factors=0.1, prob=0.5),
-        ])
+            RandAdjustContrast(prob=0.5, gamma=(1 / (1 + 0.25 * strength), 1 + 0.25 * strength)),
+            RandScaleIntensity(factors=0.1 * strength, prob=0.5),
+        ]
+        if extra > 0:  # appended, so strength 1 draws exactly the random numbers it always drew
+            steps += [
+                RandRotate(range_x=math.radians(min(30.0, 10 * extra)), prob=0.5, padding_mode="zeros"),
+                RandShiftIntensity(offsets=min(0.2, 0.05 * extra), prob=0.5),
+                RandGaussianSmooth(sigma_x=(0.1, 1.0), sigma_y=(0.1, 1.0), prob=min(0.5, 0.25 * extra)),
+                RandGaussianNoise(prob=min(0.5, 0.25 * extra), std=min(0.05, 0.02 * extra)),
+            ]
+        self.transform = Compose(steps)
         self.transform.set_random_state(seed)
         self.seed = seed
+        self.strength = strength
