@@ -3,10 +3,9 @@
 One call runs the whole adaptation recipe:
 1. a small sweep, the grid learning rate x weight decay x augmentation strength (`adapt.lr`,
    `adapt.weight_decay`, `adapt.augment_strength` plus the `adapt.sweep_*` lists), each member
-   fine-tuned with early selection on
-   the site's validation AUROC (full, partial or linear fine-tuning, or LP-FT: full fine-tuning from a
-   logistic-regression head fitted on frozen embeddings, the probe itself kept as one more member;
-   class-weighted loss);
+   fine-tuned with early selection on the site's validation AUROC (full, partial or linear
+   fine-tuning, or LP-FT: full fine-tuning from a logistic-regression head fitted on frozen
+   embeddings, the probe itself kept as one more member; class-weighted loss);
 2. the members combined by `adapt.soup` (best member, uniform or greedy soup);
 3. WiSE-FT: the backbone interpolated towards its initial weights, alpha chosen on validation;
 4. temperature scaling and the operating threshold (validation sensitivity `operating_sensitivity`).
@@ -57,8 +56,8 @@ class SweepMember:
     state: dict[str, torch.Tensor]
     val_auroc: float
     history: list[dict]
-    weight_decay: float = 0.0
-    augment_strength: float = 0.0
+    weight_decay: float | None = None  # None: the LP-FT probe (no gradient training)
+    augment_strength: float | None = None
 
 
 def check_adaptation_data(train: ImageCache, val: ImageCache, class_names: list[str], where: str) -> None:
