@@ -98,6 +98,9 @@ class AdaptConfig:
     fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
     backbones: list[str] = field(default_factory=lambda: ["remedis", "supervised"])
     epochs: int = 10
+    # Small budgets get more epochs so that every budget trains for at least this many optimizer steps
+    # (as BiT-HyperRule sizes its schedule by dataset size); 0 = `epochs` for every budget.
+    min_steps: int = 0
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -234,6 +237,8 @@ class RunConfig:
             if not 0.0 <= a <= 1.0:
                 raise ConfigError(f"adapt.wise_alphas: {a} is not in [0, 1]")
         ac = self.adapt
+        if ac.min_steps < 0:
+            raise ConfigError(f"adapt.min_steps: must be >= 0, got {ac.min_steps}")
         for key, values, lowest in (("lr", [ac.lr, *ac.sweep_lrs], None),
                                     ("weight_decay", [ac.weight_decay, *ac.sweep_weight_decays], 0.0),
                                     ("augment_strength", [ac.augment_strength, *ac.sweep_augment_strengths], 0.0)):

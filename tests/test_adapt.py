@@ -225,6 +225,25 @@ def test_sweep_is_the_grid_of_lr_weight_decay_and_augmentation():
     assert losses[0] != losses[1] and losses[0] != losses[2]
 
 
+def test_min_steps_gives_small_budgets_more_epochs():
+    from remedis.adapt.finetune import fine_tune
+    from remedis.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.data.image_size = 16
+    cfg.model.backbone = "resnet18"
+    cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 1, 8, "fp32"
+    cfg.adapt.min_steps = 7  # 25 images in batches of 8: 3 steps per epoch (the 1-image batch dropped)
+    adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+                                    progress=False)
+    assert adapted.provenance["epochs"] == 3 and adapted.provenance["steps"] == 9
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    cfg.adapt.min_steps = 0
+    adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+                                    progress=False)
+    assert adapted.provenance["epochs"] == 1 and len(history) == 1
+
+
 def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     from remedis.adapt.finetune import fine_tune
     from remedis.adapt.linear_head import fit_linear_head

@@ -112,6 +112,14 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     batch = min(ac.batch_size, len(train_ds))
     weights = class_weights(train_ds.targets, len(class_names))
 
+    drop_last = len(train_ds) > batch and len(train_ds) % batch == 1  # no 1-image batch
+    steps_per_epoch = len(train_ds) // batch if drop_last else -(-len(train_ds) // batch)
+    if ac.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, ac.max_steps_per_epoch)
+    epochs = max(ac.epochs, -(-ac.min_steps // steps_per_epoch))  # adapt.min_steps: small budgets train longer
+    if epochs > ac.epochs:
+        log.info("adapt: %d epochs (%d steps each) to reach adapt.min_steps=%d", epochs, steps_per_epoch, ac.min_steps)
+
     members: list[SweepMember] = []
     head_state, probe = None, {}
     if ac.mode == "lp-ft":
@@ -147,7 +155,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         workers = cfg.runtime.num_workers
         member_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=strength))
         train_loader = DataLoader(member_ds, batch_size=batch, sampler=EpochSampler(len(train_ds), cfg.seed),
-                                  drop_last=len(train_ds) > batch and len(train_ds) % batch == 1,  # no 1-image batch
+                                  drop_last=drop_last,
                                   num_workers=workers, persistent_workers=workers > 0,
                                   worker_init_fn=seed_loader_worker if workers > 0 else None)
         callbacks = []
@@ -155,7 +163,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
             from lightning.pytorch.callbacks import EarlyStopping
 
             callbacks.append(EarlyStopping("val_auroc", mode="max", patience=ac.patience))
-        make_trainer(cfg.runtime, ac.epochs, ac.max_steps_per_epoch, progress, callbacks).fit(module, train_loader, val_loader)
+        make_trainer(cfg.runtime, epochs, ac.max_steps_per_epoch, progress, callbacks).fit(module, train_loader, val_loader)
         module.load_best()
         members.append(SweepMember(lr, {k: v.detach().clone() for k, v in model.state_dict().items()},
                                    module.best_metric, module.history, weight_decay, strength))
@@ -202,6 +210,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         **({"linear_probe": probe} if probe else {}),
         "train_images": len(train),
         "val_images": len(val),
+        "epochs": epochs,
+        "steps": epochs * steps_per_epoch,
         "sweep": [{"lr": m.lr, "weight_decay": m.weight_decay, "augment_strength": m.augment_strength,
                    "val_auroc": m.val_auroc, "history": m.history} for m in members],
         "soup": {"method": ac.soup if len(members) > 1 else "single", "members": soup_members},
