@@ -103,9 +103,10 @@ def make_logger(kind: str, log_dir: str | Path):
 
 def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int | None = None,
                  progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None,
-                 resume_file: str | Path | None = None) -> L.Trainer:
+                 resume_file: str | Path | None = None, val_every: int = 1) -> L.Trainer:
     """The Trainer every stage uses; `log_dir` gets Lightning's CSV metrics log (metrics.csv);
-    `resume_file` gets the training state after every epoch (see `fit_resumable`)."""
+    `resume_file` gets the training state after every epoch (see `fit_resumable`); validation runs
+    every `val_every` epochs."""
     callbacks = list(callbacks or [])
     if resume_file is not None:
         callbacks.append(EpochCheckpoint(Path(resume_file)))
@@ -118,6 +119,7 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         strategy = DDPStrategy(process_group_backend="nccl" if accelerator(runtime) == "gpu" else "gloo")
     return L.Trainer(
         max_epochs=epochs,
+        check_val_every_n_epoch=val_every,
         strategy=strategy,
         sync_batchnorm=world > 1 and accelerator(runtime) == "gpu",  # torch has no CPU SyncBatchNorm
         limit_train_batches=max_steps_per_epoch if max_steps_per_epoch else 1.0,

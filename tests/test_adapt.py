@@ -232,16 +232,17 @@ def test_min_steps_gives_small_budgets_more_epochs():
     cfg = RunConfig()
     cfg.data.image_size = 16
     cfg.model.backbone = "resnet18"
-    cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 1, 8, "fp32"
-    cfg.adapt.min_steps = 7  # 25 images in batches of 8: 3 steps per epoch (the 1-image batch dropped)
+    cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 2, 8, "fp32"
+    cfg.adapt.min_steps = 10  # 25 images in batches of 8: 3 steps per epoch (the 1-image batch dropped)
     adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
                                     progress=False)
-    assert adapted.provenance["epochs"] == 3 and adapted.provenance["steps"] == 9
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # 10 steps need 4 epochs: the 2-epoch schedule stretched by 2, still validated twice
+    assert adapted.provenance["epochs"] == 4 and adapted.provenance["steps"] == 12
+    assert [h["epoch"] for h in history] == [1, 3]
     cfg.adapt.min_steps = 0
     adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
                                     progress=False)
-    assert adapted.provenance["epochs"] == 1 and len(history) == 1
+    assert adapted.provenance["epochs"] == 2 and [h["epoch"] for h in history] == [0, 1]
 
 
 def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +117,13 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     steps_per_epoch = len(train_ds) // batch if drop_last else -(-len(train_ds) // batch)
     if ac.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, ac.max_steps_per_epoch)
-    epochs = max(ac.epochs, -(-ac.min_steps // steps_per_epoch))  # adapt.min_steps: small budgets train longer
-    if epochs > ac.epochs:
-        log.info("adapt: %d epochs (%d steps each) to reach adapt.min_steps=%d", epochs, steps_per_epoch, ac.min_steps)
+    # adapt.min_steps: a small budget's schedule is stretched by a whole factor, validating every
+    # `val_every` epochs, so it trains at least min_steps steps with the same number of validations.
+    val_every = max(1, math.ceil(math.ceil(ac.min_steps / steps_per_epoch) / ac.epochs))
+    epochs = ac.epochs * val_every
+    if val_every > 1:
+        log.info("adapt: %d epochs of %d steps (validation every %d) to reach adapt.min_steps=%d",
+                 epochs, steps_per_epoch, val_every, ac.min_steps)
 
     members: list[SweepMember] = []
     head_state, probe = None, {}
@@ -163,7 +168,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
             from lightning.pytorch.callbacks import EarlyStopping
 
             callbacks.append(EarlyStopping("val_auroc", mode="max", patience=ac.patience))
-        make_trainer(cfg.runtime, epochs, ac.max_steps_per_epoch, progress, callbacks).fit(module, train_loader, val_loader)
+        make_trainer(cfg.runtime, epochs, ac.max_steps_per_epoch, progress, callbacks,
+                     val_every=val_every).fit(module, train_loader, val_loader)
         module.load_best()
         members.append(SweepMember(lr, {k: v.detach().clone() for k, v in model.state_dict().items()},
                                    module.best_metric, module.history, weight_decay, strength))
