@@ -211,6 +211,7 @@ def test_sweep_is_the_grid_of_lr_weight_decay_and_augmentation():
     cfg.data.image_size = 16
     cfg.model.backbone = "resnet18"
     cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 1, 8, "fp32"
+    cfg.adapt.min_steps = 0
     cfg.adapt.sweep_weight_decays, cfg.adapt.sweep_augment_strengths = [0.05], [3.0]
     cfg.adapt.soup = "uniform"
     adapted, _, variants = fine_tune(cfg, None, bright_dark(24), bright_dark(12, seed=1), ["benign", "malignant"], 1,
@@ -264,6 +265,7 @@ def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     cfg.data.image_size = 16
     cfg.model.backbone = "resnet18"
     cfg.adapt.mode, cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = "lp-ft", 1, 8, "fp32"
+    cfg.adapt.min_steps = 0
     adapted, _, variants = fine_tune(cfg, None, train, val, ["benign", "malignant"], 1, progress=False)
     prov = adapted.provenance
     assert prov["mode"] == "lp-ft" and prov["linear_probe"]["val_auroc"] == 1.0

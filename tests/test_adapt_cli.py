@@ -20,7 +20,7 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
     manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=30, max_images_per_patient=2, image_size=40))
     config = tmp_path / "c.yaml"
     config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
-                      "adapt: {epochs: 1, batch_size: 16, distill_epochs: 1}\nserve: {model: remedis@1.0, build: false}\n")
+                      "adapt: {epochs: 1, min_steps: 0, batch_size: 16, distill_epochs: 1}\nserve: {model: remedis@1.0, build: false}\n")
     cfg = RunConfig.from_yaml(config)
     torch.manual_seed(0)
     backbone = create_backbone("resnet18", 1)

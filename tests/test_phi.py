@@ -53,7 +53,7 @@ def test_planted_identifiers_appear_nowhere(tmp_path):
 data: {{manifest: {manifest}, source_site: VendorA, target_site: VendorB, image_size: 32}}
 model: {{backbone: resnet18}}
 pretrain: {{supervised: {{epochs: 1, batch_size: 16}}, simclr: {{epochs: 1, batch_size: 16}}}}
-adapt: {{fractions: [1.0], backbones: [remedis], epochs: 1, batch_size: 8, distill_student: resnet18, distill_epochs: 1}}
+adapt: {{fractions: [1.0], backbones: [remedis], epochs: 1, min_steps: 0, batch_size: 8, distill_student: resnet18, distill_epochs: 1}}
 evaluate: {{bootstrap: 10}}
 serve: {{model: remedis@1.0, build: false}}
 """)

@@ -122,7 +122,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     val_every = max(1, math.ceil(math.ceil(ac.min_steps / steps_per_epoch) / ac.epochs))
     epochs = ac.epochs * val_every
     if val_every > 1:
-        log.info("adapt: %d epochs of %d steps (validation every %d) to reach adapt.min_steps=%d",
+        log.info("adapt: %d epochs of %d step(s) (validation every %d) to reach adapt.min_steps=%d",
                  epochs, steps_per_epoch, val_every, ac.min_steps)
 
     members: list[SweepMember] = []
