@@ -112,7 +112,7 @@ class AdaptConfig:
     fine_tune_after_block: int = -1  # partial: -1 trains all; k trains blocks after block k (0 = stem)
     backbone_lr_scale: float = 1.0  # discriminative learning rate: backbone lr = lr * scale
     label_smoothing: float = 0.0
-    patience: int | None = None  # early stopping on validation AUROC (epochs without improvement)
+    patience: int | None = None  # early stopping: validations without AUROC gain (one per epoch unless min_steps stretches)
     augment_strength: float = 1.0  # FineTuneAugment magnitude (1 light; 2-3 adds rotation, blur, noise)
     # The sweep is the grid [lr, *sweep_lrs] x [weight_decay, *sweep_weight_decays] x
     # [augment_strength, *sweep_augment_strengths]; every member is kept for the soup.
