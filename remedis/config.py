@@ -241,12 +241,12 @@ class RunConfig:
         ac = self.adapt
         if ac.min_steps < 0:
             raise ConfigError(f"adapt.min_steps: must be >= 0, got {ac.min_steps}")
-        for key, values, lowest in (("lr", [ac.lr, *ac.sweep_lrs], None),
-                                    ("weight_decay", [ac.weight_decay, *ac.sweep_weight_decays], 0.0),
-                                    ("augment_strength", [ac.augment_strength, *ac.sweep_augment_strengths], 0.0)):
+        for key, values, zero_ok in (("lr", [ac.lr, *ac.sweep_lrs], False),
+                                     ("weight_decay", [ac.weight_decay, *ac.sweep_weight_decays], True),
+                                     ("augment_strength", [ac.augment_strength, *ac.sweep_augment_strengths], True)):
             for v in values:
-                if (v <= 0 if lowest is None else v < lowest):
-                    raise ConfigError(f"adapt.{key} / adapt.sweep_{key}s: {v} must be {'> 0' if lowest is None else '>= 0'}")
+                if v < 0 or (v == 0 and not zero_ok):
+                    raise ConfigError(f"adapt.{key} / adapt.sweep_{key}s: {v} must be {'>= 0' if zero_ok else '> 0'}")
             if len(set(values)) != len(values):
                 raise ConfigError(f"adapt.sweep_{key}s: {values[1:]} repeats a value (adapt.{key} = {values[0]} is already a member)")
         if self.pretrain.supervised.augment_strength < 0:

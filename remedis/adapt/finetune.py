@@ -114,7 +114,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     weights = class_weights(train_ds.targets, len(class_names))
 
     drop_last = len(train_ds) > batch and len(train_ds) % batch == 1  # no 1-image batch
-    steps_per_epoch = len(train_ds) // batch if drop_last else -(-len(train_ds) // batch)
+    steps_per_epoch = len(train_ds) // batch if drop_last else math.ceil(len(train_ds) / batch)
     if ac.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, ac.max_steps_per_epoch)
     # adapt.min_steps: a small budget's schedule is stretched by a whole factor, validating every
