@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11 + pip):
 #   make demo   - create .venv, install, run the quickstart (every stage, report, bento)
 #   make test   - create .venv, install with test extras, run the test suite
+#   make lint   - ruff, import-linter (stage layering), hadolint
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,11 @@ test: $(STAMP)
 		|| echo "chromium could not be installed: the browser test will be skipped"; fi
 	$(PY) -m pytest -q
 
+# ruff (pyflakes, pycodestyle, import order), the stage layering (import-linter contracts in
+# pyproject.toml) and the Dockerfile (hadolint); CI runs it before the tests.
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:

@@ -111,7 +111,8 @@ def lightning_loop(module, batch, steps: int, warmup: int) -> float:
 
     quiet_lightning()
     timer = Timer()
-    trainer = make_trainer(RuntimeConfig(precision="bf16", accelerator="gpu" if DEV == "cuda" else "cpu"), epochs=1, progress=False, callbacks=[timer])
+    runtime = RuntimeConfig(precision="bf16", accelerator="gpu" if DEV == "cuda" else "cpu")
+    trainer = make_trainer(runtime, epochs=1, progress=False, callbacks=[timer])
     trainer.fit(module, DataLoader(Same(), batch_size=None, num_workers=0))
     return (timer.t1 - timer.t0) / steps
 
@@ -145,7 +146,7 @@ def main() -> None:
     batch = views(bs)
     module = simclr_module()
     with torch.autocast(DEV, dtype=torch.bfloat16):
-        step_flops = count_flops(lambda: module.criterion(*module.project(torch.cat(batch)).float().chunk(2)).backward())
+        step_flops = count_flops(lambda m=module: m.criterion(*m.project(torch.cat(batch)).float().chunk(2)).backward())
     module.zero_grad(set_to_none=True)
     imgs = 2 * bs  # views through the network per step
 

@@ -77,7 +77,10 @@ def simclr_view(x, gen):
     v = roi_align(x, boxes, output_size=64, aligned=True)
     flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
     v = torch.where(flip[:, None, None, None], v.flip(-1), v)
-    r = lambda lo, hi: (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)[:, None, None, None]
+
+    def r(lo, hi):
+        return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)[:, None, None, None]
+
     v = v.clamp(1e-4, 1) ** r(0.6, 1.6)
     mean = v.mean((2, 3), keepdim=True)
     return ((v - mean) * r(0.6, 1.4) + mean + r(-0.15, 0.15)).clamp(0, 1)
@@ -157,7 +160,10 @@ def main() -> None:
     ap.add_argument("--source-split", default="0.8,0.1,0.1", help="BUS-BRA train/val/test patient fractions")
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="scale every stage's epochs (smoke tests)")
     args = ap.parse_args()
-    ep = lambda n: max(1, round(n * args.epochs_scale))
+
+    def ep(n):
+        return max(1, round(n * args.epochs_scale))
+
     start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
@@ -166,7 +172,9 @@ def main() -> None:
     src_split = tuple(float(v) for v in args.source_split.split(","))
     records = (assign_splits([r for r in records if r.site == "BUS-BRA"], src_split, seed=args.seed)
                + assign_splits([r for r in records if r.site == "BUSI"], (0.6, 0.2, 0.2), seed=args.seed))
-    part = lambda site, split: [r for r in records if r.site == site and r.split == split]
+
+    def part(site, split):
+        return [r for r in records if r.site == site and r.split == split]
 
     src_train, src_val = load(part("BUS-BRA", "train"), device), load(part("BUS-BRA", "val"), device)
     upstream = resnet18().to(device)

@@ -21,7 +21,8 @@ def _summary(result) -> str:
     report = json.loads(Path(result.report_json).read_text())
     sites = list(report["sites"])
     width = max(len(m["name"]) for m in report["models"]) + 2
-    lines = ["test AUROC per site:", "model".ljust(width) + "labels  " + "".join(f"{s} ({report['sites'][s]['role']})".rjust(22) for s in sites)]
+    header = "".join(f"{s} ({report['sites'][s]['role']})".rjust(22) for s in sites)
+    lines = ["test AUROC per site:", "model".ljust(width) + "labels  " + header]
     for m in report["models"]:
         cells = []
         for s in sites:
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    from remedis.adapt.cli import register as register_adapt
+    from remedis.commands.adapt import register as register_adapt
 
     register_adapt(sub)
     from remedis.export import register as register_export
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from remedis.data.cli import register as register_data
 
     register_data(sub)
-    from remedis.evaluate.cli import register as register_evaluate
+    from remedis.commands.evaluate import register as register_evaluate
 
     register_evaluate(sub)
     return p

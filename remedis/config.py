@@ -50,6 +50,8 @@ class DataConfig:
     # per-site override, e.g. {BUS-BRA: [0.8, 0.1, 0.1]}: more upstream labels for the source site
     # while the target site keeps a test split large enough for CIs
     site_split_fractions: dict[str, list[float]] = field(default_factory=dict)
+    # a manifest with train and test splits but no val: this share of the train patients becomes val
+    val_fraction: float = 0.2
 
 
 @dataclass
@@ -218,6 +220,8 @@ class RunConfig:
                           *((f"data.site_split_fractions.{k}", v) for k, v in self.data.site_split_fractions.items())]:
             if len(fr) != 3 or abs(sum(fr) - 1.0) > 1e-6 or min(fr) < 0:
                 raise ConfigError(f"{where}: need three non-negative fractions (train, val, test) summing to 1, got {fr}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.data.val_fraction}")
         if self.runtime.logger not in ("csv", "tensorboard", "mlflow"):
             raise ConfigError(f"runtime.logger: expected csv, tensorboard or mlflow, got {self.runtime.logger!r}")
         sim = self.pretrain.simclr

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from remedis.adapt.model import AdaptedModel
+from remedis.adapt.ood import OODDetector
 from remedis.models.checkpoint import read_meta
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +30,6 @@ def _task(class_names: list[str], positive_index: int) -> str:
 
 def _ood_detector(model_dir: Path) -> dict | None:
     """Method, threshold and accept rate of the stored OOD detector (None when the folder has none)."""
-    try:
-        from remedis.evaluate.ood import OODDetector
-    except ImportError:
-        return None
     det = OODDetector.load(model_dir)
     if det is None:
         return None
@@ -54,7 +51,9 @@ def _site_summary(metrics: dict) -> dict:
 def _report_summary(report: dict, model_name: str | None) -> dict:
     """The report's numbers for this model: per-site metrics (AUROC with CI, ECE, sensitivity and
     specificity at the operating point, ...), site roles, the OOD detector and its detection summary."""
-    entry = next((m for m in report.get("models", []) if m.get("name") == model_name), None)
+    models = report.get("models", [])  # matched by the model folder's name (`remedis adapt` names 10% `...@10pct`)
+    entry = next((m for m in models if m.get("folder") == model_name), None) or \
+        next((m for m in models if m.get("name") == model_name), None)
     summary = {
         "schema_version": report.get("schema_version"),
         "model": model_name,
@@ -92,6 +91,7 @@ def model_card(model_dir: Path, report: dict | None, model_name: str | None) -> 
         "temperature": cal.get("temperature"),
         "operating_point": {"threshold": cal.get("threshold"), **(cal.get("operating_point") or {})},
         "ood_detector": _ood_detector(model_dir),
+        "input_contract": meta.get("input_contract"),
         "training_sites": sites,
         "train_images": prov.get("train_images"),
         "weights_sha256": meta["weights_sha256"],
@@ -104,13 +104,33 @@ def model_card(model_dir: Path, report: dict | None, model_name: str | None) -> 
     return card
 
 
+class ExportError(ValueError):
+    """A model folder that is not ready to serve; the message names what is missing."""
+
+
+def check_servable(model_dir: str | Path, allow_no_ood: bool = False) -> AdaptedModel:
+    """Load `model_dir` (refusing a folder that would not serve) and check that it is complete: an OOD
+    detector and an input contract, unless `allow_no_ood`."""
+    model = AdaptedModel.load(model_dir)
+    missing = model.missing_for_serving()
+    if missing and not allow_no_ood:
+        raise ExportError(f"{model_dir}: not ready to serve, it has no {' and no '.join(missing)}; re-adapt it with "
+                          f"this remedis (`remedis adapt` writes both), fit a detector with `remedis evaluate --refit-ood`, "
+                          f"or export without the OOD gate with --allow-no-ood")
+    return model
+
+
 def export_model(model_dir: str | Path, name: str, report_json: str | Path | None = None,
-                 report_model_name: str | None = None) -> str:
-    """Copy `model_dir` into the BentoML store as `name:<version>`; return the tag string."""
+                 report_model_name: str | None = None, allow_no_ood: bool = False) -> str:
+    """Copy `model_dir` into the BentoML store as `name:<version>`; return the tag string.
+
+    Raises:
+        ExportError: the folder lacks the OOD detector or the input contract (unless `allow_no_ood`).
+    """
     import bentoml
 
     model_dir = Path(model_dir)
-    AdaptedModel.load(model_dir)  # refuse to export a folder that would not serve
+    check_servable(model_dir, allow_no_ood)
     report = json.loads(Path(report_json).read_text()) if report_json else None
     card = model_card(model_dir, report, report_model_name)
     with bentoml.models.create(
@@ -128,13 +148,13 @@ def build_bento(model_tag: str, bentofile: Path = BENTOFILE) -> str:
     import bentoml
 
     if not bentofile.is_file():
-        raise FileNotFoundError(f"{bentofile}: BentoML build file not found (build from a source checkout of remedis)")
+        raise FileNotFoundError(f"{bentofile}: BentoML build file not found (is the `serving` package installed?)")
     bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(bentofile.parent.parent), args={"model": model_tag})
     return str(bento.tag)
 
 
 def cmd_export(args) -> int:
-    tag = export_model(args.model, args.name, args.report, Path(args.model).name)
+    tag = export_model(args.model, args.name, args.report, Path(args.model).name, allow_no_ood=args.allow_no_ood)
     print(f"model: {tag}")
     if args.build:
         print(f"bento: {build_bento(tag)}")
@@ -147,4 +167,6 @@ def register(sub) -> None:
     e.add_argument("--name", required=True, help="BentoML model name")
     e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")
     e.add_argument("--build", action="store_true", help="also `bentoml build` the service around it")
+    e.add_argument("--allow-no-ood", action="store_true",
+                   help="export a folder without an OOD detector or input contract (the service then answers ood: null)")
     e.set_defaults(func=cmd_export)

@@ -14,13 +14,12 @@ Example:
 from __future__ import annotations
 
 import io
-import re
-import warnings
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from remedis.data.contract import ImageTooLargeError, SourceInfo, describe_bytes
 from remedis.data.readers import ImageReadError, read_image_bytes
 from serving.settings import LimitSettings
 
@@ -44,11 +43,26 @@ class UploadError(ValueError):
 
 @dataclass
 class Upload:
+    """A checked upload: its bytes, the sniffed format and, when the header parsed, its header facts
+    (`remedis.data.contract.describe_bytes`; `source` is None when it did not: the reader then gives
+    the precise reason on decoding)."""
+
     data: bytes
     format: str  # dicom | png | jpeg | tiff
-    modality: str | None = None  # DICOM Modality (not an identifier)
-    rows: int = 0
-    columns: int = 0
+    source: SourceInfo | None = None
+
+    @property
+    def modality(self) -> str | None:
+        """DICOM Modality as a code string (never an identifier), or None."""
+        return self.source.modality if self.source is not None and self.format == "dicom" else None
+
+    @property
+    def rows(self) -> int:
+        return self.source.rows if self.source is not None else 0
+
+    @property
+    def columns(self) -> int:
+        return self.source.columns if self.source is not None else 0
 
 
 def sniff(data: bytes) -> str | None:
@@ -91,36 +105,15 @@ def check_upload(data: bytes, declared: str | None, limits: LimitSettings, filen
 
 
 def _check_header(up: Upload, limits: LimitSettings) -> None:
-    """Declared dimensions against the pixel limit, read from the header only (no decoding)."""
-    if up.format == "dicom":
-        import pydicom
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(io.BytesIO(up.data), force=True, stop_before_pixels=True)
-            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            modality = ds.get("Modality", None)
-        except Exception:  # a broken header: the reader gives the precise (safe) reason below
-            return
-        text = str(modality).strip().upper() if modality is not None else ""
-        # A DICOM code string (CS: A-Z, 0-9, space, underscore; 16 chars): anything else is not echoed.
-        up.modality = text if re.fullmatch(r"[A-Z0-9_ ]{1,16}", text) else None
-    else:
-        from PIL import Image
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(up.data)) as img:
-                    cols, rows = img.size
-                    frames = 1
-        except Image.DecompressionBombError:
-            raise UploadError(413, f"image dimensions are above this service's limit of {limits.max_pixels} pixels") from None
-        except Exception:
-            return
-    up.rows, up.columns = rows, cols
+    """The header facts (`describe_bytes`: modality, photometric, channels, size), and the declared
+    dimensions against the pixel limit, before anything is decoded."""
+    try:
+        up.source = describe_bytes(up.data, name="upload.dcm" if up.format == "dicom" else f"upload.{up.format}")
+    except ImageTooLargeError:
+        raise UploadError(413, f"image dimensions are above this service's limit of {limits.max_pixels} pixels") from None
+    except Exception:  # a broken header: the reader gives the precise (safe) reason on decoding
+        return
+    rows, cols, frames = up.source.rows, up.source.columns, up.source.frames if up.format == "dicom" else 1
     if rows * cols * frames > limits.max_pixels:
         raise UploadError(413, f"image is {rows}x{cols}" + (f"x{frames}" if frames > 1 else "")
                           + f" pixels, above this service's limit of {limits.max_pixels}")

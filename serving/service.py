@@ -1,10 +1,12 @@
 """BentoML service: a DICOM, PNG, JPEG or TIFF upload in; calibrated probabilities, the label at the
-stored operating point, an OOD score and flag out.
+stored operating point, an OOD flag with its reasons and the feature OOD score out.
 
 Two services, one bento (BentoML's pattern for adaptive batching behind pre-processing):
 - `RemedisService` (the API): checks and decodes uploads (`serving.inputs`, the training reader and
-  preprocessing from `remedis.data`), calibrates, applies the operating point and the OOD detector,
-  answers `predict`, `predict_batch`, `embed`, `metadata`; BentoML adds `/healthz`, `/readyz`, `/metrics`.
+  preprocessing from `remedis.data`), checks each input against the model's input contract
+  (`remedis.data.contract`: modality, channels, size, intensity), calibrates and decides with the
+  model's `Calibration`, applies the OOD detector, answers `predict`, `predict_batch`, `embed`,
+  `metadata`; BentoML adds `/healthz`, `/readyz`, `/metrics`.
 - `RemedisModel`: the network on CPU or GPU (`serving.runtime`), one `batchable` endpoint, so
   concurrent requests share forward passes (max batch size and latency from the serving config).
 
@@ -12,6 +14,10 @@ Settings: `serving/serving.yaml` or `--arg config=FILE`; the model: `--arg model
 
     bentoml serve serving.service:RemedisService --arg model=remedis-quickstart:latest
     curl -F image=@scan.dcm http://localhost:3000/predict
+
+An answer's `ood` is true when the input breaks the model's input contract (`ood_reasons` says how, e.g.
+"modality CT, model trained on US") or when the detector's `ood_score` is above its threshold; null when
+the model folder has neither a detector nor a contract.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse
 
+from remedis.adapt.calibration import Calibration
+from remedis.data.contract import InputContract
 from remedis.data.preprocess import Preprocessing
 from remedis.models.checkpoint import read_meta
+from serving.answer import answers, modality_warnings, prepare
 from serving.coalesce import Coalescer
 from serving.guard import RequestGuard
 from serving.hop import call_resending
-from serving.inputs import Upload, UploadError, check_upload, decode, expand_zip, sniff
+from serving.inputs import Upload, UploadError, check_upload, expand_zip, sniff
 from serving.settings import resolve
 
 log = logging.getLogger("bentoml.remedis")  # under BentoML's logger, so it reaches the server log
@@ -147,15 +156,6 @@ def _error(ctx: bentoml.Context, status: int, reason: str, field: str | None = N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def operating_threshold(meta: dict) -> float | None:
-    """The stored operating threshold on the positive-class probability (binary models), if any."""
-    cal = meta.get("calibration", {}) or {}
-    t = cal.get("threshold")
-    if t is None and isinstance(cal.get("operating_point"), dict):
-        t = cal["operating_point"].get("threshold")
-    return None if t is None else float(t)
-
-
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http={"host": SETTINGS.host})
 class RemedisService:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -171,41 +171,45 @@ class RemedisService:
         self.tag = self.model_ref.tag
         self.class_names: list[str] = list(meta["class_names"])
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        self.temperature = float(meta["calibration"]["temperature"])
-        self.positive_index = int(meta.get("positive_index", 1))
-        self.threshold = operating_threshold(meta) if len(self.class_names) == 2 else None
+        self.calibration = Calibration.from_meta(meta)  # the model's own probabilities and decision
         card = folder / "model_card.json"
         self.card = json.loads(card.read_text()) if card.is_file() else {}
         self.detector = self._load_detector(folder)
-        self.modalities = {m.upper() for m in SETTINGS.modalities}
+        self.contract = InputContract.from_dict(meta["input_contract"]) if meta.get("input_contract") else None
+        self.modalities = {m.upper() for m in SETTINGS.modalities}  # else the contract's (serving.answer)
         self.limits = SETTINGS.limits
         self.decode_limiter = anyio.CapacityLimiter(4)
         in_flight = SETTINGS.batching.coalesce_in_flight if SETTINGS.max_batch_size > 1 else 0
         self.coalescer = Coalescer(self._call_model, SETTINGS.max_batch_size, in_flight) if in_flight else None
-        log.info("serving %s: %d classes, operating point %s, OOD %s", self.tag, len(self.class_names),
-                 "none (argmax)" if self.threshold is None else f"{self.threshold:.4f}",
-                 f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none")
+        log.info("serving %s: %d classes, operating point %s, OOD %s, input contract %s", self.tag, len(self.class_names),
+                 "none (argmax)" if self.calibration.threshold is None else f"{self.calibration.threshold:.4f}",
+                 f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none",
+                 self._contract_line())
+
+    def _contract_line(self) -> str:
+        c = self.contract
+        if c is None:
+            return "none"
+        size = f"{c.rows[0]}-{c.rows[1]} x {c.columns[0]}-{c.columns[1]} px" if c.rows and c.columns else "any size"
+        return (f"{'/'.join(c.modalities) or 'modality unknown'}, channels {c.channels or 'unknown'}, {size}, "
+                f"{c.n_images} training images")
 
     @staticmethod
     def _load_detector(folder: Path):
         try:
-            from remedis.evaluate.ood import OODDetector
+            from remedis.adapt.ood import OODDetector
         except ImportError:  # an older remedis without OOD detection: serve without it (ood: null)
             return None
         return OODDetector.load(folder)
 
     # ---- the shared path: upload -> checked pixels -> tensor -> model -> answer -------------------
 
-    def _prepare(self, data: bytes, declared: str | None, filename: str | None) -> tuple[Upload, np.ndarray, list[str]]:
+    def _prepare(self, data: bytes, declared: str | None, filename: str | None) -> tuple[Upload, np.ndarray, list[str], list[str]]:
+        """Upload -> (upload, normalised pixels, warnings, input-contract reasons)."""
         up = check_upload(data, declared, self.limits, filename)
-        warnings: list[str] = []
-        if up.modality and self.modalities and up.modality not in self.modalities:
-            msg = f"DICOM modality {up.modality} is not one this model expects ({', '.join(sorted(self.modalities))})"
-            if SETTINGS.reject_other_modalities:
-                raise UploadError(422, msg)
-            warnings.append(msg)
-        x = self.preprocessing(decode(up)).numpy()
-        return up, x, warnings
+        warnings = modality_warnings(up, self.modalities, self.contract, SETTINGS.reject_other_modalities)
+        x, reasons = prepare(up, self.preprocessing, self.contract)
+        return up, x, warnings, reasons
 
     async def _prepare_async(self, data: bytes, declared: str | None, filename: str | None):
         result = None
@@ -235,29 +239,8 @@ class RemedisService:
         outs = await asyncio.gather(*(self._forward(c) for c in chunks))
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
-    def _answers(self, out: np.ndarray) -> list[dict[str, Any]]:
-        k = len(self.class_names)
-        logits, emb = out[:, :k], out[:, k:]
-        probs = (torch.from_numpy(np.ascontiguousarray(logits)) / self.temperature).softmax(1).numpy()
-        if self.threshold is not None:
-            positive = probs[:, self.positive_index] >= self.threshold
-            labels = np.where(positive, self.positive_index, 1 - self.positive_index)
-        else:
-            labels = probs.argmax(1)
-        ood_scores = ood_flags = None
-        if self.detector is not None:
-            ood_scores = self.detector.score(logits, emb)
-            ood_flags = ood_scores > self.detector.threshold
-        answers = []
-        for i in range(len(out)):
-            answers.append({
-                "probabilities": {c: float(p) for c, p in zip(self.class_names, probs[i])},
-                "label": self.class_names[int(labels[i])],
-                "decision": "operating_point" if self.threshold is not None else "argmax",
-                "ood": None if ood_flags is None else bool(ood_flags[i]),
-                "ood_score": None if ood_scores is None else float(ood_scores[i]),
-            })
-        return answers
+    def _answers(self, out: np.ndarray, contract_reasons: list[list[str]]) -> list[dict[str, Any]]:
+        return answers(out, self.class_names, self.calibration, self.detector, contract_reasons, self.contract is not None)
 
     @property
     def _model(self) -> dict[str, str]:
@@ -270,10 +253,10 @@ class RemedisService:
         return await self._prepare_async(*files[0])
 
     async def _forward_one(self, ctx: bentoml.Context, route: str):
-        """The one upload in field `image` through the checks and the model: ((upload, output, warnings),
-        None), or (None, the error answer) for a client mistake or a model failure."""
+        """The one upload in field `image` through the checks and the model: ((upload, output, warnings,
+        contract reasons), None), or (None, the error answer) for a client mistake or a model failure."""
         try:
-            up, x, warnings = await self._one(ctx, "image")
+            up, x, warnings, reasons = await self._one(ctx, "image")
         except UploadError as exc:
             log.info("%s: %d %s", route, exc.status, exc.reason)
             return None, _error(ctx, exc.status, exc.reason, "image")
@@ -281,18 +264,19 @@ class RemedisService:
             out = await self._forward(x[None])
         except bentoml.exceptions.BentoMLException as exc:
             return None, self._model_failure(ctx, exc)
-        return (up, out, warnings), None
+        return (up, out, warnings, reasons), None
 
     # ---- endpoints ---------------------------------------------------------------------------------
 
     @bentoml.api(input_spec=ImageInput)
     async def predict(self, image: Path, ctx: bentoml.Context) -> dict:
-        """Calibrated class probabilities, the label at the stored operating point and the OOD flag for one image."""
+        """Calibrated class probabilities, the label at the stored operating point, and the OOD flag with
+        its reasons (input contract, feature score) for one image."""
         done, failure = await self._forward_one(ctx, "predict")
         if failure is not None:
             return failure
-        up, out, warnings = done
-        answer = self._answers(out)[0]
+        up, out, warnings, reasons = done
+        answer = self._answers(out, [reasons])[0]
         return {**answer, "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
 
     @bentoml.api(input_spec=ImagesInput)
@@ -321,7 +305,7 @@ class RemedisService:
                 out = await self._forward_chunks([prepared[i][1] for i in good])
             except bentoml.exceptions.BentoMLException as exc:
                 return self._model_failure(ctx, exc)
-            answers = dict(zip(good, self._answers(out)))
+            answers = dict(zip(good, self._answers(out, [prepared[i][3] for i in good])))
         results = []
         for i, p in enumerate(prepared):
             if isinstance(p, UploadError):
@@ -340,7 +324,7 @@ class RemedisService:
         done, failure = await self._forward_one(ctx, "embed")
         if failure is not None:
             return failure
-        up, out, warnings = done
+        up, out, warnings, _ = done
         emb = out[0, len(self.class_names):]
         return {"embedding": [float(v) for v in emb], "dim": int(emb.shape[0]), "format": up.format,
                 "warnings": warnings, "model": self._model}
@@ -358,8 +342,9 @@ class RemedisService:
         return {
             **self.card,
             "model": self._model,
-            "operating_threshold": self.threshold,
+            "operating_threshold": self.calibration.threshold,
             "ood_detector": ood,
+            "input_contract": self.contract.summary() if self.contract is not None else None,
             "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size,
                         "runtime": runtime},
         }

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remedis.adapt.calibration import expected_calibration_error, fit_temperature, threshold_for_sensitivity
-from remedis.adapt.cli import parse_budget, parse_budgets
+from remedis.adapt.calibration import Calibration, fit_temperature
 from remedis.adapt.finetune import _freeze, check_adaptation_data
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
+from remedis.commands.adapt import parse_budget, parse_budgets
 from remedis.data.dataset import ImageCache
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
+from remedis.metrics import ece, threshold_for_sensitivity
 from remedis.models import Classifier
 from remedis.models.backbones import backbone_blocks
 from remedis.pretrain.micle import MICLeDataset
@@ -73,23 +74,8 @@ def test_temperature_scaling_lowers_heldout_nll():
     before = F.cross_entropy(logits[held], targets[held])
     after = F.cross_entropy(logits[held] / t, targets[held])
     assert after < before
-    assert expected_calibration_error((logits[held] / t).softmax(1), targets[held]) < \
-        expected_calibration_error(logits[held].softmax(1), targets[held])
-
-
-def test_ece_matches_naive_loop():
-    rng = np.random.default_rng(0)
-    probs = torch.tensor(rng.dirichlet([1, 1, 1], size=300), dtype=torch.float32)
-    targets = torch.tensor(rng.integers(0, 3, 300))
-    conf, pred = probs.max(1)
-    naive = 0.0
-    for b in range(15):
-        lo, hi = b / 15, (b + 1) / 15
-        idx = [i for i in range(300) if lo < float(conf[i]) <= hi]
-        if idx:
-            acc = np.mean([int(pred[i]) == int(targets[i]) for i in idx])
-            naive += len(idx) / 300 * abs(np.mean([float(conf[i]) for i in idx]) - acc)
-    assert abs(expected_calibration_error(probs, targets) - naive) < 1e-5
+    assert ece((logits[held] / t).softmax(1).numpy(), targets[held].numpy()) < \
+        ece(logits[held].softmax(1).numpy(), targets[held].numpy())
 
 
 def test_threshold_reaches_requested_sensitivity():
@@ -97,10 +83,21 @@ def test_threshold_reaches_requested_sensitivity():
     y = rng.integers(0, 2, 500).astype(bool)
     p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 500), 0, 1)
     for sens in (0.8, 0.9, 0.95):
-        t = threshold_for_sensitivity(p, y, sens)
+        t = threshold_for_sensitivity(y, p, sens)
         achieved = (p[y] >= t).mean()
         assert achieved >= sens
         assert (p[y] >= t + 1e-6).mean() < sens + 1.0 / y.sum() + 1e-9  # the largest such threshold
+
+
+def test_calibration_decides_at_the_threshold_and_matches_the_model():
+    cal = Calibration(temperature=2.0, threshold=0.3, positive_index=1)
+    logits = np.array([[0.0, -0.5], [0.0, -2.0], [1.0, 3.0]])
+    probs = cal.probs(logits)
+    assert np.allclose(probs, torch.softmax(torch.tensor(logits) / 2.0, 1).numpy())
+    assert list(cal.decide(probs)) == [1, 0, 1]  # 0.44 >= 0.3 is positive although argmax says 0
+    assert list(Calibration(threshold=None).decide(probs)) == [0, 0, 1]
+    three = Calibration.from_meta({"class_names": ["a", "b", "c"], "calibration": {"temperature": 1.0, "threshold": 0.3}})
+    assert three.threshold is None  # multi-class: argmax
 
 
 def cache_of(labels, patients, size=16):
@@ -274,14 +271,15 @@ def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     assert list(variants) == ["linear_probe", "best_member", "soup"]
 
     from remedis.evaluate.evaluation import recipe_ablation
-    from remedis.pipeline import evaluate_model
 
     head_before = adapted.classifier.head.weight.detach().clone()
     ablation = recipe_ablation(adapted, variants, test, n_boot=50, seed=0)
     assert torch.equal(adapted.classifier.head.weight, head_before)  # the model itself is left as it was
     assert set(ablation) == {"linear_probe", "best_member", "soup", "final"}
     assert ablation["linear_probe"]["auroc"] == 1.0  # the probe separates the test images too
-    final = evaluate_model(adapted, test, ["benign", "malignant"], 1, cfg)["s"]["auroc"]
+    from remedis.evaluate.evaluation import EvalInputs, evaluate_adapted
+
+    final = evaluate_adapted(adapted, EvalInputs(test=test, target_site="s", roles={"s": "target"}), n_boot=0)["sites"]["s"]["auroc"]
     assert abs(ablation["final"]["auroc"] - final) < 1e-9  # same weights, same number as the evaluation
     # identical weights give identical paired-bootstrap intervals
     same = recipe_ablation(adapted, {"copy": adapted.classifier.state_dict()}, test, n_boot=50, seed=0)

@@ -18,6 +18,8 @@ from remedis.pretrain.jobs import backbone_meta
 
 def test_adapt_sweep_with_distillation(tmp_path, capsys):
     manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=30, max_images_per_patient=2, image_size=40))
+    # The usual layout of a public dataset: train and test splits, no val (one is carved from train by patient).
+    manifest.write_text(manifest.read_text().replace(",val,", ",train,"))
     config = tmp_path / "c.yaml"
     config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
                       "adapt: {epochs: 1, min_steps: 0, batch_size: 16, distill_epochs: 1}\nserve: {model: remedis@1.0, build: false}\n")
@@ -48,7 +50,10 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
     assert teacher["mode"] == "lp-ft" and teacher["sweep"][0]["lr"] == 0.0  # --set reached the recipe
     student = read_meta(tmp_path / "out" / "adapted" / "backbone@100pct-student-resnet18")
     assert student["provenance"]["distilled_from"] == "resnet18" and student["provenance"]["distill_images"] > full["train_images"] - 1
-    assert "student (" in capsys.readouterr().out
+    assert "backbone@100%-student-resnet18: " in capsys.readouterr().out
+    assert report["provenance"]["validation"]["site-B"].startswith("carved from train: 20% of the train patients")
+    assert teacher["validation"].startswith("carved from train")
+    assert teacher["val_images"] > 0
 
 
 def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):

@@ -64,14 +64,18 @@ def test_site_split_fractions_must_sum_to_one(tmp_path):
 
 
 def test_site_split_override_moves_only_that_site():
-    from remedis.data.manifest import Record
-    from remedis.pipeline import split_by_site
+    from remedis.config import DataConfig
+    from remedis.data.manifest import Manifest, Record
+    from remedis.stages import prepare_records
 
     records = [Record(image=f"{s}/{i}.png", label="ab"[i % 2], site=s, patient_id=f"p{i}") for s in ("A", "B") for i in range(200)]
-    default = split_by_site(records, [0.6, 0.2, 0.2], {}, seed=0)
-    override = split_by_site(records, [0.6, 0.2, 0.2], {"A": [0.8, 0.1, 0.1]}, seed=0)
+    default = prepare_records(Manifest(records), DataConfig(), seed=0).records
+    override = prepare_records(Manifest(records), DataConfig(site_split_fractions={"A": [0.8, 0.1, 0.1]}), seed=0).records
     assert [r.image for r in override] == [r.image for r in records]  # order kept
-    share = lambda recs, site: sum(r.split == "train" for r in recs if r.site == site) / 200
+
+    def share(recs, site):
+        return sum(r.split == "train" for r in recs if r.site == site) / 200
+
     assert share(default, "A") == pytest.approx(0.6) and share(override, "A") == pytest.approx(0.8)
     assert [r.split for r in default if r.site == "B"] == [r.split for r in override if r.site == "B"]
 

@@ -16,7 +16,7 @@ def bright_dark(n, size=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     pixels = (0.2 + 0.6 * labels[:, None, None, None] + 0.05 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
-    recs = [Record(Path(f"/x/{i}.png"), ["dark", "bright"][int(l)], "s", f"p{i}") for i, l in enumerate(labels)]
+    recs = [Record(Path(f"/x/{i}.png"), ["dark", "bright"][int(lab)], "s", f"p{i}") for i, lab in enumerate(labels)]
     return ImageCache(recs, pixels.half(), Preprocessing(size)), labels
 
 

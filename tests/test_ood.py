@@ -9,7 +9,7 @@ from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_curve
 from sklearn.neighbors import NearestNeighbors
 
-from remedis.evaluate.ood import (
+from remedis.adapt.ood import (
     METHODS,
     OODDetector,
     all_scores,
@@ -78,7 +78,10 @@ def test_knn_matches_sklearn_nearest_neighbours():
     emb, y = _two_class(rng, n=60)
     q = rng.normal(size=(7, 8))
     got = OODDetector("knn", 0.0, fit_state("knn", emb, y, k=5)).score(None, q)
-    norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    def norm(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
     dist, _ = NearestNeighbors(n_neighbors=5).fit(norm(emb)).kneighbors(norm(q))
     assert np.allclose(got, dist[:, 4], atol=1e-5)
 

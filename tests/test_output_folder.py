@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from remedis.pipeline import check_output_folder
+from remedis.stages import check_output_folder
 
 
 def test_unwritable_and_full_output_folders_fail_early(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from remedis.adapt.model import AdaptedModel
+from remedis.adapt.ood import OODDetector
 from remedis.data.preprocess import Preprocessing
-from remedis.evaluate.ood import OODDetector
 from remedis.evaluate.report import SCHEMA_VERSION, advice_lines, label_savings
 from remedis.models.checkpoint import save_checkpoint
 from remedis.models.classifier import Classifier
@@ -180,7 +180,10 @@ def test_cli_errors_name_the_problem_and_report_rerenders(run, capsys):
     # `remedis report --from-json` renders the same page from report.json alone.
     again = run["out"] / "again"
     assert main(["report", "--from-json", str(run["json"]), "--output", str(again)]) == 0
-    strip = lambda t: t.split("</p>", 1)[1]
+
+    def strip(t):
+        return t.split("</p>", 1)[1]
+
     assert strip((again / "report.html").read_text()) == strip(run["html"].read_text())
 
 
@@ -197,8 +200,8 @@ def test_evaluation_inference_equals_the_service_calls():
 
 
 def test_multiclass_report_has_per_class_auroc_and_no_operating_point(tmp_path):
-    from remedis.evaluate.metrics import site_metrics
     from remedis.evaluate.report import build_report, write_report
+    from remedis.metrics import site_metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 90)

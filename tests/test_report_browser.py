@@ -15,15 +15,16 @@ import pytest
 from conftest import ROOT
 
 from remedis.evaluate.cka import linear_cka
-from remedis.evaluate.metrics import site_metrics
 from remedis.evaluate.report import build_report, write_report
+from remedis.metrics import site_metrics
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (make test installs Debian's chromium when run as root)")
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-default-apps", "--disable-extensions", "--hide-scrollbars",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate", "--enable-logging=stderr", "--v=0"]
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate",
+         "--enable-logging=stderr", "--v=0"]
 
 
 def _report(folder: Path) -> Path:
@@ -46,14 +47,16 @@ def _report(folder: Path) -> Path:
         matrix = [[linear_cka(feats[i], feats[j]) for j in range(len(layers))] for i in range(len(layers))]
         ood = {"in_distribution": {"site": "site-B", "n_images": 90}, "detector": {
             "method": "mahalanobis", "threshold": 12.5, "accept_rate": 0.95, "rule": "fixed", "test_accepted_in_distribution": 0.94},
-            "sets": {n: {"kind": k, "n_images": 64, "methods": {m: {"auroc": float(rng.uniform(0.5, 1)), "fpr95": float(rng.uniform(0, 0.9))}
-                                                              for m in ("msp", "max_logit", "energy", "mahalanobis", "knn")}}
+            "sets": {n: {"kind": k, "n_images": 64,
+                         "methods": {m: {"auroc": float(rng.uniform(0.5, 1)), "fpr95": float(rng.uniform(0, 0.9))}
+                                     for m in ("msp", "max_logit", "energy", "mahalanobis", "knn")}}
                      for n, k in (("site-A", "near"), ("site-C", "near"), ("synthetic-noise", "far"))}}
         models.append({"name": f"{backbone}@{fraction:g}", "backbone": backbone, "fraction": fraction, "train_images": images,
                        "temperature": 1.3, "operating_point": {"threshold": 0.4, "chosen_on": "validation"},
                        "sites": sites, "subgroups": {}, "ood": ood,
                        "representation": {"cka": {"layers": layers, "matrix": matrix, "diagonal": [matrix[i][i] for i in range(6)]},
-                                          "embedding_distance": {"site-A": {"site-A": 0.0, "site-B": 0.3}, "site-B": {"site-A": 0.3, "site-B": 0.0}}},
+                                          "embedding_distance": {"site-A": {"site-A": 0.0, "site-B": 0.3},
+                                                                 "site-B": {"site-A": 0.3, "site-B": 0.0}}},
                        "provenance": {"weights_sha256": "a" * 64}})
     sites = {"site-A": {"role": "source", "test_images": 90, "test_patients": 30},
              "site-B": {"role": "target", "test_images": 90, "test_patients": 30},

@@ -22,8 +22,10 @@ from remedis.data import Preprocessing, Record
 from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, seed_loader_worker
 from remedis.pretrain.transforms import FineTuneAugment
 
+# The smoke config made smaller (resume is about state, not learning), with more pretraining epochs to kill.
 ARGS = ["--no-build", "--quiet", "--set", "pretrain.supervised.epochs=6", "--set", "pretrain.simclr.epochs=6",
-        "--set", "adapt.fractions=[1.0]", "--set", "serve.model=remedis@1.0"]
+        "--set", "adapt.fractions=[1.0]", "--set", "serve.model=remedis@1.0", "--set", "data.synthetic.site_patients={}",
+        "--set", "data.synthetic.image_size=40", "--set", "data.image_size=32", "--set", "adapt.min_steps=0"]
 
 
 def _cli(config: Path, out: Path) -> list[str]:

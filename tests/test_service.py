@@ -2,8 +2,9 @@
 `bentoml serve` (once for the module), called over HTTP with `bentoml.SyncHTTPClient` and httpx.
 
 The server runs with the API key on, low size/pixel limits (so the bad-input cases stay tiny), an
-operating threshold and a real OOD detector in the model folder; every served number is checked
-against the offline model (`AdaptedModel`, `OODDetector`) on the same files.
+operating threshold, a real OOD detector and an input contract (fitted on small synthetic ultrasound) in
+the model folder; every served number is checked against the offline model (`AdaptedModel`,
+`OODDetector`, `InputContract`) on the same files.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
 
 httpx = pytest.importorskip("httpx")
@@ -58,34 +58,41 @@ def _dicom(path: Path, arr: np.ndarray, modality: str = "US", **tags) -> Path:
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     from remedis.adapt.model import AdaptedModel
+    from remedis.adapt.ood import OODDetector, fit_ood_detector
+    from remedis.data.contract import InputContract, describe_file
+    from remedis.data.dataset import load_images
+    from remedis.data.manifest import read_manifest
     from remedis.data.preprocess import Preprocessing
     from remedis.data.readers import read_image
-    from remedis.evaluate.ood import OODDetector, fit_ood_detector
+    from remedis.data.synthetic import SyntheticSpec, generate_synthetic
     from remedis.models import Classifier
     from serving.local import LocalServer
 
     tmp = tmp_path_factory.mktemp("service")
-    rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"],
-                         Preprocessing(image_size=32), temperature=1.7)
+    pre = Preprocessing(image_size=32)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], pre, temperature=1.7)
+
+    # "Training" images: small synthetic ultrasound (PNG sites, and a DICOM site with Modality US).
+    # Their input contract goes into the folder the way `adapt` stores it; the test images are held out.
+    manifest = read_manifest(generate_synthetic(tmp / "synth", SyntheticSpec(patients_per_site=12, image_size=40), seed=0))
+    train = load_images(manifest.select(split="train"), pre)
+    model.input_contract = InputContract.fit([describe_file(r.image) for r in train.records], train.pixels)
     folder = model.save(tmp / "adapted")
+    held_out = [r.image for r in manifest.select(split="test")]
+    pngs, dcms = [p for p in held_out if p.suffix == ".png"], [p for p in held_out if p.suffix == ".dcm"]
+    files = [f for pair in zip(pngs[:4], dcms[:4]) for f in pair]  # png, dcm, png, ...
 
-    # Test images: PNGs and DICOMs of different sizes (the service resizes, like training).
-    imgs = tmp / "imgs"
-    imgs.mkdir()
-    files = []
-    for i in range(4):
-        files.append(_png(imgs / f"img{i}.png", (rng.random((36 + 2 * i, 40)) * 255).astype(np.uint8)))
-        files.append(_dicom(imgs / f"img{i}.dcm", (rng.random((40, 34 + 2 * i)) * 4000).astype(np.uint16)))
-
-    # A real OOD detector (kNN on embeddings) and an operating threshold, stored in the folder the
-    # way `adapt`/`evaluate` store them.
-    x = model.batch_from_images([read_image(f) for f in files])
-    logits, emb = model.logits(x).numpy(), model.embed(x).numpy()
-    det = fit_ood_detector("knn", emb[:5], np.arange(5) % 2, logits[5:], emb[5:], k=3)
+    # A real OOD detector (kNN on embeddings of the train images, threshold on validation ones) and an
+    # operating threshold, stored in the folder the way `adapt` stores them.
+    val = load_images(manifest.select(split="val"), pre)
+    emb_train = model.embed(pre.normalize(train.pixels.float())).numpy()
+    x_val = pre.normalize(val.pixels.float())
+    det = fit_ood_detector("knn", emb_train, np.arange(len(emb_train)) % 2, model.logits(x_val).numpy(),
+                           model.embed(x_val).numpy(), k=3)
     det.save(folder)
-    p_pos = model.probs_from_logits(torch.from_numpy(logits)).numpy()[:, 1]
+    x = model.batch_from_images([read_image(f) for f in files])
+    p_pos = model.probs_from_logits(model.logits(x)).numpy()[:, 1]
     threshold = float(np.median(p_pos))  # half the images each side: argmax would differ from it
     meta = json.loads((folder / "meta.json").read_text())
     meta["calibration"]["threshold"] = threshold
@@ -109,7 +116,8 @@ auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}
     offline = AdaptedModel.load(folder)
     try:
         yield {"url": server.url, "server": server, "files": files, "offline": offline, "tmp": tmp, "tag": tag,
-               "detector": OODDetector.load(folder), "threshold": threshold, "folder": folder}
+               "detector": OODDetector.load(folder), "threshold": threshold, "folder": folder,
+               "contract": model.input_contract}
     finally:
         server.stop()
 
@@ -126,14 +134,17 @@ def _file(path: Path, ctype: str | None = None):
 
 def _expected(svc, path: Path) -> dict:
     m = svc["offline"]
+    from remedis.data.contract import describe_file
     from remedis.data.readers import read_image
 
     offline = m.predict_files([path])
     probs, logits = offline["probs"][0], offline["logits"]
     emb = m.embed(m.batch_from_images([read_image(path)])).numpy()
     score = float(svc["detector"].score(logits, emb)[0])
+    contract = svc["contract"].check(describe_file(path), m.preprocessing.resize(read_image(path)))
+    above = score > svc["detector"].threshold
     return {"probs": probs, "label": m.class_names[int(probs[1] >= svc["threshold"])], "ood_score": score,
-            "ood": score > svc["detector"].threshold, "embedding": emb[0]}
+            "ood": above or bool(contract), "contract_reasons": contract, "above": above, "embedding": emb[0]}
 
 
 def test_served_predictions_equal_offline(svc):
@@ -148,11 +159,42 @@ def test_served_predictions_equal_offline(svc):
         assert np.allclose(probs, exp["probs"], atol=1e-5), (path.name, probs, exp["probs"])
         assert got["label"] == exp["label"] and got["decision"] == "operating_point"
         assert got["ood"] == exp["ood"] and got["ood_score"] == pytest.approx(exp["ood_score"], rel=1e-4, abs=1e-5)
+        feature = [r for r in got["ood_reasons"] if r.startswith("feature score ")]
+        assert got["ood_reasons"] == exp["contract_reasons"] + feature and len(feature) == exp["above"]
         assert got["model"] == {"name": "svc-test", "version": svc["tag"].split(":")[1]}
         assert got["format"] == ("png" if path.suffix == ".png" else "dicom")
         labels.add(got["label"])
     assert labels == {"benign", "malignant"}  # the stored threshold, not argmax, decided
     client.close()
+
+
+def test_held_out_png_conforms_and_a_ct_slice_is_flagged_with_its_reason(svc):
+    """The model was trained on (synthetic) ultrasound: a held-out PNG of its sites is answered without
+    reasons and with a numeric feature score; a real CT slice (pydicom's CT_small.dcm, Modality CT) is
+    flagged by the input contract whatever its feature score, alone and inside a batch, and the answer
+    carries no identifier from its header."""
+    from pydicom.data import get_testdata_file
+
+    png = next(p for p in svc["files"] if p.suffix == ".png" and not _expected(svc, p)["ood"])
+    r = _post(svc, "predict", files={"image": _file(png)})
+    assert r.status_code == 200, r.text
+    assert r.json()["ood"] is False and r.json()["ood_reasons"] == [] and isinstance(r.json()["ood_score"], float)
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    r = _post(svc, "predict", files={"image": ("slice.dcm", ct.read_bytes(), "application/dicom")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ood"] is True and body["ood_reasons"][0] == "modality CT, model trained on US"
+    assert isinstance(body["ood_score"], float) and body["modality"] == "CT"
+    import pydicom
+
+    name = str(pydicom.dcmread(ct).PatientName)
+    assert name and all(part not in r.text for part in name.split("^") if part)
+    r = _post(svc, "predict_batch", files=[("images", ("slice.dcm", ct.read_bytes(), "application/dicom")), ("images", _file(png))])
+    assert r.status_code == 200, r.text
+    first, second = r.json()["results"]
+    assert first["ood"] is True and "modality CT" in first["ood_reasons"][0]
+    assert second["ood"] is False and second["ood_reasons"] == []
 
 
 def test_embed_equals_offline_embedding(svc):
@@ -203,6 +245,8 @@ def test_metadata_is_the_model_card(svc):
     assert card["operating_threshold"] == pytest.approx(svc["threshold"])
     assert card["ood_detector"]["method"] == "knn"
     assert card["ood_detector"]["threshold"] == pytest.approx(svc["detector"].threshold)
+    assert card["input_contract"]["modalities"] == ["US"] and card["input_contract"]["channels"] == [1]
+    assert card["input_contract"]["n_images"] == svc["contract"].n_images
     assert len(card["weights_sha256"]) == 64
     assert card["serving"]["auth"] == {"enabled": True, "header": "X-API-Key"}
     assert card["serving"]["runtime"] == {"device": "cpu", "precision": "bfloat16"}  # resources: CPU by default
@@ -282,7 +326,8 @@ def test_modality_mismatch_is_reported_not_refused(svc):
     ct = _dicom(svc["tmp"] / "ct.dcm", (np.random.default_rng(3).random((40, 40)) * 4000).astype(np.uint16), modality="CT")
     r = _post(svc, "predict", files={"image": _file(ct)})
     assert r.status_code == 200, r.text
-    assert r.json()["modality"] == "CT" and "CT" in r.json()["warnings"][0]
+    assert r.json()["modality"] == "CT" and "CT" in r.json()["warnings"][0]  # the configured `modalities: [US]`
+    assert r.json()["ood"] is True and "modality CT, model trained on US" in r.json()["ood_reasons"]
 
 
 def test_no_patient_identifier_in_responses_or_logs(svc):

@@ -222,8 +222,8 @@ def test_runtime_forward_equals_adapted_model_logits_and_embedding():
 
 def test_model_card_carries_task_operating_point_ood_and_report_summary(tmp_path):
     from remedis.adapt.model import AdaptedModel
+    from remedis.adapt.ood import OODDetector
     from remedis.data.preprocess import Preprocessing
-    from remedis.evaluate.ood import OODDetector
     from remedis.export import model_card
     from remedis.models import Classifier
 
@@ -369,3 +369,98 @@ def test_coalescer_fails_every_request_of_a_failed_call_and_then_recovers():
     results, after, co = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
     assert after.tolist() == [[3.0], [3.0]] and co._in_flight == 0
+
+
+# ---- the input contract and the answer (serving.answer), in-process -----------------------------------
+
+@pytest.fixture(scope="module")
+def us_contract(tmp_path_factory):
+    """An input contract fitted on small synthetic ultrasound (PNG sites and DICOM Modality US) at 32 px,
+    and one of its held-out PNGs."""
+    from remedis.data.contract import InputContract, describe_file
+    from remedis.data.dataset import load_images
+    from remedis.data.manifest import read_manifest
+    from remedis.data.preprocess import Preprocessing
+    from remedis.data.synthetic import SyntheticSpec, generate_synthetic
+
+    m = read_manifest(generate_synthetic(tmp_path_factory.mktemp("synth"), SyntheticSpec(patients_per_site=15, image_size=48), seed=0))
+    pre = Preprocessing(image_size=32)
+    train = load_images(m.select(split="train"), pre)
+    contract = InputContract.fit([describe_file(r.image) for r in train.records], train.pixels)
+    png = next(r.image for r in m.select(split="test") if r.image.suffix == ".png")
+    return contract, pre, png
+
+
+def test_upload_carries_the_header_facts_the_contract_checks(tmp_path):
+    from PIL import Image
+
+    lim = LimitSettings()
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)).save(buf, format="JPEG")
+    up = check_upload(buf.getvalue(), "image/jpeg", lim)
+    assert up.source.channels == 3 and up.source.photometric == "RGB" and (up.rows, up.columns) == (12, 10)
+    assert up.modality is None
+    up = check_upload(_dicom_bytes(tmp_path), None, lim)
+    assert (up.source.modality, up.source.photometric, up.source.channels) == ("US", "MONOCHROME2", 1)
+    assert check_upload(_png_bytes(9, 7), None, lim).source.channels == 1
+    with pytest.raises(UploadError) as err:  # a broken header leaves the facts unknown; decoding refuses it
+        decode(check_upload(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, None, lim))
+    assert err.value.status == 422
+
+
+def test_answer_uses_the_models_calibration_and_combines_contract_and_detector(us_contract):
+    from pydicom.data import get_testdata_file
+
+    from remedis.adapt.calibration import Calibration
+    from remedis.adapt.model import AdaptedModel
+    from remedis.adapt.ood import OODDetector
+    from remedis.models import Classifier
+    from serving.answer import answers, prepare
+
+    contract, pre, png = us_contract
+    torch.manual_seed(0)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], pre, temperature=1.7,
+                         threshold=0.4)
+    lim = LimitSettings()
+    x_png, r_png = prepare(check_upload(png.read_bytes(), "image/png", lim), pre, contract)
+    x_ct, r_ct = prepare(check_upload(open(get_testdata_file("CT_small.dcm"), "rb").read(), None, lim), pre, contract)
+    assert r_png == [] and r_ct[0] == "modality CT, model trained on US"
+    x = torch.from_numpy(np.stack([x_png, x_ct]))
+    logits, emb = model.logits(x).numpy(), model.embed(x).numpy()
+    out = np.concatenate([logits, emb], 1)
+    cal = Calibration.from_meta({"class_names": model.class_names, "calibration": {"temperature": 1.7, "threshold": 0.4}})
+    energy = OODDetector("energy", 1e6)  # accepts everything: the contract alone flags the CT slice
+    got = answers(out, model.class_names, cal, energy, [r_png, r_ct], contract=True)
+    probs = model.probs_from_logits(torch.from_numpy(logits)).numpy()
+    for a, p, label in zip(got, probs, model.decide(probs)):
+        assert np.allclose([a["probabilities"][c] for c in model.class_names], p, atol=1e-6)
+        assert a["label"] == model.class_names[label] and a["decision"] == "operating_point"
+        assert isinstance(a["ood_score"], float)
+    assert got[0]["ood"] is False and got[0]["ood_reasons"] == []
+    assert got[1]["ood"] is True and got[1]["ood_reasons"] == r_ct
+    # The detector's own flag is a reason too; without contract and detector nothing is claimed.
+    strict = OODDetector("energy", -1e6)
+    flagged = answers(out, model.class_names, cal, strict, [r_png, r_ct], contract=True)
+    assert flagged[0]["ood"] is True and flagged[0]["ood_reasons"][0].startswith("feature score ")
+    assert flagged[0]["ood_reasons"][0].endswith("above threshold -1e+06")
+    bare = answers(out, model.class_names, cal)
+    assert [a["ood"] for a in bare] == [None, None] and bare[0]["ood_reasons"] == [] and bare[0]["ood_score"] is None
+    contract_only = answers(out, model.class_names, cal, None, [r_png, r_ct], contract=True)
+    assert [a["ood"] for a in contract_only] == [False, True] and contract_only[0]["ood_score"] is None
+
+
+def test_expected_modalities_come_from_the_config_else_the_contract(tmp_path, us_contract):
+    from serving.answer import modality_warnings
+
+    contract = us_contract[0]
+    ct = check_upload(_dicom_bytes(tmp_path, Modality="CT"), None, LimitSettings())
+    us = check_upload(_dicom_bytes(tmp_path), None, LimitSettings())
+    assert modality_warnings(ct, {"US"}, None, reject=False) == ["DICOM modality CT is not one this model expects (US)"]
+    assert modality_warnings(ct, set(), contract, reject=False) == []  # the contract's mismatch is an ood reason
+    assert modality_warnings(us, set(), contract, reject=True) == []
+    for configured, c in (({"US"}, None), (set(), contract), ({"US", "MR"}, contract)):
+        with pytest.raises(UploadError, match="DICOM modality CT is not one this model expects") as err:
+            modality_warnings(ct, configured, c, reject=True)
+        assert err.value.status == 422
+    assert modality_warnings(ct, {"CT"}, contract, reject=True) == []  # the configured list wins
+    assert modality_warnings(ct, set(), None, reject=True) == []  # nothing expected: nothing refused

@@ -10,6 +10,10 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,31 +37,56 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
     return min(max(t, 0.05), 20.0)  # clamp: a degenerate validation split must not yield absurd T
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins over the top-class probability."""
-    conf, pred = probs.max(1)
-    correct = (pred == targets).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
-    return float(ece)
+@dataclass
+class Calibration:
+    """What turns a model's logits into the answer it gives: the temperature, and for binary tasks the
+    operating threshold on the positive-class probability (chosen on validation). The one place the
+    decision is made: `AdaptedModel`, evaluation and the service all call `probs` and `decide`.
 
+    Args:
+        temperature: T of temperature scaling (probabilities are softmax(logits / T)).
+        threshold: operating threshold on the positive-class probability (binary tasks), or None (argmax).
+        positive_index: index of the positive class (binary tasks).
+        operating_point: how the threshold was chosen (e.g. {"sensitivity": 0.9, "chosen_on": "validation"}).
 
-def threshold_for_sensitivity(positive_probs, is_positive, sensitivity: float = 0.9) -> float:
-    """Largest threshold on the positive-class probability whose sensitivity (TPR) is >= `sensitivity`.
-
-    A prediction is positive when prob >= threshold. Chosen on validation; stored with the model so the
-    service and the report use the same operating point.
+    Example:
+        >>> cal = Calibration(temperature=1.5, threshold=0.3, positive_index=1)
+        >>> cal.decide(cal.probs(np.array([[0.0, 0.2]])))
+        array([1])
     """
-    import numpy as np
 
-    p = np.asarray(positive_probs, dtype=np.float64)
-    y = np.asarray(is_positive, dtype=bool)
-    if y.sum() == 0:
-        return 0.5
-    pos = np.sort(p[y])[::-1]
-    k = int(np.ceil(sensitivity * len(pos) - 1e-9))  # need at least k positives at or above the threshold
-    return float(pos[max(k, 1) - 1])
+    temperature: float = 1.0
+    threshold: float | None = None
+    positive_index: int = 1
+    operating_point: dict[str, Any] = field(default_factory=dict)
+
+    def probs(self, logits) -> np.ndarray:
+        """Calibrated probabilities (N, K) of uncalibrated logits (N, K)."""
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+    def decide(self, probs) -> np.ndarray:
+        """Class index per row: the operating threshold for binary tasks, else argmax."""
+        probs = np.asarray(probs)
+        if self.threshold is not None and probs.shape[1] == 2:
+            positive = probs[:, self.positive_index] >= self.threshold
+            return np.where(positive, self.positive_index, 1 - self.positive_index)
+        return probs.argmax(1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"temperature": float(self.temperature), "threshold": self.threshold,
+                "operating_point": dict(self.operating_point)}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Calibration":
+        """From an adapted model folder's `meta.json` (its `calibration` and `positive_index`)."""
+        cal = meta.get("calibration") or {}
+        threshold = cal.get("threshold")
+        if threshold is None and isinstance(cal.get("operating_point"), dict):
+            threshold = cal["operating_point"].get("threshold")
+        if len(meta.get("class_names", [])) != 2:
+            threshold = None
+        return cls(float(cal.get("temperature", 1.0)), None if threshold is None else float(threshold),
+                   int(meta.get("positive_index", 1)), dict(cal.get("operating_point") or {}))

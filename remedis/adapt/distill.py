@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
+from remedis.adapt.calibration import fit_temperature
 from remedis.adapt.model import AdaptedModel
 from remedis.config import RuntimeConfig
 from remedis.data.dataset import ImageCache, LabeledDataset
+from remedis.metrics import threshold_for_sensitivity
 from remedis.models.classifier import Classifier
 from remedis.models.layout import memory_format
 from remedis.pretrain.transforms import FineTuneAugment
@@ -92,8 +93,8 @@ def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_
     result.temperature = fit_temperature(logits, val_ds.targets)
     if len(result.class_names) == 2:
         probs = result.probs_from_logits(logits).numpy()
-        result.threshold = threshold_for_sensitivity(probs[:, result.positive_index],
-                                                     val_ds.targets.numpy() == result.positive_index, sensitivity)
+        result.threshold = threshold_for_sensitivity(val_ds.targets.numpy() == result.positive_index,
+                                                     probs[:, result.positive_index], sensitivity)
         result.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
     result.provenance = {**teacher.provenance, "distilled_from": teacher.architecture, "distill_images": len(images),
                          "distill_temperature": temperature, "distill_loss": module.losses[-5:]}

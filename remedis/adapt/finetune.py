@@ -34,13 +34,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from remedis.adapt.calibration import fit_temperature, threshold_for_sensitivity
+from remedis.adapt.calibration import fit_temperature
 from remedis.adapt.linear_head import fit_linear_head
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
 from remedis.config import RunConfig
 from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, seed_loader_worker
-from remedis.metrics import auroc
+from remedis.metrics import auroc, threshold_for_sensitivity
 from remedis.models.backbones import backbone_blocks
 from remedis.models.checkpoint import load_checkpoint, load_matching
 from remedis.models.classifier import Classifier
@@ -62,13 +62,19 @@ class SweepMember:
 
 
 def check_adaptation_data(train: ImageCache, val: ImageCache, class_names: list[str], where: str) -> None:
-    """Fail before training when a budget or split cannot support the task."""
-    for name, cache in (("training budget", train), ("validation split", val)):
+    """Fail before training when a budget or split cannot support the task, naming what is missing."""
+    if not len(val):
+        raise ValueError(f"{where}: the site has no labeled validation image (no row with split 'val'); give the manifest "
+                         "a val split, or leave the split column empty for remedis to split by patient")
+    if not len(train):
+        raise ValueError(f"{where}: the site has no labeled train image (no row with split 'train')")
+    for name, cache, advice in (("training budget", train, "use a larger budget"),
+                                ("validation split", val, "the site's val split needs every class")):
         present = {r.label for r in cache.records}
         missing = [c for c in class_names if c not in present]
         if missing:
             raise ValueError(f"{where}: the {name} has no image of class(es) {missing} "
-                             f"({len(cache)} images); use a larger budget or check the site's labels")
+                             f"({len(cache)} images); {advice}, or check the site's labels")
 
 
 def _freeze(model: Classifier, mode: str, after_block: int) -> list[torch.nn.Module]:
@@ -94,60 +100,65 @@ def _val_auroc(model: AdaptedModel, state, loader) -> float:
     return auroc(targets.numpy(), logits.softmax(1).numpy(), model.positive_index)
 
 
-def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: ImageCache,
-              class_names: list[str], positive_index: int, progress: bool = True,
-              provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
+@dataclass(frozen=True)
+class Schedule:
+    """Epochs and steps of one sweep member: `adapt.min_steps` stretches a small budget's schedule by a
+    whole factor, validating every `val_every` epochs, so it trains at least min_steps optimizer steps
+    with the same number of validations."""
+
+    batch: int
+    drop_last: bool
+    steps_per_epoch: int
+    val_every: int
+    epochs: int
+
+    @classmethod
+    def of(cls, ac, n_train: int) -> "Schedule":
+        batch = min(ac.batch_size, n_train)
+        drop_last = n_train > batch and n_train % batch == 1  # no 1-image batch
+        steps = n_train // batch if drop_last else math.ceil(n_train / batch)
+        if ac.max_steps_per_epoch:
+            steps = min(steps, ac.max_steps_per_epoch)
+        val_every = max(1, math.ceil(math.ceil(ac.min_steps / steps) / ac.epochs))
+        return cls(batch, drop_last, steps, val_every, ac.epochs * val_every)
+
+
+def _initial_model(cfg: RunConfig, n_classes: int, init_state, backbone) -> Classifier:
+    model = Classifier(cfg.model.backbone, n_classes, cfg.model.in_chans)
+    if init_state is not None:
+        load_matching(model.backbone, init_state, str(backbone))
+    return model
+
+
+def _probe(cfg: RunConfig, init_state, backbone, train: ImageCache, val: ImageCache, class_names: list[str],
+           positive_index: int) -> tuple[SweepMember, dict[str, torch.Tensor], dict]:
+    """LP-FT's first step: the initial backbone (random init included, as a baseline) plus a logistic-regression
+    head fitted on frozen embeddings; kept as one more sweep member, its head starts every other member."""
+    L.seed_everything(cfg.seed, verbose=False)
+    model = _initial_model(cfg, len(class_names), init_state, backbone)
+    c, probe_auroc = fit_linear_head(model, train, val, class_names, positive_index)
+    head_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+    log.info("adapt: linear probe head (C=%g) val AUROC %.3f", c, probe_auroc)
+    member = SweepMember(0.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, probe_auroc,
+                         [{"epoch": -1, "val_auroc": probe_auroc, "linear_probe_C": c}])
+    return member, head_state, {"C": c, "val_auroc": probe_auroc}
+
+
+def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, class_names: list[str],
+           positive_index: int, head_state, schedule: Schedule, progress: bool) -> list[SweepMember]:
+    """Step 1: one fine-tuning per point of the grid learning rate x weight decay x augmentation strength,
+    each with early selection on validation AUROC; every member starts from the same head and data order."""
     ac = cfg.adapt
-    check_adaptation_data(train, val, class_names, "adapt")
-    init_state, backbone_hash = None, None
-    if backbone is not None:
-        init_state, meta = load_checkpoint(backbone)
-        if meta.get("architecture") != cfg.model.backbone or meta.get("in_chans", cfg.model.in_chans) != cfg.model.in_chans:
-            raise ValueError(f"{backbone}: backbone is {meta.get('architecture')!r} with {meta.get('in_chans')} input "
-                             f"channel(s) but the config asks for {cfg.model.backbone!r} with {cfg.model.in_chans}")
-        backbone_hash = meta.get("weights_sha256")
-
-    train_ds = LabeledDataset(train, class_names)  # per-member augmentation below
-    val_ds = LabeledDataset(val, class_names)
-    val_loader = DataLoader(val_ds, batch_size=256)
-    batch = min(ac.batch_size, len(train_ds))
+    train_ds = LabeledDataset(train, class_names)
     weights = class_weights(train_ds.targets, len(class_names))
-
-    drop_last = len(train_ds) > batch and len(train_ds) % batch == 1  # no 1-image batch
-    steps_per_epoch = len(train_ds) // batch if drop_last else math.ceil(len(train_ds) / batch)
-    if ac.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, ac.max_steps_per_epoch)
-    # adapt.min_steps: a small budget's schedule is stretched by a whole factor, validating every
-    # `val_every` epochs, so it trains at least min_steps steps with the same number of validations.
-    val_every = max(1, math.ceil(math.ceil(ac.min_steps / steps_per_epoch) / ac.epochs))
-    epochs = ac.epochs * val_every
-    if val_every > 1:
-        log.info("adapt: %d epochs of %d step(s) (validation every %d) to reach adapt.min_steps=%d",
-                 epochs, steps_per_epoch, val_every, ac.min_steps)
-
-    members: list[SweepMember] = []
-    head_state, probe = None, {}
-    if ac.mode == "lp-ft":
-        # The probe: the initial backbone (random init included, as a baseline) plus a fitted head.
-        L.seed_everything(cfg.seed, verbose=False)
-        model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
-        if init_state is not None:
-            load_matching(model.backbone, init_state, str(backbone))
-        c, probe_auroc = fit_linear_head(model, train, val, class_names, positive_index)
-        head_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
-        probe = {"C": c, "val_auroc": probe_auroc}
-        log.info("adapt: linear probe head (C=%g) val AUROC %.3f", c, probe_auroc)
-        members.append(SweepMember(0.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, probe_auroc,
-                                   [{"epoch": -1, "val_auroc": probe_auroc, "linear_probe_C": c}]))
     grid = itertools.product([ac.lr, *ac.sweep_lrs], [ac.weight_decay, *ac.sweep_weight_decays],
                              [ac.augment_strength, *ac.sweep_augment_strengths])
+    members = []
     for lr, weight_decay, strength in grid:
         if init_state is None:
             lr = lr * 3  # random init needs a larger step (the reference protocol uses 1e-3 vs 3e-4)
-        L.seed_everything(cfg.seed, verbose=False)  # every member starts from the same head and data order
-        model = Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans)
-        if init_state is not None:
-            load_matching(model.backbone, init_state, str(backbone))
+        L.seed_everything(cfg.seed, verbose=False)
+        model = _initial_model(cfg, len(class_names), init_state, backbone)
         if head_state is not None:
             model.head.load_state_dict(head_state)
         frozen = _freeze(model, ac.mode, ac.fine_tune_after_block)
@@ -159,8 +170,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
                                   param_groups=groups, frozen=frozen)
         workers = cfg.runtime.num_workers
         member_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=strength))
-        train_loader = DataLoader(member_ds, batch_size=batch, sampler=EpochSampler(len(train_ds), cfg.seed),
-                                  drop_last=drop_last,
+        train_loader = DataLoader(member_ds, batch_size=schedule.batch, sampler=EpochSampler(len(train_ds), cfg.seed),
+                                  drop_last=schedule.drop_last,
                                   num_workers=workers, persistent_workers=workers > 0,
                                   worker_init_fn=seed_loader_worker if workers > 0 else None)
         callbacks = []
@@ -168,11 +179,70 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
             from lightning.pytorch.callbacks import EarlyStopping
 
             callbacks.append(EarlyStopping("val_auroc", mode="max", patience=ac.patience))
-        make_trainer(cfg.runtime, epochs, ac.max_steps_per_epoch, progress, callbacks,
-                     val_every=val_every).fit(module, train_loader, val_loader)
+        make_trainer(cfg.runtime, schedule.epochs, ac.max_steps_per_epoch, progress, callbacks,
+                     val_every=schedule.val_every).fit(module, train_loader, val_loader)
         module.load_best()
         members.append(SweepMember(lr, {k: v.detach().clone() for k, v in model.state_dict().items()},
                                    module.best_metric, module.history, weight_decay, strength))
+    return members
+
+
+def _soup(members: list[SweepMember], method: str, metric) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Step 2: the members combined: the best one, a uniform soup or a greedy soup (by validation AUROC)."""
+    best = max(range(len(members)), key=lambda i: members[i].val_auroc)
+    if len(members) == 1 or method == "best":
+        return members[best].state, [best]
+    if method == "uniform":
+        return uniform_soup([m.state for m in members]), list(range(len(members)))
+    return greedy_soup([m.state for m in members], metric)
+
+
+def _wise_ft(init_state, state, alphas, metric) -> tuple[dict[str, torch.Tensor], float, dict[float, float]]:
+    """Step 3: WiSE-FT, the backbone interpolated towards its initial weights; alpha with the highest
+    validation AUROC, on ties the larger one (closer to the fine-tuned model)."""
+    scores = {a: metric(wise_ft(init_state, state, a, prefix="backbone.")) for a in sorted(set(alphas) | {1.0})}
+    alpha = max(scores, key=lambda a: (round(scores[a], 6), a))
+    return wise_ft(init_state, state, alpha, prefix="backbone."), alpha, scores
+
+
+def _calibrate(model: AdaptedModel, val_loader, val_targets: torch.Tensor, sensitivity: float) -> None:
+    """Step 4: temperature scaling and the operating threshold (validation sensitivity), on validation."""
+    logits = torch.cat([model.logits(x) for x, _ in val_loader])
+    model.temperature = fit_temperature(logits, val_targets)
+    probs = model.probs_from_logits(logits).numpy()
+    model.threshold = threshold_for_sensitivity(val_targets.numpy() == model.positive_index, probs[:, model.positive_index],
+                                                sensitivity)
+    model.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
+
+
+def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: ImageCache,
+              class_names: list[str], positive_index: int, progress: bool = True,
+              provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
+    """The adaptation recipe (module docstring) on one label budget: returns the adapted model, the
+    training history of its first soup member and the recipe's intermediate weights (`variants`)."""
+    ac = cfg.adapt
+    check_adaptation_data(train, val, class_names, "adapt")
+    init_state, backbone_hash = None, None
+    if backbone is not None:
+        init_state, meta = load_checkpoint(backbone)
+        if meta.get("architecture") != cfg.model.backbone or meta.get("in_chans", cfg.model.in_chans) != cfg.model.in_chans:
+            raise ValueError(f"{backbone}: backbone is {meta.get('architecture')!r} with {meta.get('in_chans')} input "
+                             f"channel(s) but the config asks for {cfg.model.backbone!r} with {cfg.model.in_chans}")
+        backbone_hash = meta.get("weights_sha256")
+    val_ds = LabeledDataset(val, class_names)
+    val_loader = DataLoader(val_ds, batch_size=256)
+    schedule = Schedule.of(ac, len(train))
+    if schedule.val_every > 1:
+        log.info("adapt: %d epochs of %d step(s) (validation every %d) to reach adapt.min_steps=%d",
+                 schedule.epochs, schedule.steps_per_epoch, schedule.val_every, ac.min_steps)
+
+    members: list[SweepMember] = []
+    head_state, probe = None, {}
+    if ac.mode == "lp-ft":
+        member, head_state, probe = _probe(cfg, init_state, backbone, train, val, class_names, positive_index)
+        members.append(member)
+    members += _sweep(cfg, init_state, backbone, train, val_loader, class_names, positive_index, head_state, schedule,
+                      progress)
 
     adapted = AdaptedModel(Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans), class_names,
                            train.preprocessing, positive_index=positive_index)
@@ -184,30 +254,14 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     variants = {"best_member": members[best_member].state}
     if probe:
         variants = {"linear_probe": members[0].state, **variants}
-    soup_members = [0]
-    if len(members) == 1 or ac.soup == "best":
-        state, soup_members = members[best_member].state, [best_member]
-    elif ac.soup == "uniform":
-        state, soup_members = uniform_soup([m.state for m in members]), list(range(len(members)))
-    else:
-        state, soup_members = greedy_soup([m.state for m in members], metric)
-
+    state, soup_members = _soup(members, ac.soup, metric)
     variants["soup"] = state
     alpha, alpha_scores = 1.0, {}
     if ac.wise_ft and init_state is not None and ac.mode != "linear":
-        for a in sorted(set(ac.wise_alphas) | {1.0}):
-            alpha_scores[a] = metric(wise_ft(init_state, state, a, prefix="backbone."))
-        # Highest validation AUROC; on ties the larger alpha (closer to the fine-tuned model).
-        alpha = max(alpha_scores, key=lambda a: (round(alpha_scores[a], 6), a))
-        state = wise_ft(init_state, state, alpha, prefix="backbone.")
-
+        state, alpha, alpha_scores = _wise_ft(init_state, state, ac.wise_alphas, metric)
     adapted.classifier.load_state_dict(state)
-    logits = torch.cat([adapted.logits(x) for x, _ in val_loader])
-    adapted.temperature = fit_temperature(logits, val_ds.targets)
-    probs = adapted.probs_from_logits(logits).numpy()
-    adapted.threshold = threshold_for_sensitivity(probs[:, positive_index], val_ds.targets.numpy() == positive_index,
-                                                  ac.operating_sensitivity)
-    adapted.operating_point = {"sensitivity": ac.operating_sensitivity, "chosen_on": "validation"}
+    _calibrate(adapted, val_loader, val_ds.targets, ac.operating_sensitivity)
+
     adapted.provenance = {
         **(provenance or {}),
         "backbone_sha256": backbone_hash,
@@ -216,8 +270,8 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
         **({"linear_probe": probe} if probe else {}),
         "train_images": len(train),
         "val_images": len(val),
-        "epochs": epochs,
-        "steps": epochs * steps_per_epoch,
+        "epochs": schedule.epochs,
+        "steps": schedule.epochs * schedule.steps_per_epoch,
         "sweep": [{"lr": m.lr, "weight_decay": m.weight_decay, "augment_strength": m.augment_strength,
                    "val_auroc": m.val_auroc, "history": m.history} for m in members],
         "soup": {"method": ac.soup if len(members) > 1 else "single", "members": soup_members},

@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from remedis.adapt.calibration import Calibration
+from remedis.adapt.ood import OODDetector, remove_detector
+from remedis.data.contract import InputContract
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import read_image
-from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
 from remedis.models.backbones import fold_std_conv
+from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
 from remedis.models.classifier import Classifier
 from remedis.models.layout import memory_format
 
@@ -37,6 +40,8 @@ class AdaptedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None  # operating threshold on the positive-class probability (binary tasks)
     operating_point: dict[str, Any] = field(default_factory=dict)
+    input_contract: InputContract | None = None  # what the model was trained on (checked before the OOD score)
+    ood_detector: OODDetector | None = None  # feature-space detector, fitted on the site's train/val images
 
     def __post_init__(self) -> None:
         self.classifier.eval()
@@ -46,6 +51,11 @@ class AdaptedModel:
     @property
     def architecture(self) -> str:
         return self.classifier.backbone_name
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration(self.temperature, self.threshold if len(self.class_names) == 2 else None,
+                           self.positive_index, self.operating_point)
 
     def to(self, device: str | torch.device) -> "AdaptedModel":
         self.device = torch.device(device)
@@ -64,9 +74,24 @@ class AdaptedModel:
             "preprocessing": self.preprocessing.to_dict(),
             "calibration": {"temperature": self.temperature, "threshold": self.threshold,
                             "operating_point": self.operating_point},
+            "input_contract": self.input_contract.to_dict() if self.input_contract is not None else None,
             "provenance": self.provenance,
         }
-        return save_checkpoint(folder, self.classifier.state_dict(), meta)
+        folder = save_checkpoint(folder, self.classifier.state_dict(), meta)
+        if self.ood_detector is not None:
+            self.ood_detector.save(folder)
+        else:
+            remove_detector(folder)  # a re-adapted folder never keeps a detector fitted for other weights
+        return folder
+
+    def missing_for_serving(self) -> list[str]:
+        """What a deployable model folder lacks (empty when complete): the OOD detector, the input contract."""
+        missing = []
+        if self.ood_detector is None:
+            missing.append("the OOD detector (ood.json + ood.safetensors)")
+        if self.input_contract is None:
+            missing.append("the input contract (meta.json 'input_contract')")
+        return missing
 
     @classmethod
     def load(cls, folder: str | Path, fold: bool = True) -> "AdaptedModel":
@@ -82,6 +107,9 @@ class AdaptedModel:
         cal = meta["calibration"]
         model = cls(clf, list(meta["class_names"]), pre, float(cal["temperature"]), int(meta.get("positive_index", 1)),
                     meta.get("provenance", {}), cal.get("threshold"), cal.get("operating_point", {}))
+        if meta.get("input_contract"):
+            model.input_contract = InputContract.from_dict(meta["input_contract"])
+        model.ood_detector = OODDetector.load(folder)
         model.folded = fold
         return model
 
@@ -97,16 +125,39 @@ class AdaptedModel:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, self.classifier.embed)
 
+    def infer(self, pixels: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated logits (N, K) and pooled embeddings (N, D) of images in [0, 1] (N, 1, S, S), in one
+        forward pass per batch: the path evaluation, OOD fitting and (with its own device handling) the
+        service share, so their numbers agree.
+
+        Args:
+            pixels: resized images in [0, 1], as `ImageCache.pixels` holds them (not normalised).
+            batch: images per forward pass.
+
+        Example:
+            >>> logits, emb = model.infer(cache.pixels)
+        """
+        k = len(self.class_names)
+        d = self.classifier.head.in_features
+        if len(pixels) == 0:
+            return np.empty((0, k)), np.empty((0, d))
+        clf = self.classifier
+
+        def both(xb: torch.Tensor) -> torch.Tensor:
+            e = clf.embed(xb)
+            return torch.cat([e, clf.head(e)], 1)
+
+        out = torch.cat([self._run(self.preprocessing.normalize(pixels[i:i + batch].float()), both)
+                         for i in range(0, len(pixels), batch)])
+        return out[:, d:].numpy().astype(np.float64), out[:, :d].numpy().astype(np.float64)
+
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits / self.temperature).softmax(1)
+        """Calibrated probabilities: `Calibration.probs`, the same function the service applies."""
+        return torch.as_tensor(self.calibration.probs(torch.as_tensor(logits).float().numpy()), dtype=torch.float32)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class index per row: the stored operating threshold for binary tasks, else argmax."""
-        probs = np.asarray(probs)
-        if self.threshold is not None and probs.shape[1] == 2:
-            positive = probs[:, self.positive_index] >= self.threshold
-            return np.where(positive, self.positive_index, 1 - self.positive_index)
-        return probs.argmax(1)
+        return self.calibration.decide(probs)
 
     def batch_from_images(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([self.preprocessing(img) for img in images])

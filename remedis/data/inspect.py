@@ -26,7 +26,10 @@ def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20
 
     manifest = read_manifest(path, check_files=False)
     records = manifest.records
-    by = lambda key: dict(sorted(Counter(key(r) for r in records).items()))
+
+    def by(key):
+        return dict(sorted(Counter(key(r) for r in records).items()))
+
     labels = Counter(lab for r in records for lab in r.labels) if records else Counter()
     sizes: Counter = Counter()
     modalities: Counter = Counter()
@@ -99,7 +102,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["multi_label_rows"]:
         lines.append(f"multi-label rows: {s['multi_label_rows']}")
     lines.append("modalities: " + (", ".join(f"{k}={v}" for k, v in s["modalities"].items()) or "-"))
-    lines.append(f"image sizes ({s['distinct_sizes']} distinct): " + (", ".join(f"{k}={v}" for k, v in list(s["sizes"].items())[:8]) or "-"))
+    sizes = ", ".join(f"{k}={v}" for k, v in list(s["sizes"].items())[:8])
+    lines.append(f"image sizes ({s['distinct_sizes']} distinct): " + (sizes or "-"))
     lines.append(f"unreadable: {s['unreadable_count']}")
     for u in s["unreadable"]:
         lines.append(f"  row {u['row']}: {u['image']}: {u['reason']}")

@@ -3,7 +3,8 @@
 Paths are relative to the CSV's folder (absolute paths also work). Extra columns are kept as
 metadata. A multi-label row lists its labels separated by `|` (`effusion|nodule`); `Record.labels`
 gives them as a tuple, `Manifest.classes()` the individual class names. An exact repeated row is
-skipped and counted (`Manifest.duplicates_skipped`); the same image with different fields is an error. Reading a manifest checks columns and files up front and names the file, row and field
+skipped and counted (`Manifest.duplicates_skipped`); the same image with different fields is an
+error. Reading a manifest checks columns and files up front and names the file, row and field
 of anything wrong, so a job fails in its first second rather than after an hour of training.
 
 Example:
@@ -160,7 +161,8 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
             if prev_key == key:
                 duplicates += 1  # an exact repeat would count one image twice: drop it
                 continue
-            raise ManifestError(f"{path}: row {row_no}: image {row['image']} already listed in row {prev_row} with different label/site/patient/split")
+            raise ManifestError(f"{path}: row {row_no}: image {row['image']} already listed in row {prev_row} "
+                                "with different label/site/patient/split")
         first_row[image] = (row_no, key)
         if check_files and not image.is_file():
             missing_files.append(f"row {row_no}: {row['image']}")

@@ -85,3 +85,36 @@ def budget_subset(records: list[Record], budget: float | int, seed: int = 0) -> 
         k = max(1, math.ceil(fraction * len(items) - 1e-9))
         chosen.extend(items[i] for i in order[:k])
     return chosen
+
+
+def carve_validation(records: list[Record], fraction: float = 0.2, seed: int = 0) -> list[Record]:
+    """Move `fraction` of each site's train patients to a new `val` split, stratified by label.
+
+    For manifests that come with train and test splits but no validation split (the usual layout of
+    public datasets): the test split is never touched, and no patient ends up in two splits.
+
+    Args:
+        records: the records of one or more sites; only those with split "train" can move.
+        fraction: share of the train patients (per site and majority label) that become validation.
+        seed: the random stream (with the site and label), so the carve is reproducible.
+
+    Example:
+        >>> records = carve_validation(read_manifest("public.csv").records, 0.2, seed=0)
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction: must be in (0, 1), got {fraction}")
+    by_patient: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in records:
+        if r.split == "train":
+            by_patient[(r.site, r.patient_id)].append(r.label)
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for (site, pid), labels in sorted(by_patient.items()):
+        groups[(site, Counter(labels).most_common(1)[0][0])].append(pid)
+    to_val: set[tuple[str, str]] = set()
+    for (site, label), pids in sorted(groups.items()):
+        n_val = int(round(fraction * len(pids)))
+        if len(pids) >= 2:
+            n_val = min(max(n_val, 1), len(pids) - 1)  # both sides keep at least one patient of the label
+        order = _rng(seed, "carve-val", site, label).permutation(len(pids))
+        to_val.update((site, pids[i]) for i in order[:n_val])
+    return [replace(r, split="val") if r.split == "train" and (r.site, r.patient_id) in to_val else r for r in records]

@@ -50,7 +50,7 @@ __all__ = [
     "write_dicom",
 ]
 
-MANIFEST_COLUMNS = ("image", "label", "site", "patient_id", "split", "view")
+MANIFEST_COLUMNS = ("image", "label", "site", "patient_id", "split", "view", "modality")
 SPLITS = ("train", "val", "test")
 _FORMATS = ("png", "dcm")
 
@@ -337,7 +337,7 @@ def write_dicom(
     otherwise they are random.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     arr = np.asarray(pixels_uint16)
     if arr.ndim != 2:
@@ -443,6 +443,7 @@ def generate_synthetic(output_dir: str | Path, spec: SyntheticSpec = SyntheticSp
                         "patient_id": pid,
                         "split": splits[pi],
                         "view": str(view),
+                        "modality": "US",  # the DICOM sites' header says so too; the input contract reads it
                     }
                 )
 

@@ -1,7 +1,7 @@
 """Evaluate one adapted model on a test set with sites: everything the report shows for that model.
 
 For one model and its in-distribution (target) site it gathers
-- per-site and per-subgroup metrics with patient-level CIs (`remedis.evaluate.metrics`),
+- per-site and per-subgroup metrics with patient-level CIs (`remedis.metrics`),
 - calibration before (T = 1) and after temperature scaling,
 - OOD detection: the five scores on the target site's test images against every other site
   (near-OOD for `ood`-role sites of the same modality), synthetic noise and other modalities (far-OOD),
@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from remedis.adapt.model import AdaptedModel
+from remedis.adapt.ood import METHODS, OODDetector, all_scores, fit_state, fpr_at_tpr, ood_auroc
 from remedis.data.dataset import ImageCache
 from remedis.evaluate.cka import cka_matrix, layer_features, site_embedding_distances
-from remedis.evaluate.metrics import site_metrics
-from remedis.evaluate.ood import METHODS, OODDetector, all_scores, fit_ood_detector, fit_state, fpr_at_tpr, ood_auroc
-from remedis.metrics import threshold_for_sensitivity
+from remedis.metrics import site_metrics, threshold_for_sensitivity
 
 log = logging.getLogger("remedis")
 
@@ -72,27 +71,15 @@ def noise_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([uniform, gauss])
 
 
-def infer(model: AdaptedModel, pixels: torch.Tensor, batch: int = 256, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Uncalibrated logits and embeddings, exactly as the service computes them (`memo`: reuse the
-    results for a pixel tensor already seen during one evaluation)."""
-    if memo is not None:
-        key = ("infer", id(pixels))
-        if key not in memo:
-            memo[key] = (pixels, infer(model, pixels, batch))  # keep `pixels` alive: its id stays unique
-        return memo[key][1]
-    k = len(model.class_names)
-    if len(pixels) == 0:
-        return np.empty((0, k)), np.empty((0, model.classifier.head.in_features))
-    x = model.preprocessing.normalize(pixels.float())
-    clf = model.classifier
-
-    def both(xb: torch.Tensor) -> torch.Tensor:  # one forward pass, the same ops as model.embed + model.logits
-        e = clf.embed(xb)
-        return torch.cat([e, clf.head(e)], 1)
-
-    out = torch.cat([model._run(x[i:i + batch], both) for i in range(0, len(x), batch)])
-    d = clf.head.in_features
-    return out[:, d:].numpy().astype(np.float64), out[:, :d].numpy().astype(np.float64)
+def infer(model: AdaptedModel, pixels: torch.Tensor, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`AdaptedModel.infer` (uncalibrated logits, embeddings), remembered in `memo` for a pixel tensor
+    already seen during one evaluation."""
+    if memo is None:
+        return model.infer(pixels)
+    key = ("infer", id(pixels))
+    if key not in memo:
+        memo[key] = (pixels, model.infer(pixels))  # keep `pixels` alive: its id stays unique
+    return memo[key][1]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -121,16 +108,6 @@ def _states(model, inputs: EvalInputs, index, memo: dict) -> dict[str, dict]:
         y = np.array([index.get(r.label, -1) for r in inputs.train.records])
         memo["states"] = {m: fit_state(m, tr_emb, y) for m in METHODS}
     return memo["states"]
-
-
-def fit_detector(model: AdaptedModel, inputs: EvalInputs, index: dict[str, int], memo: dict | None = None) -> OODDetector | None:
-    """Fit the configured detector (train split state, validation threshold); None without data."""
-    if inputs.train is None or inputs.val is None or len(inputs.train) < 2 or len(inputs.val) == 0:
-        return None
-    memo = {} if memo is None else memo
-    va_logits, va_emb = infer(model, inputs.val.pixels, memo=memo)
-    state = _states(model, inputs, index, memo)[inputs.ood_method]
-    return fit_ood_detector(inputs.ood_method, None, None, va_logits, va_emb, inputs.ood_accept_rate, state=state)
 
 
 def evaluate_adapted(model: AdaptedModel, inputs: EvalInputs, n_boot: int = 200, seed: int = 0,
@@ -187,23 +164,30 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     states = _states(model, inputs, index, memo)
     id_scores = all_scores(logits[sites == tgt], emb[sites == tgt], None, None, states=states)
 
-    sets: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+    test = inputs.test.subset(lambda r: r.label in index)
+    sets: dict[str, tuple[str, np.ndarray, np.ndarray, ImageCache | None]] = {}
     for s in sorted(set(sites) - {tgt}):  # every other site of the manifest: same modality, near-OOD
-        sets[s] = ("near", logits[sites == s], emb[sites == s])
+        sets[s] = ("near", logits[sites == s], emb[sites == s], test.subset(lambda r, s=s: r.site == s))
     noise_l, noise_e = infer(model, noise_images(inputs.noise_images, model.preprocessing.image_size, seed))
-    sets["synthetic-noise"] = ("far", noise_l, noise_e)
+    sets["synthetic-noise"] = ("far", noise_l, noise_e, None)
     for name, cache in inputs.far_ood.items():
         far_l, far_e = infer(model, cache.pixels)
-        sets[name] = ("far", far_l, far_e)
+        sets[name] = ("far", far_l, far_e, cache)
 
     results = {}
-    for name, (kind, lg, em) in sets.items():
+    for name, (kind, lg, em, cache) in sets.items():
         scores = all_scores(lg, em, None, None, states=states)
         results[name] = {"kind": kind, "n_images": len(lg),
                          "methods": {m: {"auroc": _none(ood_auroc(id_scores[m], scores[m])),
                                          "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in METHODS}}
-        if detector is not None:
-            results[name]["detector_flagged"] = float(np.mean(detector.is_ood(lg, em))) if len(lg) else None
+        flagged = detector.is_ood(lg, em) if detector is not None and len(lg) else None
+        if flagged is not None:
+            results[name]["detector_flagged"] = float(np.mean(flagged))
+        contract = contract_flags(model, cache) if cache is not None else None
+        if contract is not None:
+            results[name]["contract_flagged"] = float(np.mean(contract)) if len(contract) else None
+            both = contract if flagged is None else contract | flagged
+            results[name]["flagged"] = float(np.mean(both)) if len(both) else None
     out = {"in_distribution": {"site": tgt, "n_images": int((sites == tgt).sum())}, "sets": results,
            "detector": detector_summary(detector),
            "summary": {kind: {m: _mean([r["methods"][m]["auroc"] for r in results.values() if r["kind"] == kind])
@@ -211,6 +195,25 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     if detector is not None:
         out["detector"]["test_accepted_in_distribution"] = float(np.mean(~detector.is_ood(logits[sites == tgt], emb[sites == tgt])))
     return out
+
+
+def contract_flags(model: AdaptedModel, images: ImageCache) -> np.ndarray | None:
+    """Per image: does it break the model's input contract (modality, channels, size, intensity)?
+    What the service checks before the feature score; None when the model has no contract."""
+    from remedis.data.contract import describe_file
+    from remedis.data.readers import ImageReadError
+
+    contract = model.input_contract
+    if contract is None:
+        return None
+    flags = []
+    for r, px in zip(images.records, images.pixels):
+        try:
+            source = describe_file(r.image, r.meta.get("modality") or None)
+        except (ImageReadError, OSError):
+            source = None
+        flags.append(bool(contract.check(source, px.float())))
+    return np.array(flags, dtype=bool)
 
 
 def detector_summary(detector: OODDetector | None) -> dict | None:
@@ -261,31 +264,31 @@ def load_backbone_before(checkpoint, architecture: str, in_chans: int) -> torch.
     return net.eval()
 
 
-def evaluate_folder(folder, inputs: EvalInputs, n_boot: int = 200, seed: int = 0, refit_ood: bool = True) -> dict:
-    """Load an adapted model folder, fit and store its OOD detector (when train/val images are given
-    and `refit_ood`, else use the stored one), evaluate it and return its report entry with hashes."""
+def evaluate_folder(folder, inputs: EvalInputs, n_boot: int = 200, seed: int = 0, refit_ood: bool = False) -> dict:
+    """Load an adapted model folder, evaluate it and return its report entry with hashes. The model's own
+    OOD detector (fitted at adaptation) is used; with `refit_ood`, or for an older folder without one, a
+    detector is fitted on `inputs.train` / `inputs.val` and stored in the folder."""
     from pathlib import Path
 
-    from remedis.evaluate.ood import OOD_WEIGHTS
+    from remedis.adapt.ood import OOD_WEIGHTS, fit_model_detector
     from remedis.models.checkpoint import file_sha256, read_meta
 
     folder = Path(folder)
     model = AdaptedModel.load(folder)
-    index = {c: i for i, c in enumerate(model.class_names)}
-    memo: dict = {}
-    detector = fit_detector(model, inputs, index, memo) if refit_ood else None
-    if detector is not None:
-        detector.save(folder)
-    else:
-        detector = OODDetector.load(folder)
-    entry = evaluate_adapted(model, inputs, n_boot, seed, detector, memo)
+    detector = model.ood_detector
+    if (refit_ood or detector is None) and inputs.train is not None and inputs.val is not None:
+        detector = fit_model_detector(model, inputs.train, inputs.val, inputs.ood_method, inputs.ood_accept_rate)
+        if detector is not None:
+            log.info("%s: OOD detector (%s) fitted and stored", folder.name, detector.method)
+            detector.save(folder)
+    entry = evaluate_adapted(model, inputs, n_boot, seed, detector)
     meta = read_meta(folder)
     prov = meta.get("provenance", {})
     entry["provenance"] = {
         "weights_sha256": meta.get("weights_sha256"), "backbone_sha256": prov.get("backbone_sha256"),
         "manifest_sha256": prov.get("manifest_sha256"), "backbone_init": prov.get("backbone_init"),
         "ood_sha256": file_sha256(folder / OOD_WEIGHTS) if (folder / OOD_WEIGHTS).is_file() else None,
-        "architecture": model.architecture,
+        "architecture": model.architecture, "validation": prov.get("validation"),
     }
     if prov.get("recipe_ablation"):
         entry["recipe_ablation"] = prov["recipe_ablation"]
@@ -300,8 +303,7 @@ def recipe_ablation(model: AdaptedModel, variants: dict[str, dict[str, torch.Ten
     Paired bootstrap (the same patient resamples for every variant), so the CIs compare like with like."""
     import copy
 
-    from remedis.evaluate.metrics import patient_bootstrap_ci
-    from remedis.metrics import auroc
+    from remedis.metrics import auroc, patient_bootstrap_ci
 
     index = {c: i for i, c in enumerate(model.class_names)}
     part = test.subset(lambda r: r.label in index)
@@ -311,7 +313,7 @@ def recipe_ablation(model: AdaptedModel, variants: dict[str, dict[str, torch.Ten
     out = {}
     for name, state in [*variants.items(), ("final", model.classifier.state_dict())]:
         probe.classifier.load_state_dict(state)
-        probs = torch.as_tensor(infer(probe, part.pixels)[0]).float().softmax(1).numpy()
+        probs = torch.as_tensor(probe.infer(part.pixels)[0]).float().softmax(1).numpy()
         out[name] = {"auroc": auroc(targets, probs, model.positive_index),
                      "auroc_ci": patient_bootstrap_ci(targets, probs, patients,
                                                       lambda t, p: auroc(t, p, model.positive_index), n_boot, seed)}

@@ -262,7 +262,8 @@ def _cka_plot(report: dict) -> str | None:
     return _png(fig)
 
 
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2330;padding:0 1rem;line-height:1.4}
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;\
+color:#1d2330;padding:0 1rem;line-height:1.4}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #dde;padding-bottom:.3rem}
 h3{font-size:1rem;margin-top:1.2rem}table{border-collapse:collapse;width:100%;font-size:.85rem;margin:.4rem 0}
 th,td{border:1px solid #dde;padding:.3rem .45rem;text-align:right}th:first-child,td:first-child{text-align:left}
@@ -295,7 +296,8 @@ def render_html(report: dict) -> str:
     parts.append(_provenance_header(report))
     task = report.get("task", {})
     site_rows = "".join(
-        f"<tr><td>{esc(s)}</td><td>{esc(i.get('role', ''))}</td><td>{i.get('test_images', '')}</td><td>{i.get('test_patients', '')}</td></tr>"
+        f"<tr><td>{esc(s)}</td><td>{esc(i.get('role', ''))}</td>"
+        f"<td>{i.get('test_images', '')}</td><td>{i.get('test_patients', '')}</td></tr>"
         for s, i in report["sites"].items())
     parts.append(f"<h2 id='sites'>Sites (held-out test split)</h2><p class='note'>Classes: {esc(', '.join(task.get('class_names', [])))}"
                  f"; positive class: {esc(str(task.get('positive_class', '')))}; adapted to "
@@ -362,11 +364,15 @@ def _per_class(models, sites) -> str:
     for m in models:
         classes = sorted({c for s in sites for c in m["sites"].get(s, {}).get("per_class_auroc", {})})
         rows = "".join(f"<tr><td>{esc(c)}</td>" + "".join(
-            f"<td>{_fmt(m['sites'][s].get('per_class_auroc', {}).get(c, {}).get('auroc'), m['sites'][s].get('per_class_auroc', {}).get(c, {}).get('auroc_ci'))}</td>"
-            for s in sites) + "</tr>" for c in classes)
+            _per_class_cell(m["sites"][s], c) for s in sites) + "</tr>" for c in classes)
         out.append(f"<p class='note'>{esc(m['name'])}</p><table><thead><tr><th>class</th>"
                    + "".join(f"<th>{esc(s)}</th>" for s in sites) + f"</tr></thead><tbody>{rows}</tbody></table>")
     return "".join(out)
+
+
+def _per_class_cell(site_metrics: dict, cls: str) -> str:
+    per_class = site_metrics.get("per_class_auroc", {}).get(cls, {})
+    return f"<td>{_fmt(per_class.get('auroc'), per_class.get('auroc_ci'))}</td>"
 
 
 RECIPE_STEPS = (("linear_probe", "linear probe"), ("best_member", "best single sweep member"),
@@ -397,8 +403,10 @@ def _subgroups(models) -> str:
             for site, per_value in per_site.items():
                 for value, met in per_value.items():
                     rows.append(f"<tr><td>{esc(site)}</td><td>{esc(value)}</td><td>{met['n_images']}</td>"
-                                f"<td>{_fmt(met.get('auroc'), met.get('auroc_ci'))}</td><td>{_fmt(met.get('accuracy'), met.get('accuracy_ci'))}</td>"
-                                f"<td>{_fmt(met.get('sensitivity'), met.get('sensitivity_ci'))}</td><td>{_fmt(met.get('specificity'), met.get('specificity_ci'))}</td></tr>")
+                                f"<td>{_fmt(met.get('auroc'), met.get('auroc_ci'))}</td>"
+                                f"<td>{_fmt(met.get('accuracy'), met.get('accuracy_ci'))}</td>"
+                                f"<td>{_fmt(met.get('sensitivity'), met.get('sensitivity_ci'))}</td>"
+                                f"<td>{_fmt(met.get('specificity'), met.get('specificity_ci'))}</td></tr>")
             out.append(f"<h3>{esc(m['name'])}: by <code>{esc(column)}</code></h3><table><thead><tr><th>site</th><th>{esc(column)}</th>"
                        f"<th>images</th><th>AUROC</th><th>accuracy</th><th>sensitivity</th><th>specificity</th></tr></thead>"
                        f"<tbody>{''.join(rows)}</tbody></table>")
@@ -457,13 +465,17 @@ def _ood(report: dict) -> str:
         any_ood = True
         methods = list(next(iter(ood["sets"].values()))["methods"])
         det = ood.get("detector")
-        head = "".join(f"<th>{esc(s)}<br><span class='ci'>{esc(v['kind'])}, {v['n_images']} img</span></th>" for s, v in ood["sets"].items())
+        head = "".join(f"<th>{esc(s)}<br><span class='ci'>{esc(v['kind'])}, {v['n_images']} img</span></th>"
+                       for s, v in ood["sets"].items())
         rows = "".join(f"<tr><td>{esc(meth)}{' &#9733;' if det and det['method'] == meth else ''}</td>" + "".join(
-            f"<td>{_fmt(v['methods'][meth]['auroc'])} <span class='ci'>FPR95 {_fmt(v['methods'][meth]['fpr95'], digits=2)}</span></td>"
+            f"<td>{_fmt(v['methods'][meth]['auroc'])} "
+            f"<span class='ci'>FPR95 {_fmt(v['methods'][meth]['fpr95'], digits=2)}</span></td>"
             for v in ood["sets"].values()) + "</tr>" for meth in methods)
-        det_line = (f"Stored detector (&#9733;): <b>{esc(det['method'])}</b>, threshold {det['threshold']:.4g}, accepts "
-                    f"{det['accept_rate']:.0%} of validation images; on test it accepted "
-                    f"{_fmt(det.get('test_accepted_in_distribution'), digits=2)} of in-distribution images.") if det else "No detector stored."
+        det_line = "No detector stored."
+        if det:
+            det_line = (f"Stored detector (&#9733;): <b>{esc(det['method'])}</b>, threshold {det['threshold']:.4g}, accepts "
+                        f"{det['accept_rate']:.0%} of validation images; on test it accepted "
+                        f"{_fmt(det.get('test_accepted_in_distribution'), digits=2)} of in-distribution images.")
         out.append(f"<h3>{esc(m['name'])}</h3><p class='note'>{det_line}</p><table><thead><tr><th>score</th>{head}</tr></thead>"
                    f"<tbody>{rows}</tbody></table>")
     return "".join(out) if any_ood else out[0] + "<p class='note'>Not evaluated.</p>"

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 from remedis.config import RunConfig
 from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, TwoViewDataset, seed_loader_worker
-from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
-from remedis.models.external import load_external_weights
-from remedis.models.classifier import Classifier
 from remedis.models.backbones import create_backbone
+from remedis.models.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from remedis.models.classifier import Classifier
+from remedis.models.external import load_external_weights
 from remedis.pretrain.micle import MICLeDataset
 from remedis.pretrain.monitor import KNNMonitor
 from remedis.pretrain.simclr import SimCLRModule

@@ -163,6 +163,13 @@ class OODDetector:
         return cls(meta["method"], float(meta["threshold"]), state, float(meta.get("accept_rate", 0.95)))
 
 
+def remove_detector(model_folder: str | Path) -> None:
+    """Delete a stored detector (the JSON first, so a reader never finds it without its weights)."""
+    folder = Path(model_folder)
+    (folder / OOD_JSON).unlink(missing_ok=True)
+    (folder / OOD_WEIGHTS).unlink(missing_ok=True)
+
+
 def fit_state(method: str, train_embeddings, train_targets, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
     """What a method needs from the in-distribution training set (nothing for logit scores)."""
     if method not in METHODS:
@@ -204,6 +211,30 @@ def fit_ood_detector(method: str, train_embeddings, train_targets, val_logits, v
         raise ValueError("val_logits: the validation split is empty; cannot set the OOD threshold")
     det.threshold = float(threshold_for_accept_rate(val, accept_rate))
     return det
+
+
+def fit_model_detector(model, train, val, method: str = "mahalanobis", accept_rate: float = 0.95) -> OODDetector | None:
+    """The detector of an adapted model: `method`'s state fitted on the embeddings of its labeled train
+    images, the threshold accepting `accept_rate` of its validation images. None when the site has too
+    few images (fewer than two train or no validation images).
+
+    Args:
+        model: an `AdaptedModel` (its `infer` gives logits and embeddings).
+        train: `ImageCache` of the labeled train images the model was adapted on.
+        val: `ImageCache` of the site's validation images.
+        method: one of METHODS.
+        accept_rate: share of in-distribution validation images accepted.
+
+    Example:
+        >>> model.ood_detector = fit_model_detector(model, train, val, "mahalanobis", 0.95)
+    """
+    if len(train) < 2 or len(val) == 0:
+        return None
+    index = {c: i for i, c in enumerate(model.class_names)}
+    _, train_emb = model.infer(train.pixels)
+    val_logits, val_emb = model.infer(val.pixels)
+    targets = np.array([index.get(r.label, -1) for r in train.records])
+    return fit_ood_detector(method, train_emb, targets, val_logits, val_emb, accept_rate)
 
 
 def threshold_for_accept_rate(scores, accept_rate: float = 0.95) -> float:

@@ -6,7 +6,9 @@ write `report.json` + `report.html`; `remedis report --from-json` re-renders the
     remedis report --from-json runs/x/eval/report.json
 
 Use the manifest the models were adapted with (the run folder's `manifest.csv` carries its splits):
-otherwise the test split could overlap the images a model was trained on.
+otherwise the test split could overlap the images a model was trained on. `--config` gives the data
+section (split fractions, label map) the models were adapted with. The same preparation and evaluation
+as `remedis run` and `remedis adapt` (`remedis.stages`), so the three agree for the same model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def register(sub) -> None:
         p.add_argument("--noise-images", type=int, default=64, help="synthetic noise images (far-OOD set)")
         p.add_argument("--bootstrap", type=int, default=200)
         p.add_argument("--seed", type=int, default=0, help="the seed of the splits/budgets and of the bootstrap")
+        p.add_argument("--config", default=None,
+                       help="YAML config whose data section (split fractions, label map) the models were adapted with")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
         p.add_argument("--from-json", help="(report) re-render report.html from this report.json")
         p.set_defaults(func=cmd_evaluate)
 
@@ -69,11 +74,14 @@ def cmd_evaluate(args) -> int:
         return 0
     if not args.model or not args.manifest or not args.output:
         raise ValueError("evaluate: --model, --manifest and --output are required")
+    from remedis.config import RunConfig
+
+    data = RunConfig.from_yaml(args.config, args.set).data if (args.config or args.set) else None
     json_path, html_path = evaluate_folders(
         args.model, args.manifest, args.output, target_site=args.target_site, source_site=args.source_site,
         subgroups=args.subgroup, far_ood=args.far_ood, backbones=_pairs(args.backbone, "--backbone"),
         label_map=_pairs(args.label_map, "--label-map"), ood_method=args.ood_method, refit_ood=args.refit_ood,
-        n_boot=args.bootstrap, seed=args.seed, noise_images=args.noise_images)
+        n_boot=args.bootstrap, seed=args.seed, noise_images=args.noise_images, data=data)
     print(f"report: {html_path}\n        {json_path}")
     return 0
 
@@ -81,63 +89,74 @@ def cmd_evaluate(args) -> int:
 def evaluate_folders(models: list, manifest_path, output, target_site: str | None = None, source_site: str | None = None,
                      subgroups: list[str] = (), far_ood: list = (), backbones: dict[str, str] | None = None,
                      label_map: dict[str, str] | None = None, ood_method: str = "mahalanobis", refit_ood: bool = False,
-                     n_boot: int = 200, seed: int = 0, noise_images: int = 64) -> tuple[Path, Path]:
-    """Evaluate adapted model folders on `manifest_path` and write the report into `output`."""
+                     n_boot: int = 200, seed: int = 0, noise_images: int = 64, data=None) -> tuple[Path, Path]:
+    """Evaluate adapted model folders on `manifest_path` and write the report into `output`: the same
+    preparation (`remedis.stages.prepare_records`: label map, splits, validation carve) and the same
+    evaluation as `remedis run` and `remedis adapt`, so the numbers agree for the same model, manifest and seed.
+    `data`: the config's `data` section (split fractions, label map); --label-map entries are added to it."""
     from dataclasses import replace
 
     from remedis.adapt.model import AdaptedModel
-    from remedis.data.dataset import load_images
+    from remedis.adapt.ood import METHODS
+    from remedis.config import DataConfig
     from remedis.data.manifest import read_manifest
-    from remedis.data.splits import assign_splits, budget_subset
-    from remedis.evaluate.evaluation import EvalInputs, check_subgroups, evaluate_folder, load_backbone_before, load_far_ood
-    from remedis.evaluate.ood import METHODS, OODDetector
-    from remedis.evaluate.report import build_report, write_report
+    from remedis.evaluate.evaluation import EvalInputs, check_subgroups, load_backbone_before, load_far_ood
     from remedis.models.checkpoint import read_meta
+    from remedis.stages import (
+        ModelToEvaluate,
+        budget_fraction,
+        budget_images,
+        evaluate_models,
+        load_prepared,
+        part,
+        prepare_records,
+        site_table,
+        write_site_report,
+    )
 
     if ood_method not in METHODS:
         raise ValueError(f"--ood-method: expected one of {', '.join(METHODS)}, got {ood_method!r}")
     check_subgroups(list(subgroups))
     folders = [Path(m) for m in models]
-    metas = [read_meta(f) for f in folders]
-    manifest = read_manifest(manifest_path)
-    records = manifest.records
+    loaded = [AdaptedModel.load(f) for f in folders]
+    first = loaded[0]
+    for f, m in zip(folders[1:], loaded[1:]):
+        if m.class_names != first.class_names:
+            raise ValueError(f"{f}: classes {m.class_names} differ from {folders[0]}'s {first.class_names}")
+    data = data or DataConfig()
     if label_map:
-        records = [replace(r, label=label_map.get(r.label, r.label)) for r in records]
-    if any(r.split is None for r in records):
+        data = replace(data, label_map={**data.label_map, **label_map})
+    positive = first.class_names[first.positive_index]
+    data = replace(data, positive_label=positive)
+    manifest = read_manifest(manifest_path)
+    if any(r.split is None for r in manifest.records):
         log.warning("%s: rows without a split get one by patient (seed %d); use the manifest the models were "
                     "adapted with, or test images may overlap their training images", manifest_path, seed)
-        records = assign_splits(records, seed=seed)
-    targets = {m.get("provenance", {}).get("target_site") for m in metas} - {None}
+    targets = {m.provenance.get("target_site") for m in loaded} - {None}
     target = target_site or (targets.pop() if len(targets) == 1 else None)
     if target is None:
         raise ValueError("--target-site: the models do not record one target site; name it")
-    sites = sorted({r.site for r in records})
+    sites = manifest.sites()
     if target not in sites:
         raise ValueError(f"--target-site: {target!r} is not a site of {manifest_path} (sites: {', '.join(sites)})")
     for col in subgroups:
-        if not any(col in r.meta for r in records):
+        if not any(col in r.meta for r in manifest.records):
             raise ValueError(f"--subgroup: {manifest_path} has no column {col!r}")
+    prepared = prepare_records(manifest, data, seed, class_names=first.class_names)
     roles = {s: "target" if s == target else "source" if s == source_site else "ood" for s in sites}
+    known = first.class_names
 
     caches: dict = {}
-    entries = []
-    for folder, meta in zip(folders, metas):
-        model = AdaptedModel.load(folder)
+    to_evaluate: list[ModelToEvaluate] = []
+    for folder, model in zip(folders, loaded):
         key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
         if key not in caches:
-            caches[key] = load_images([r for r in records if r.label], model.preprocessing)
+            caches[key] = load_prepared(prepared, model.preprocessing, labeled_only=True)
         cache = caches[key]
-        known = set(model.class_names)
-        test = cache.subset(lambda r, known=known: r.split == "test" and r.label in known)
-        if not len(test):
-            raise ValueError(f"{manifest_path}: no test image has one of the labels {model.class_names} of {folder}")
-        prov = meta.get("provenance", {})
+        prov = model.provenance
         budget = prov.get("budget")
-        t_train = cache.subset(lambda r, known=known: r.site == target and r.split == "train" and r.label in known)
-        if budget is not None and len(t_train):
-            chosen = {r.image for r in budget_subset(t_train.records, budget, seed=seed)}
-            t_train = t_train.subset(lambda r, chosen=chosen: r.image in chosen)
-        t_val = cache.subset(lambda r, known=known: r.site == target and r.split == "val" and r.label in known)
+        t_train = part(cache, target, "train", labels=known)
+        budget_train = budget_images(t_train, budget, seed) if budget is not None and len(t_train) else t_train
         init = prov.get("backbone_init")
         before_dir = (backbones or {}).get(init) or (folder.parent.parent / "backbones" / init if init and init != "random" else None)
         before = None
@@ -146,25 +165,26 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
                 log.warning("%s: backbone hash differs from the model's provenance; CKA skipped", before_dir)
             else:
                 before = load_backbone_before(before_dir, model.architecture, model.preprocessing.in_chans)
-        inputs = EvalInputs(test=test, target_site=target, roles=roles, train=t_train, val=t_val,
-                            far_ood=load_far_ood(list(far_ood), model.preprocessing, seed=seed), subgroups=list(subgroups),
-                            backbone_before=before, ood_method=ood_method, noise_images=noise_images)
-        refit = refit_ood or OODDetector.load(folder) is None
-        log.info("evaluating %s on %d test images", folder.name, len(test))
-        entry = evaluate_folder(folder, inputs, n_boot=n_boot, seed=seed, refit_ood=refit)
         name = folder.name
-        entries.append({"name": name, "backbone": name.partition("@")[0] if "@" in name else (init or name),
-                        "fraction": float(budget) if isinstance(budget, (int, float)) and budget <= 1 else 1.0,
-                        "train_images": int(prov.get("train_images", len(t_train))), **entry})
-    first = caches[next(iter(caches))]
-    test_all = first.subset(lambda r: r.split == "test")
-    site_info = {s: {"role": roles[s], "test_images": sum(r.site == s for r in test_all.records),
-                     "test_patients": len({r.patient_id for r in test_all.records if r.site == s})} for s in sites}
-    model0 = AdaptedModel.load(folders[0])
+        to_evaluate.append(ModelToEvaluate(
+            folder, name, name.partition("@")[0] if "@" in name else (init or name),
+            budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
+            int(prov.get("train_images", len(budget_train))), train=budget_train, backbone_before=before))
+
+    entries = []
+    for m, model in zip(to_evaluate, loaded):
+        cache = caches[json.dumps(model.preprocessing.to_dict(), sort_keys=True)]
+        test = part(cache, split="test", labels=known)
+        if not len(test):
+            raise ValueError(f"{manifest_path}: no test image has one of the labels {known} of {m.folder}")
+        inputs = EvalInputs(test=test, target_site=target, roles=roles, val=part(cache, target, "val", labels=known),
+                            far_ood=load_far_ood(list(far_ood), model.preprocessing, seed=seed), subgroups=list(subgroups),
+                            ood_method=ood_method, noise_images=noise_images)
+        log.info("evaluating %s on %d test images", m.name, len(test))
+        entries += evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
+    test_all = part(caches[next(iter(caches))], split="test", labels=known)
     provenance = {"manifest_sha256": manifest.sha256, "seed": seed, "models": [f.name for f in folders],
                   "far_ood_manifests": [read_manifest(p, check_files=False).sha256 for p in far_ood],
-                  "bootstrap": n_boot, "label_map": label_map or {}}
-    task = {"class_names": model0.class_names, "target_site": target,
-            "positive_class": model0.class_names[model0.positive_index] if len(model0.class_names) == 2 else None}
-    return write_report(build_report(entries, site_info, provenance, title=f"remedis report: {target}", task=task), output)
-
+                  "bootstrap": n_boot, "label_map": data.label_map, "validation": prepared.validation}
+    return write_site_report(entries, site_table(test_all, roles), prepared.task, target, provenance, output,
+                             title=f"remedis report: {target}")

@@ -5,9 +5,11 @@
     remedis adapt --backbone ... --manifest site.csv --budget sweep --output runs/site-x   # the same (SWEEP)
     remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft             # overrides
 
-Splits the site's data by patient (unless the manifest has splits), takes the nested label budget(s),
-fine-tunes (sweep, soup, WiSE-FT, calibration as configured), and writes one adapted model folder per
-budget plus `report.json` / `report.html` with the site's test metrics.
+A thin face over `remedis.stages`, the code `remedis run` uses: prepares the site's records (label map,
+patient-level splits, a validation split carved from train when the manifest has none), takes the nested
+label budget(s), adapts (sweep, soup, WiSE-FT, calibration, operating point, OOD detector, input
+contract) and writes one complete model folder per budget, then evaluates them all once and writes
+`report.json` / `report.html` with the site's test metrics.
 """
 
 from __future__ import annotations
@@ -55,16 +57,25 @@ def parse_budget(text: str) -> float | int:
 
 
 def cmd_adapt(args) -> int:
-    from remedis.adapt.finetune import fine_tune
     from remedis.config import ConfigError, RunConfig
-    from remedis.data.dataset import load_images
     from remedis.data.manifest import read_manifest, write_manifest
     from remedis.data.preprocess import Preprocessing
-    from remedis.data.splits import assign_splits, budget_subset
-    from remedis.evaluate.evaluation import recipe_ablation
-    from remedis.evaluate.report import build_report, write_report
+    from remedis.evaluate.evaluation import EvalInputs, load_backbone_before
     from remedis.models.checkpoint import read_meta
-    from remedis.pipeline import check_output_folder, evaluate_model
+    from remedis.stages import (
+        ModelToEvaluate,
+        adapt_budget,
+        budget_fraction,
+        budget_images,
+        check_output_folder,
+        complete_model,
+        evaluate_models,
+        load_prepared,
+        part,
+        prepare_records,
+        site_table,
+        write_site_report,
+    )
     from remedis.training import setup_runtime
 
     budgets = parse_budgets(args.budget)  # fail before any work
@@ -76,7 +87,6 @@ def cmd_adapt(args) -> int:
     cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
     cfg.data = replace(cfg.data, image_size=pre.image_size)
     setup_runtime(cfg.runtime, cfg.seed)
-    output = check_output_folder(args.output)
 
     manifest = read_manifest(args.manifest)
     site = args.site or (manifest.sites()[0] if len(manifest.sites()) == 1 else None)
@@ -84,54 +94,57 @@ def cmd_adapt(args) -> int:
         raise ConfigError(f"{args.manifest}: several sites ({', '.join(manifest.sites())}); choose one with --site")
     if site not in manifest.sites():
         raise ConfigError(f"--site {site!r} is not in {args.manifest} (sites: {', '.join(manifest.sites())})")
-    records = [r for r in manifest.records if r.site == site]
-    if cfg.data.label_map:
-        records = [replace(r, label=cfg.data.label_map.get(r.label, r.label)) for r in records]
-    records = assign_splits(records, tuple(cfg.data.site_split_fractions.get(site, cfg.data.split_fractions)), seed=cfg.seed)
-    write_manifest(records, output / "manifest.csv")
-    class_names = sorted({r.label for r in records if r.label})
-    if len(class_names) < 2:
-        raise ConfigError(f"{args.manifest}: site {site!r} has {len(class_names)} class(es) {class_names}; adaptation needs two or more")
-    positive = cfg.data.positive_label or class_names[-1]
-    positive_index = class_names.index(positive)
-    cache = load_images(records, pre)
-    train = cache.subset(lambda r: r.split == "train" and r.label != "")
-    val = cache.subset(lambda r: r.split == "val" and r.label != "")
-    test = cache.subset(lambda r: r.split == "test" and r.label != "")
-    models = []
+    output = check_output_folder(args.output)
+    prepared = prepare_records(manifest, cfg.data, cfg.seed, sites=[site])
+    write_manifest(prepared.manifest, output / "manifest.csv")
+    task = prepared.task
+    cache = load_prepared(prepared, pre)
+    train, val, test = part(cache, site, "train"), part(cache, site, "val"), part(cache, site, "test")
+    name_of_backbone = Path(args.backbone).name
+    before = load_backbone_before(Path(args.backbone), cfg.model.backbone, cfg.model.in_chans)
+    student_arch = args.distill or cfg.adapt.distill_student
+    to_evaluate: list[ModelToEvaluate] = []
     for text, budget in budgets:
-        chosen = {r.image for r in budget_subset(train.records, budget, seed=cfg.seed)}
-        part = train.subset(lambda r: r.image in chosen)
-        name = f"{Path(args.backbone).name}@{text}"
-        log.info("adapt %s: %d labeled images of %s", name, len(part), site)
-        adapted, _, variants = fine_tune(cfg, Path(args.backbone), part, val, class_names, positive_index, not args.quiet,
-                                         provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget})
-        adapted.provenance["recipe_ablation"] = recipe_ablation(adapted, variants, test, cfg.evaluate.bootstrap, cfg.seed)
-        folder = adapted.save(output / "adapted" / name.replace("%", "pct"))
-        fraction = budget if isinstance(budget, float) else min(1.0, budget / max(1, len(train)))
-        models.append({"name": name, "backbone": Path(args.backbone).name, "fraction": fraction,
-                       "train_images": len(part), "temperature": adapted.temperature,
-                       "sites": evaluate_model(adapted, test, class_names, positive_index, cfg, cfg.evaluate.bootstrap),
-                       "recipe_ablation": adapted.provenance["recipe_ablation"]})
-        print(f"{name}: {len(part)} labels, test AUROC {models[-1]['sites'][site]['auroc']}, model {folder}")
-        student_arch = args.distill or cfg.adapt.distill_student
+        budget_train = budget_images(train, budget, cfg.seed)
+        name = f"{name_of_backbone}@{text}"
+        folder = output / "adapted" / name.replace("%", "pct")
+        log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
+        adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
+                     provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
+                                 "validation": prepared.validation.get(site)},
+                     ablation_test=test)
+        fraction = budget_fraction(budget, len(train))
+        to_evaluate.append(ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train), train=budget_train,
+                                           backbone_before=before))
         if student_arch:  # the site's train images, labeled or not, teach a small serving model
             from remedis.adapt.distill import distill
+            from remedis.adapt.model import AdaptedModel
 
-            site_images = cache.subset(lambda r: r.split == "train")
-            student = distill(adapted, site_images, val, student_arch, epochs=cfg.adapt.distill_epochs,
+            site_images = part(cache, site, "train", labeled=None)
+            student = distill(AdaptedModel.load(folder), site_images, val, student_arch, epochs=cfg.adapt.distill_epochs,
                               temperature=cfg.adapt.distill_temperature, runtime=cfg.runtime, seed=cfg.seed,
                               sensitivity=cfg.adapt.operating_sensitivity, progress=not args.quiet)
+            complete_model(student, budget_train, val, cfg)
             student_folder = student.save(output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}")
-            models.append({"name": f"{name}-student-{student_arch}", "backbone": f"{Path(args.backbone).name}-student",
-                           "fraction": fraction, "train_images": len(part), "temperature": student.temperature,
-                           "sites": evaluate_model(student, test, class_names, positive_index, cfg, cfg.evaluate.bootstrap)})
-            print(f"{name} -> {student_arch} student ({len(site_images)} images): test AUROC "
-                  f"{models[-1]['sites'][site]['auroc']}, model {student_folder}")
-    sites = {site: {"role": "target", "test_images": len(test), "test_patients": len({r.patient_id for r in test.records})}}
+            log.info("%s -> %s student on %d images: %s", name, student_arch, len(site_images), student_folder)
+            to_evaluate.append(ModelToEvaluate(student_folder, f"{name}-student-{student_arch}", f"{name_of_backbone}-student",
+                                               fraction, len(budget_train), train=budget_train, extra={"distilled": True}))
+
+    ev = cfg.evaluate
+    roles = {site: "target"}
+    inputs = EvalInputs(test=test, target_site=site, roles=roles, val=val, subgroups=list(ev.subgroups),
+                        ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
+                        operating_sensitivity=cfg.adapt.operating_sensitivity, noise_images=ev.noise_images,
+                        cka_images=ev.cka_images)
+    entries = evaluate_models(to_evaluate, inputs, n_boot=ev.bootstrap, seed=cfg.seed)
+    for m, e in zip(to_evaluate, entries):
+        auc = e["sites"][site]["auroc"]
+        print(f"{e['name']}: {e['train_images']} labels, test AUROC {'n/a' if auc is None else f'{auc:.3f}'}, model {m.folder}")
     provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": meta.get("weights_sha256"), "seed": cfg.seed,
-                  "class_names": class_names, "positive_class": positive, "skipped_images": len(cache.failures)}
-    json_path, html_path = write_report(build_report(models, sites, provenance, title=f"remedis adaptation to {site}"), output)
+                  "class_names": task.class_names, "positive_class": task.positive_class,
+                  "skipped_images": len(cache.failures), "validation": prepared.validation}
+    _, html_path = write_site_report(entries, site_table(test, roles), task, site, provenance, output,
+                                     title=f"remedis adaptation to {site}")
     print(f"report: {html_path}")
     return 0
 

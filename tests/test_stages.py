@@ -1,0 +1,84 @@
+"""The stage API (`remedis.stages`): data preparation shared by `run`, `adapt` and `evaluate`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from remedis.config import ConfigError, DataConfig
+from remedis.data.manifest import Manifest, Record
+from remedis.data.splits import carve_validation
+from remedis.stages import budget_fraction, prepare_records
+
+
+def _records(split_of=lambda i: "train" if i % 5 else "test", sites=("A",), n=100):
+    return [Record(image=f"/x/{s}/{i}-{v}.png", label="ab"[i % 2], site=s, patient_id=f"{s}{i}", split=split_of(i))
+            for s in sites for i in range(n) for v in range(2)]
+
+
+def test_carve_validation_moves_whole_train_patients_only():
+    records = _records()
+    carved = carve_validation(records, 0.2, seed=0)
+    assert [r.image for r in carved] == [r.image for r in records]
+    assert [r.split for r in carved if r.split == "test"] == [r.split for r in records if r.split == "test"]
+    val_patients = {r.patient_id for r in carved if r.split == "val"}
+    train_patients = {r.patient_id for r in carved if r.split == "train"}
+    assert val_patients and not val_patients & train_patients
+    assert {r.label for r in carved if r.split == "val"} == {"a", "b"}  # stratified: both classes
+    n_train_before = len({r.patient_id for r in records if r.split == "train"})
+    assert len(val_patients) == pytest.approx(0.2 * n_train_before, abs=2)
+    assert carve_validation(records, 0.2, seed=0) == carved  # seeded
+    assert carve_validation(records, 0.2, seed=1) != carved
+
+
+def test_prepare_records_carves_val_and_says_so():
+    prepared = prepare_records(Manifest(_records()), DataConfig(), seed=0)
+    assert {r.split for r in prepared.records} == {"train", "val", "test"}
+    assert prepared.validation["A"].startswith("carved from train: 20% of the train patients")
+    assert prepared.task.class_names == ["a", "b"] and prepared.task.positive_class == "b"
+
+
+def test_prepare_records_keeps_manifest_splits_and_assigns_missing_ones():
+    with_val = prepare_records(Manifest(_records(lambda i: ["train", "val", "test"][i % 3])), DataConfig(), seed=0)
+    assert with_val.validation == {"A": "manifest"}
+    none = prepare_records(Manifest(_records(lambda i: None, sites=("A", "B"))), DataConfig(), seed=0)
+    assert none.validation["A"].startswith("assigned by patient (0.6/0.2/0.2")
+    assert {r.split for r in none.records} == {"train", "val", "test"}
+
+
+def test_prepare_records_checks_sites_labels_and_label_map():
+    m = Manifest(_records())
+    with pytest.raises(ConfigError, match="site 'Z' is not in"):
+        prepare_records(m, DataConfig(), seed=0, sites=["Z"])
+    with pytest.raises(ConfigError, match=r"data.label_map: label\(s\) \['c'\]"):
+        prepare_records(m, DataConfig(label_map={"c": "a"}), seed=0)
+    with pytest.raises(ConfigError, match="at least two classes"):
+        prepare_records(m, DataConfig(label_map={"b": "a"}), seed=0)
+    with pytest.raises(ConfigError, match="data.positive_label"):
+        prepare_records(m, DataConfig(positive_label="c"), seed=0)
+
+
+def test_budget_fraction_is_one_definition():
+    assert budget_fraction(0.1, 500) == 0.1
+    assert budget_fraction(50, 500) == 0.1
+    assert budget_fraction(900, 500) == 1.0
+
+
+def test_multiclass_report_keys_per_class_auroc_by_class_name():
+    from remedis.adapt.model import AdaptedModel
+    from remedis.data.dataset import ImageCache
+    from remedis.data.preprocess import Preprocessing
+    from remedis.evaluate.evaluation import EvalInputs, evaluate_adapted
+    from remedis.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    names = ["akiec", "bcc", "mel", "nv"]
+    model = AdaptedModel(Classifier("resnet18", 4, 1), names, Preprocessing(32, 1))
+    rng = np.random.default_rng(0)
+    records = [Record(image=f"/x/{i}.png", label=names[i % 4], site="S", patient_id=f"p{i}", split="test") for i in range(40)]
+    test = ImageCache(records, torch.as_tensor(rng.random((40, 1, 32, 32)), dtype=torch.float16), model.preprocessing)
+    entry = evaluate_adapted(model, EvalInputs(test=test, target_site="S", roles={"S": "target"}), n_boot=20, seed=0)
+    per_class = entry["sites"]["S"]["per_class_auroc"]
+    assert list(per_class) == names
+    assert all(0.0 <= v["auroc"] <= 1.0 for v in per_class.values())
