@@ -31,7 +31,7 @@ from remedis.data.dataset import ImageCache
 from remedis.data.manifest import Manifest, read_manifest, write_manifest
 from remedis.data.preprocess import Preprocessing
 from remedis.data.synthetic import DEFAULT_SITES, SyntheticSpec, generate_synthetic
-from remedis.evaluate.evaluation import EvalInputs, load_backbone_before, load_far_ood
+from remedis.evaluate.evaluation import load_backbone_before, load_far_ood
 from remedis.models.checkpoint import CheckpointError, read_meta
 from remedis.pretrain.jobs import train_simclr, train_supervised
 from remedis.pretrain.monitor import KNNMonitor
@@ -43,6 +43,7 @@ from remedis.stages import (
     budget_images,
     check_output_folder,
     complete_model,
+    eval_inputs,
     evaluate_models,
     load_prepared,
     part,
@@ -180,10 +181,7 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
     roles = {s: "source" if s == src else "target" if s == tgt else "ood" for s in manifest.sites()}
     ev = cfg.evaluate
     far_ood = load_far_ood(ev.far_ood_manifests, pre, seed=cfg.seed)
-    inputs = EvalInputs(test=test, target_site=tgt, roles=roles, val=target_val, far_ood=far_ood,
-                        subgroups=list(ev.subgroups), ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
-                        operating_sensitivity=cfg.adapt.operating_sensitivity, noise_images=ev.noise_images,
-                        cka_images=ev.cka_images)
+    inputs = eval_inputs(cfg, test, tgt, roles, target_val, far_ood)
     log.info("[4/5 evaluate] %d models on %d test images", len(to_evaluate), len(test))
     entries = evaluate_models(to_evaluate, inputs, n_boot=ev.bootstrap, seed=cfg.seed)
     for e in entries:

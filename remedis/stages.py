@@ -247,6 +247,16 @@ def adapt_budget(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: 
     return model
 
 
+def eval_inputs(cfg: RunConfig, test: ImageCache, target_site: str, roles: dict[str, str], val: ImageCache,
+                far_ood: dict[str, ImageCache] | None = None) -> EvalInputs:
+    """What every model's evaluation shares, from the config's `evaluate` and `adapt.operating_sensitivity`."""
+    ev = cfg.evaluate
+    return EvalInputs(test=test, target_site=target_site, roles=roles, val=val, far_ood=far_ood or {},
+                      subgroups=list(ev.subgroups), ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
+                      operating_sensitivity=cfg.adapt.operating_sensitivity, noise_images=ev.noise_images,
+                      cka_images=ev.cka_images)
+
+
 def site_table(test: ImageCache, roles: dict[str, str]) -> dict[str, dict]:
     """The report's site table: role, test images and test patients per site (counts, never identifiers)."""
     return {s: {"role": roles[s], "test_images": sum(r.site == s for r in test.records),

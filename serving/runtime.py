@@ -78,12 +78,9 @@ class ModelRuntime:
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=self.memory_format)
-        clf = self.model.classifier
         amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with amp:
-            emb = clf.embed(x)
-            logits = clf.head(emb)
-        return torch.cat([logits.float(), emb.float()], 1).cpu().numpy()
+            return self.model.classifier.logits_and_embedding(x).float().cpu().numpy()
 
     def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return out[:, :self.num_classes], out[:, self.num_classes:]

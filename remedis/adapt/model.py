@@ -27,6 +27,7 @@ from remedis.data.readers import read_image
 from remedis.models.backbones import fold_std_conv
 from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
 from remedis.models.classifier import Classifier
+from remedis.models.inference import run_batches
 from remedis.models.layout import memory_format
 
 
@@ -138,18 +139,11 @@ class AdaptedModel:
             >>> logits, emb = model.infer(cache.pixels)
         """
         k = len(self.class_names)
-        d = self.classifier.head.in_features
         if len(pixels) == 0:
-            return np.empty((0, k)), np.empty((0, d))
-        clf = self.classifier
-
-        def both(xb: torch.Tensor) -> torch.Tensor:
-            e = clf.embed(xb)
-            return torch.cat([e, clf.head(e)], 1)
-
-        out = torch.cat([self._run(self.preprocessing.normalize(pixels[i:i + batch].float()), both)
-                         for i in range(0, len(pixels), batch)])
-        return out[:, d:].numpy().astype(np.float64), out[:, :d].numpy().astype(np.float64)
+            return np.empty((0, k)), np.empty((0, self.classifier.head.in_features))
+        out = run_batches(self.classifier, self.classifier.logits_and_embedding, pixels, self.preprocessing, batch,
+                          self.autocast, self.device)
+        return out[:, :k].numpy().astype(np.float64), out[:, k:].numpy().astype(np.float64)
 
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities: `Calibration.probs`, the same function the service applies."""

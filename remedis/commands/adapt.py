@@ -57,25 +57,12 @@ def parse_budget(text: str) -> float | int:
 
 
 def cmd_adapt(args) -> int:
+    from remedis import stages
     from remedis.config import ConfigError, RunConfig
     from remedis.data.manifest import read_manifest, write_manifest
     from remedis.data.preprocess import Preprocessing
-    from remedis.evaluate.evaluation import EvalInputs, load_backbone_before
+    from remedis.evaluate.evaluation import load_backbone_before
     from remedis.models.checkpoint import read_meta
-    from remedis.stages import (
-        ModelToEvaluate,
-        adapt_budget,
-        budget_fraction,
-        budget_images,
-        check_output_folder,
-        complete_model,
-        evaluate_models,
-        load_prepared,
-        part,
-        prepare_records,
-        site_table,
-        write_site_report,
-    )
     from remedis.training import setup_runtime
 
     budgets = parse_budgets(args.budget)  # fail before any work
@@ -94,56 +81,52 @@ def cmd_adapt(args) -> int:
         raise ConfigError(f"{args.manifest}: several sites ({', '.join(manifest.sites())}); choose one with --site")
     if site not in manifest.sites():
         raise ConfigError(f"--site {site!r} is not in {args.manifest} (sites: {', '.join(manifest.sites())})")
-    output = check_output_folder(args.output)
-    prepared = prepare_records(manifest, cfg.data, cfg.seed, sites=[site])
+    output = stages.check_output_folder(args.output)
+    prepared = stages.prepare_records(manifest, cfg.data, cfg.seed, sites=[site])
     write_manifest(prepared.manifest, output / "manifest.csv")
     task = prepared.task
-    cache = load_prepared(prepared, pre)
-    train, val, test = part(cache, site, "train"), part(cache, site, "val"), part(cache, site, "test")
+    cache = stages.load_prepared(prepared, pre)
+    train, val, test = stages.part(cache, site, "train"), stages.part(cache, site, "val"), stages.part(cache, site, "test")
     name_of_backbone = Path(args.backbone).name
     before = load_backbone_before(Path(args.backbone), cfg.model.backbone, cfg.model.in_chans)
     student_arch = args.distill or cfg.adapt.distill_student
-    to_evaluate: list[ModelToEvaluate] = []
+    to_evaluate: list[stages.ModelToEvaluate] = []
     for text, budget in budgets:
-        budget_train = budget_images(train, budget, cfg.seed)
+        budget_train = stages.budget_images(train, budget, cfg.seed)
         name = f"{name_of_backbone}@{text}"
         folder = output / "adapted" / name.replace("%", "pct")
         log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
-        adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
+        stages.adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
                      provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
                                  "validation": prepared.validation.get(site)},
                      ablation_test=test)
-        fraction = budget_fraction(budget, len(train))
-        to_evaluate.append(ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train), train=budget_train,
+        fraction = stages.budget_fraction(budget, len(train))
+        to_evaluate.append(stages.ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train), train=budget_train,
                                            backbone_before=before))
         if student_arch:  # the site's train images, labeled or not, teach a small serving model
             from remedis.adapt.distill import distill
             from remedis.adapt.model import AdaptedModel
 
-            site_images = part(cache, site, "train", labeled=None)
+            site_images = stages.part(cache, site, "train", labeled=None)
             student = distill(AdaptedModel.load(folder), site_images, val, student_arch, epochs=cfg.adapt.distill_epochs,
                               temperature=cfg.adapt.distill_temperature, runtime=cfg.runtime, seed=cfg.seed,
                               sensitivity=cfg.adapt.operating_sensitivity, progress=not args.quiet)
-            complete_model(student, budget_train, val, cfg)
+            stages.complete_model(student, budget_train, val, cfg)
             student_folder = student.save(output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}")
             log.info("%s -> %s student on %d images: %s", name, student_arch, len(site_images), student_folder)
-            to_evaluate.append(ModelToEvaluate(student_folder, f"{name}-student-{student_arch}", f"{name_of_backbone}-student",
+            to_evaluate.append(stages.ModelToEvaluate(student_folder, f"{name}-student-{student_arch}", f"{name_of_backbone}-student",
                                                fraction, len(budget_train), train=budget_train, extra={"distilled": True}))
 
-    ev = cfg.evaluate
     roles = {site: "target"}
-    inputs = EvalInputs(test=test, target_site=site, roles=roles, val=val, subgroups=list(ev.subgroups),
-                        ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
-                        operating_sensitivity=cfg.adapt.operating_sensitivity, noise_images=ev.noise_images,
-                        cka_images=ev.cka_images)
-    entries = evaluate_models(to_evaluate, inputs, n_boot=ev.bootstrap, seed=cfg.seed)
+    inputs = stages.eval_inputs(cfg, test, site, roles, val)
+    entries = stages.evaluate_models(to_evaluate, inputs, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
     for m, e in zip(to_evaluate, entries):
         auc = e["sites"][site]["auroc"]
         print(f"{e['name']}: {e['train_images']} labels, test AUROC {'n/a' if auc is None else f'{auc:.3f}'}, model {m.folder}")
     provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": meta.get("weights_sha256"), "seed": cfg.seed,
                   "class_names": task.class_names, "positive_class": task.positive_class,
                   "skipped_images": len(cache.failures), "validation": prepared.validation}
-    _, html_path = write_site_report(entries, site_table(test, roles), task, site, provenance, output,
+    _, html_path = stages.write_site_report(entries, stages.site_table(test, roles), task, site, provenance, output,
                                      title=f"remedis adaptation to {site}")
     print(f"report: {html_path}")
     return 0

@@ -96,23 +96,13 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
     `data`: the config's `data` section (split fractions, label map); --label-map entries are added to it."""
     from dataclasses import replace
 
+    from remedis import stages
     from remedis.adapt.model import AdaptedModel
     from remedis.adapt.ood import METHODS
     from remedis.config import DataConfig
     from remedis.data.manifest import read_manifest
     from remedis.evaluate.evaluation import EvalInputs, check_subgroups, load_backbone_before, load_far_ood
     from remedis.models.checkpoint import read_meta
-    from remedis.stages import (
-        ModelToEvaluate,
-        budget_fraction,
-        budget_images,
-        evaluate_models,
-        load_prepared,
-        part,
-        prepare_records,
-        site_table,
-        write_site_report,
-    )
 
     if ood_method not in METHODS:
         raise ValueError(f"--ood-method: expected one of {', '.join(METHODS)}, got {ood_method!r}")
@@ -142,21 +132,21 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
     for col in subgroups:
         if not any(col in r.meta for r in manifest.records):
             raise ValueError(f"--subgroup: {manifest_path} has no column {col!r}")
-    prepared = prepare_records(manifest, data, seed, class_names=first.class_names)
+    prepared = stages.prepare_records(manifest, data, seed, class_names=first.class_names)
     roles = {s: "target" if s == target else "source" if s == source_site else "ood" for s in sites}
     known = first.class_names
 
     caches: dict = {}
-    to_evaluate: list[ModelToEvaluate] = []
+    to_evaluate: list[stages.ModelToEvaluate] = []
     for folder, model in zip(folders, loaded):
         key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
         if key not in caches:
-            caches[key] = load_prepared(prepared, model.preprocessing, labeled_only=True)
+            caches[key] = stages.load_prepared(prepared, model.preprocessing, labeled_only=True)
         cache = caches[key]
         prov = model.provenance
         budget = prov.get("budget")
-        t_train = part(cache, target, "train", labels=known)
-        budget_train = budget_images(t_train, budget, seed) if budget is not None and len(t_train) else t_train
+        t_train = stages.part(cache, target, "train", labels=known)
+        budget_train = stages.budget_images(t_train, budget, seed) if budget is not None and len(t_train) else t_train
         init = prov.get("backbone_init")
         before_dir = (backbones or {}).get(init) or (folder.parent.parent / "backbones" / init if init and init != "random" else None)
         before = None
@@ -166,25 +156,25 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
             else:
                 before = load_backbone_before(before_dir, model.architecture, model.preprocessing.in_chans)
         name = folder.name
-        to_evaluate.append(ModelToEvaluate(
+        to_evaluate.append(stages.ModelToEvaluate(
             folder, name, name.partition("@")[0] if "@" in name else (init or name),
-            budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
+            stages.budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
             int(prov.get("train_images", len(budget_train))), train=budget_train, backbone_before=before))
 
     entries = []
     for m, model in zip(to_evaluate, loaded):
         cache = caches[json.dumps(model.preprocessing.to_dict(), sort_keys=True)]
-        test = part(cache, split="test", labels=known)
+        test = stages.part(cache, split="test", labels=known)
         if not len(test):
             raise ValueError(f"{manifest_path}: no test image has one of the labels {known} of {m.folder}")
-        inputs = EvalInputs(test=test, target_site=target, roles=roles, val=part(cache, target, "val", labels=known),
+        inputs = EvalInputs(test=test, target_site=target, roles=roles, val=stages.part(cache, target, "val", labels=known),
                             far_ood=load_far_ood(list(far_ood), model.preprocessing, seed=seed), subgroups=list(subgroups),
                             ood_method=ood_method, noise_images=noise_images)
         log.info("evaluating %s on %d test images", m.name, len(test))
-        entries += evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
-    test_all = part(caches[next(iter(caches))], split="test", labels=known)
+        entries += stages.evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
+    test_all = stages.part(caches[next(iter(caches))], split="test", labels=known)
     provenance = {"manifest_sha256": manifest.sha256, "seed": seed, "models": [f.name for f in folders],
                   "far_ood_manifests": [read_manifest(p, check_files=False).sha256 for p in far_ood],
                   "bootstrap": n_boot, "label_map": data.label_map, "validation": prepared.validation}
-    return write_site_report(entries, site_table(test_all, roles), prepared.task, target, provenance, output,
+    return stages.write_site_report(entries, stages.site_table(test_all, roles), prepared.task, target, provenance, output,
                              title=f"remedis report: {target}")

@@ -22,3 +22,9 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+    def logits_and_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass for both: (B, num_classes + embedding_dim), `[logits | embedding]` (the OOD detector
+        needs the embedding, the answer the logits)."""
+        e = self.embed(x)
+        return torch.cat([self.head(e), e], 1)

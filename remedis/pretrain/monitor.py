@@ -18,22 +18,19 @@ import torch.nn.functional as F
 
 from remedis.data.dataset import ImageCache
 from remedis.metrics import auroc
-from remedis.models.layout import memory_format
+from remedis.models.inference import run_batches
 
 
 @torch.inference_mode()
 def embed_cache(backbone: torch.nn.Module, cache: ImageCache, batch_size: int = 256) -> torch.Tensor:
+    """Pooled embeddings of `cache` (the shared inference loop, in eval mode; training mode restored)."""
     was_training = backbone.training
     backbone.eval()
-    device = next(backbone.parameters()).device
-    fmt = memory_format(backbone, device)
-    out = []
-    for i in range(0, len(cache), batch_size):
-        x = cache.preprocessing.normalize(cache.pixels[i:i + batch_size].float()).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda")):
-            out.append(backbone.forward_head(backbone.forward_features(x.contiguous(memory_format=fmt))).float().cpu())
-    backbone.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    try:
+        return run_batches(backbone, lambda x: backbone.forward_head(backbone.forward_features(x)), cache.pixels,
+                           cache.preprocessing, batch_size)
+    finally:
+        backbone.train(was_training)
 
 
 def knn_scores(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Tensor, num_classes: int,
