@@ -25,7 +25,6 @@ from pathlib import Path
 
 import yaml
 
-from remedis.adapt.model import AdaptedModel
 from remedis.config import ConfigError, RunConfig
 from remedis.data.dataset import ImageCache
 from remedis.data.manifest import Manifest, read_manifest, write_manifest
@@ -42,7 +41,7 @@ from remedis.stages import (
     budget_fraction,
     budget_images,
     check_output_folder,
-    complete_model,
+    distill_budget,
     eval_inputs,
     evaluate_models,
     load_prepared,
@@ -95,6 +94,12 @@ def prepare_data(cfg: RunConfig, output: Path) -> PreparedData:
         site = getattr(cfg.data, key)
         if site not in sites:
             raise ConfigError(f"data.{key}: site {site!r} is not in the manifest (sites: {', '.join(sites)})")
+    unknown = sorted(set(cfg.data.label_map) - {r.label for r in manifest.records})
+    if unknown:  # the run's config describes this manifest: every key must name something in it
+        raise ConfigError(f"data.label_map: label(s) {unknown} do not occur in the manifest ({manifest.labels()})")
+    unknown = sorted(set(cfg.data.site_split_fractions) - set(sites))
+    if unknown:
+        raise ConfigError(f"data.site_split_fractions: site(s) {unknown} are not in the manifest (sites: {', '.join(sites)})")
     prepared = prepare_records(manifest, cfg.data, cfg.seed)
     write_manifest(prepared.manifest, output / "manifest.csv")
     return prepared
@@ -212,8 +217,6 @@ def distill_stage(cfg: RunConfig, result: RunResult, adapted: list[ModelToEvalua
                   val: ImageCache, data_key, progress: bool) -> list[ModelToEvaluate]:
     """Distil every REMEDIS-adapted model into `adapt.distill_student` on all target-site train images;
     each student folder is complete (calibration, OOD detector, input contract) like its teacher's."""
-    from remedis.adapt.distill import distill
-
     ac, out = cfg.adapt, []
     for m in [m for m in adapted if m.backbone == "remedis"]:
         teacher_folder = result.adapted[m.name]
@@ -224,12 +227,8 @@ def distill_stage(cfg: RunConfig, result: RunResult, adapted: list[ModelToEvalua
         if not reusable(folder, key):
             log.info("[3/5 adapt] distilling %s into %s on %d %s images", m.name, ac.distill_student,
                      len(site_images), cfg.data.target_site)
-            student = distill(AdaptedModel.load(teacher_folder), site_images, val, ac.distill_student,
-                              epochs=ac.distill_epochs, temperature=ac.distill_temperature, runtime=cfg.runtime,
-                              seed=cfg.seed, sensitivity=ac.operating_sensitivity, progress=progress)
-            student.provenance = {**student.provenance, "stage_key": key, "teacher": m.name}
-            complete_model(student, m.train, val, cfg, contract_images=m.train)
-            student.save(folder)
+            distill_budget(cfg, teacher_folder, ac.distill_student, site_images, val, m.train, folder, progress,
+                           provenance={"stage_key": key, "teacher": m.name})
         result.adapted[name] = folder
         out.append(ModelToEvaluate(folder, name, "remedis-student", m.fraction, m.train_images, train=m.train,
                                    extra={"distilled": True}))

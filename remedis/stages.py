@@ -122,17 +122,21 @@ def prepare_records(manifest: Manifest, data: DataConfig, seed: int, sites: Sequ
             default: the sorted labels of the kept rows.
 
     Raises:
-        ConfigError: an unknown site or label-map key, fewer than two classes, an unknown positive label.
+        ConfigError: an unknown site in `sites`, a label map none of whose labels occur, fewer than two
+            classes, an unknown positive label.
     """
     known_sites = manifest.sites()
-    for site in list(sites or []) + list(data.site_split_fractions):
+    for site in sites or []:
         if site not in known_sites:
             raise ConfigError(f"site {site!r} is not in {manifest.path or 'the manifest'} (sites: {', '.join(known_sites)})")
     records = manifest.records if not sites else [r for r in manifest.records if r.site in set(sites)]
     if data.label_map:
-        unknown = sorted(set(data.label_map) - {r.label for r in manifest.records})
-        if unknown:
-            raise ConfigError(f"data.label_map: label(s) {unknown} do not occur in the manifest ({manifest.labels()})")
+        # A config written for a multi-site run may map labels (or split sites) that this manifest lacks:
+        # only a map none of whose labels occur is an error here (`remedis run` checks every key).
+        present = {r.label for r in manifest.records}
+        if not set(data.label_map) & present:
+            raise ConfigError(f"data.label_map: label(s) {sorted(data.label_map)} do not occur in the manifest "
+                              f"({manifest.labels()})")
         records = [replace(r, label=data.label_map.get(r.label, r.label)) for r in records]
 
     notes: dict[str, str] = {}
@@ -255,6 +259,24 @@ def eval_inputs(cfg: RunConfig, test: ImageCache, target_site: str, roles: dict[
                       subgroups=list(ev.subgroups), ood_method=ev.ood_method, ood_accept_rate=ev.ood_accept_rate,
                       operating_sensitivity=cfg.adapt.operating_sensitivity, noise_images=ev.noise_images,
                       cka_images=ev.cka_images)
+
+
+def distill_budget(cfg: RunConfig, teacher_folder: Path, arch: str, site_images: ImageCache, val: ImageCache,
+                   train: ImageCache, folder: Path, progress: bool = True, provenance: dict[str, Any] | None = None
+                   ) -> AdaptedModel:
+    """Distil an adapted model into a small `arch` student on the site's train images (labeled or not), and
+    write a complete folder: calibration on `val`, the OOD detector and input contract on the teacher's
+    budget `train`, like the teacher's own."""
+    from remedis.adapt.distill import distill
+
+    ac = cfg.adapt
+    student = distill(AdaptedModel.load(teacher_folder), site_images, val, arch, epochs=ac.distill_epochs,
+                      temperature=ac.distill_temperature, runtime=cfg.runtime, seed=cfg.seed,
+                      sensitivity=ac.operating_sensitivity, progress=progress)
+    student.provenance = {**student.provenance, **(provenance or {})}
+    complete_model(student, train, val, cfg)
+    student.save(folder)
+    return student
 
 
 def site_table(test: ImageCache, roles: dict[str, str]) -> dict[str, dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,16 @@ def test_prepare_records_checks_sites_labels_and_label_map():
         prepare_records(m, DataConfig(label_map={"b": "a"}), seed=0)
     with pytest.raises(ConfigError, match="data.positive_label"):
         prepare_records(m, DataConfig(positive_label="c"), seed=0)
+
+
+def test_a_run_config_applies_to_a_one_site_manifest():
+    """`remedis adapt --config configs/breast_ultrasound.yaml` on the target site's own manifest: the config's
+    split override for the source site and its label-map key for a label this site lacks are not errors."""
+    records = [replace(r, label={"a": "benign", "b": "malignant"}[r.label]) for r in _records()]
+    data = DataConfig(label_map={"benign": "not_malignant", "normal": "not_malignant"},
+                      site_split_fractions={"BUS-BRA": [0.8, 0.1, 0.1]})
+    prepared = prepare_records(Manifest(records), data, seed=0, sites=["A"])
+    assert prepared.task.class_names == ["malignant", "not_malignant"]
 
 
 def test_budget_fraction_is_one_definition():

@@ -86,7 +86,7 @@ def cmd_adapt(args) -> int:
     write_manifest(prepared.manifest, output / "manifest.csv")
     task = prepared.task
     cache = stages.load_prepared(prepared, pre)
-    train, val, test = stages.part(cache, site, "train"), stages.part(cache, site, "val"), stages.part(cache, site, "test")
+    train, val, test = (stages.part(cache, site, split) for split in ("train", "val", "test"))
     name_of_backbone = Path(args.backbone).name
     before = load_backbone_before(Path(args.backbone), cfg.model.backbone, cfg.model.in_chans)
     student_arch = args.distill or cfg.adapt.distill_student
@@ -97,25 +97,21 @@ def cmd_adapt(args) -> int:
         folder = output / "adapted" / name.replace("%", "pct")
         log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
         stages.adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
-                     provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
-                                 "validation": prepared.validation.get(site)},
-                     ablation_test=test)
+                            provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
+                                        "validation": prepared.validation.get(site)},
+                            ablation_test=test)
         fraction = stages.budget_fraction(budget, len(train))
-        to_evaluate.append(stages.ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train), train=budget_train,
-                                           backbone_before=before))
+        to_evaluate.append(stages.ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train),
+                                                  train=budget_train, backbone_before=before))
         if student_arch:  # the site's train images, labeled or not, teach a small serving model
-            from remedis.adapt.distill import distill
-            from remedis.adapt.model import AdaptedModel
-
             site_images = stages.part(cache, site, "train", labeled=None)
-            student = distill(AdaptedModel.load(folder), site_images, val, student_arch, epochs=cfg.adapt.distill_epochs,
-                              temperature=cfg.adapt.distill_temperature, runtime=cfg.runtime, seed=cfg.seed,
-                              sensitivity=cfg.adapt.operating_sensitivity, progress=not args.quiet)
-            stages.complete_model(student, budget_train, val, cfg)
-            student_folder = student.save(output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}")
+            student_folder = output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}"
+            stages.distill_budget(cfg, folder, student_arch, site_images, val, budget_train, student_folder,
+                                  progress=not args.quiet)
             log.info("%s -> %s student on %d images: %s", name, student_arch, len(site_images), student_folder)
-            to_evaluate.append(stages.ModelToEvaluate(student_folder, f"{name}-student-{student_arch}", f"{name_of_backbone}-student",
-                                               fraction, len(budget_train), train=budget_train, extra={"distilled": True}))
+            to_evaluate.append(stages.ModelToEvaluate(student_folder, f"{name}-student-{student_arch}",
+                                                      f"{name_of_backbone}-student", fraction, len(budget_train),
+                                                      train=budget_train, extra={"distilled": True}))
 
     roles = {site: "target"}
     inputs = stages.eval_inputs(cfg, test, site, roles, val)
@@ -127,7 +123,7 @@ def cmd_adapt(args) -> int:
                   "class_names": task.class_names, "positive_class": task.positive_class,
                   "skipped_images": len(cache.failures), "validation": prepared.validation}
     _, html_path = stages.write_site_report(entries, stages.site_table(test, roles), task, site, provenance, output,
-                                     title=f"remedis adaptation to {site}")
+                                            title=f"remedis adaptation to {site}")
     print(f"report: {html_path}")
     return 0
 

@@ -161,20 +161,23 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
             stages.budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
             int(prov.get("train_images", len(budget_train))), train=budget_train, backbone_before=before))
 
-    entries = []
+    entries, far_sets = [], {}
     for m, model in zip(to_evaluate, loaded):
-        cache = caches[json.dumps(model.preprocessing.to_dict(), sort_keys=True)]
+        key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
+        cache = caches[key]
+        if key not in far_sets:  # decoded once per preprocessing, like the manifest's images
+            far_sets[key] = load_far_ood(list(far_ood), model.preprocessing, seed=seed)
         test = stages.part(cache, split="test", labels=known)
         if not len(test):
             raise ValueError(f"{manifest_path}: no test image has one of the labels {known} of {m.folder}")
         inputs = EvalInputs(test=test, target_site=target, roles=roles, val=stages.part(cache, target, "val", labels=known),
-                            far_ood=load_far_ood(list(far_ood), model.preprocessing, seed=seed), subgroups=list(subgroups),
-                            ood_method=ood_method, noise_images=noise_images)
+                            far_ood=far_sets[key], subgroups=list(subgroups), ood_method=ood_method,
+                            noise_images=noise_images)
         log.info("evaluating %s on %d test images", m.name, len(test))
         entries += stages.evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
     test_all = stages.part(caches[next(iter(caches))], split="test", labels=known)
     provenance = {"manifest_sha256": manifest.sha256, "seed": seed, "models": [f.name for f in folders],
                   "far_ood_manifests": [read_manifest(p, check_files=False).sha256 for p in far_ood],
                   "bootstrap": n_boot, "label_map": data.label_map, "validation": prepared.validation}
-    return stages.write_site_report(entries, stages.site_table(test_all, roles), prepared.task, target, provenance, output,
-                             title=f"remedis report: {target}")
+    return stages.write_site_report(entries, stages.site_table(test_all, roles), prepared.task, target, provenance,
+                                    output, title=f"remedis report: {target}")

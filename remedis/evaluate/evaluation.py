@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -197,23 +198,26 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     return out
 
 
-def contract_flags(model: AdaptedModel, images: ImageCache) -> np.ndarray | None:
-    """Per image: does it break the model's input contract (modality, channels, size, intensity)?
-    What the service checks before the feature score; None when the model has no contract."""
+@functools.lru_cache(maxsize=65536)
+def _source(path, modality_hint: str | None):
+    """Header facts of one file (read once per evaluation run, however many models check it); None when unreadable."""
     from remedis.data.contract import describe_file
     from remedis.data.readers import ImageReadError
 
+    try:
+        return describe_file(path, modality_hint)
+    except (ImageReadError, OSError):
+        return None
+
+
+def contract_flags(model: AdaptedModel, images: ImageCache) -> np.ndarray | None:
+    """Per image: does it break the model's input contract (modality, channels, size, intensity)?
+    What the service checks before the feature score; None when the model has no contract."""
     contract = model.input_contract
     if contract is None:
         return None
-    flags = []
-    for r, px in zip(images.records, images.pixels):
-        try:
-            source = describe_file(r.image, r.meta.get("modality") or None)
-        except (ImageReadError, OSError):
-            source = None
-        flags.append(bool(contract.check(source, px.float())))
-    return np.array(flags, dtype=bool)
+    return np.array([bool(contract.check(_source(r.image, r.meta.get("modality") or None), px.float()))
+                     for r, px in zip(images.records, images.pixels)], dtype=bool)
 
 
 def detector_summary(detector: OODDetector | None) -> dict | None:
