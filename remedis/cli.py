@@ -39,6 +39,10 @@ def cmd_run(args) -> int:
     from remedis.pipeline import run_pipeline
 
     result = run_pipeline(cfg, args.output, progress=not args.quiet, build=False if args.no_build else None)
+    from remedis.distributed import is_primary
+
+    if not is_primary():
+        return 0  # a training-only rank: the primary process evaluates and reports
     print(_summary(result))
     print(f"report:  {result.report_html}")
     print(f"         {result.report_json}")
@@ -75,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from remedis.commands.evaluate import register as register_evaluate
 
     register_evaluate(sub)
+    from remedis.commands.pretrain import register as register_pretrain
+
+    register_pretrain(sub)
     return p
 
 

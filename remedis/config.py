@@ -46,18 +46,22 @@ class DataConfig:
     positive_label: str | None = None  # binary AUROC positive class; None = last class sorted
     label_map: dict[str, str] = field(default_factory=dict)  # e.g. {normal: not_malignant, benign: not_malignant}
     image_size: int = 64  # network input size (square)
+    channels: int | str = "auto"  # 1 grey, 3 colour (RGB kept end to end), auto: 3 when any sampled image is colour
+    aspect: str = "pad"  # non-square images: pad (nothing cut or stretched), crop (short side, centre crop) or stretch
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     # per-site override, e.g. {BUS-BRA: [0.8, 0.1, 0.1]}: more upstream labels for the source site
     # while the target site keeps a test split large enough for CIs
     site_split_fractions: dict[str, list[float]] = field(default_factory=dict)
     # a manifest with train and test splits but no val: this share of the train patients becomes val
     val_fraction: float = 0.2
+    stream: bool = True  # pretraining streams from shards written once (litdata); false decodes all into memory
+    shard_dir: str | None = None  # where shards go (null: <output>/shards); reused when records and preprocessing match
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any name known to remedis.models.create_backbone
-    in_chans: int = 1
+    in_chans: int | None = None  # network input channels; None follows data.channels (3 for RGB weights on grey data)
     weights: str | None = None  # local file with external weights (timm / torch state_dict)
 
 
@@ -82,6 +86,7 @@ class SimCLRConfig:
     projection_dim: int = 128
     min_crop_scale: float = 0.5  # random resized crop keeps 50-100% of the side
     micle: bool = True  # positives from two different images of one patient when the patient has several
+    micle_group_size: int = 4  # streaming: a shard sample holds up to this many images of one patient (one pair per epoch)
     projection_layers: int = 2  # MLP projection head depth (SimCLR v1: 2, SimCLR v2: 3)
     optimizer: str = "adamw"  # "adamw" or "lars" (SimCLR's; lr is then the LARS base lr, e.g. 0.3 * batch / 256)
     hist_eq_prob: float = 0.0  # probability of histogram equalisation per view
@@ -173,6 +178,9 @@ class RuntimeConfig:
     devices: int = 1
     num_nodes: int = 1
     logger: str = "csv"  # training metrics: "csv" (logs/<stage>/metrics.csv), "tensorboard" or "mlflow" (file store in logs/)
+    # Streaming (shard) stages also write their resume file every N optimizer steps, so a job killed mid-epoch
+    # resumes there with the same final weights; None: at epoch ends only (in-memory stages always).
+    checkpoint_every_steps: int | None = None
 
 
 @dataclass
@@ -211,9 +219,25 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_preprocessing(self, pre) -> "RunConfig":
+        """This config with `data.channels` and `model.in_chans` taken from the images' `Preprocessing`
+        (the data decides what the network sees; `remedis.stages.resolve_channels` made it)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, channels=int(pre.channels)),
+                                   model=dataclasses.replace(self.model, in_chans=int(pre.in_chans)))
+
     def validate(self) -> None:
         if self.runtime.precision not in ("bf16", "fp32"):
             raise ConfigError(f"runtime.precision: expected 'bf16' or 'fp32', got {self.runtime.precision!r}")
+        if self.data.channels not in ("auto", 1, 3):
+            raise ConfigError(f"data.channels: must be auto, 1 or 3, got {self.data.channels!r}")
+        if self.data.aspect not in ("pad", "crop", "stretch"):
+            raise ConfigError(f"data.aspect: must be pad, crop or stretch, got {self.data.aspect!r}")
+        if self.model.in_chans not in (None, 1, 3):
+            raise ConfigError(f"model.in_chans: must be 1, 3 or null (follow data.channels), got {self.model.in_chans!r}")
+        if self.data.channels == 3 and self.model.in_chans == 1:
+            raise ConfigError("model.in_chans: 1 cannot take colour images (data.channels 3); use 3 or null")
+        if self.pretrain.simclr.micle_group_size < 2:
+            raise ConfigError(f"pretrain.simclr.micle_group_size: must be >= 2, got {self.pretrain.simclr.micle_group_size}")
         if self.data.image_size < 16:
             raise ConfigError(f"data.image_size: must be >= 16, got {self.data.image_size}")
         for where, fr in [("data.split_fractions", self.data.split_fractions),

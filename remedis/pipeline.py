@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,14 +27,16 @@ from pathlib import Path
 import yaml
 
 from remedis.config import ConfigError, RunConfig
-from remedis.data.dataset import ImageCache
+from remedis.data.dataset import ImageCache, load_images
 from remedis.data.manifest import Manifest, read_manifest, write_manifest
-from remedis.data.preprocess import Preprocessing
+from remedis.data.splits import budget_subset
 from remedis.data.synthetic import DEFAULT_SITES, SyntheticSpec, generate_synthetic
+from remedis.distributed import is_primary, primary_first
 from remedis.evaluate.evaluation import load_backbone_before, load_far_ood
-from remedis.models.checkpoint import CheckpointError, read_meta
+from remedis.models.checkpoint import CheckpointError, file_sha256, read_meta
 from remedis.pretrain.jobs import train_simclr, train_supervised
 from remedis.pretrain.monitor import KNNMonitor
+from remedis.progress import reporter
 from remedis.stages import (
     ModelToEvaluate,
     PreparedData,
@@ -47,12 +50,15 @@ from remedis.stages import (
     load_prepared,
     part,
     prepare_records,
+    preprocessing_for,
+    resolve_channels,
     site_table,
     write_site_report,
 )
 from remedis.training import setup_runtime
 
 log = logging.getLogger("remedis")
+MONITOR_BANK = 2048  # source train images kept in memory for the kNN monitor when pretraining streams
 
 
 @dataclass
@@ -70,10 +76,13 @@ def model_name(backbone: str, fraction: float) -> str:
     return f"{backbone}@{fraction:g}"
 
 
-def read_or_generate_manifest(cfg: RunConfig, output: Path) -> Manifest:
-    """The configured manifest, or the embedded synthetic dataset written under `output/data`."""
+def read_or_generate_manifest(cfg: RunConfig, output: Path, write: bool = True) -> Manifest:
+    """The configured manifest, or the embedded synthetic dataset written under `output/data`
+    (`write` False: read the one the primary process generated)."""
     if cfg.data.manifest:
         return read_manifest(cfg.data.manifest)
+    if not write:
+        return read_manifest(output / "data" / "manifest.csv")
     syn = cfg.data.synthetic
     known = [s.name for s in DEFAULT_SITES]
     for name in syn.site_patients:
@@ -85,10 +94,10 @@ def read_or_generate_manifest(cfg: RunConfig, output: Path) -> Manifest:
     return read_manifest(generate_synthetic(output / "data", spec, seed=cfg.seed))
 
 
-def prepare_data(cfg: RunConfig, output: Path) -> PreparedData:
+def prepare_data(cfg: RunConfig, output: Path, write: bool = True) -> PreparedData:
     """Read the configured manifest (or generate the synthetic one), check the source and target sites
     and prepare it (`remedis.stages.prepare_records`); the result is written to `output/manifest.csv`."""
-    manifest = read_or_generate_manifest(cfg, output)
+    manifest = read_or_generate_manifest(cfg, output, write)
     sites = manifest.sites()
     for key in ("source_site", "target_site"):
         site = getattr(cfg.data, key)
@@ -101,7 +110,8 @@ def prepare_data(cfg: RunConfig, output: Path) -> PreparedData:
     if unknown:
         raise ConfigError(f"data.site_split_fractions: site(s) {unknown} are not in the manifest (sites: {', '.join(sites)})")
     prepared = prepare_records(manifest, cfg.data, cfg.seed)
-    write_manifest(prepared.manifest, output / "manifest.csv")
+    if write:
+        write_manifest(prepared.manifest, output / "manifest.csv")
     return prepared
 
 
@@ -128,32 +138,62 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
     start = time.time()
     output = check_output_folder(output)
     setup_runtime(cfg.runtime, cfg.seed)
-    (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if is_primary():
+        (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    # Only training is distributed: the primary process prepares the data, the other ranks (started by
+    # torchrun or Lightning's launcher) wait for it, join the pretraining stages and stop after them.
     log.info("[1/5 data] preparing manifest")
-    prepared = prepare_data(cfg, output)
+    prep_key = stage_key("data", cfg.data, cfg.seed, file_sha256(cfg.data.manifest) if cfg.data.manifest else None)
+    with primary_first(output / f".data-{prep_key[:16]}.done") as mine:
+        if mine:
+            prepared = prepare_data(cfg, output)
+    if not mine:
+        prepared = prepare_data(cfg, output, write=False)
     manifest, task = prepared.manifest, prepared.task
-    pre = Preprocessing(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans)
-    cache = load_prepared(prepared, pre)
+    cfg = resolve_channels(cfg, manifest.records)
+    pre = preprocessing_for(cfg)
+    src, tgt = cfg.data.source_site, cfg.data.target_site
+    upstream = [r for r in prepared.records if r.site == src and r.split == "train" and r.label]
+    corpus = [r for r in prepared.records if r.split == "train"]
+    if cfg.data.stream:
+        # Pretraining streams its corpora from shards; memory holds only what adaptation and evaluation
+        # use (the target site, every val/test split) and a sample of source train images for the kNN monitor.
+        bank = {r.image for r in budget_subset(upstream, min(len(upstream), MONITOR_BANK), seed=cfg.seed)} if upstream else set()
+        in_memory = [r for r in prepared.records if r.split != "train" or r.site == tgt or r.image in bank]
+        cache = load_images(in_memory, pre)
+    else:
+        cache = load_prepared(prepared, pre)
     log.info("[1/5 data] %d images decoded (%d skipped), sites %s, classes %s",
              len(cache), len(cache.failures), manifest.sites(), task.class_names)
-    src, tgt = cfg.data.source_site, cfg.data.target_site
 
     backbones_dir = output / "backbones"
-    data_key = [manifest.sha256, cfg.data, cfg.model, cfg.seed]
+    data_key = [manifest.sha256, replace(cfg.data, shard_dir=None), cfg.model, cfg.seed]
     supervised = backbones_dir / "supervised"
-    key = stage_key("supervised", data_key, cfg.pretrain.supervised)
-    if not reusable(supervised, key):
-        log.info("[2/5 pretrain] supervised upstream on %s", src)
-        train_supervised(cfg, part(cache, src, "train"), part(cache, src, "val"), task.class_names, task.positive_index,
-                         supervised, manifest.sha256, progress, stage_key=key)
     remedis_ckpt = backbones_dir / "remedis"
-    key = stage_key("simclr", data_key, cfg.pretrain.simclr, read_meta(supervised)["weights_sha256"])
-    if not reusable(remedis_ckpt, key):
-        log.info("[2/5 pretrain] SimCLR on unlabeled train images of all sites")
-        monitor = KNNMonitor(part(cache, src, "train"), part(cache, src, "val"), task.class_names, task.positive_index)
-        train_simclr(cfg, part(cache, split="train", labeled=None), supervised, remedis_ckpt, manifest.sha256, progress,
-                     stage_key=key, monitor=monitor)
+    key = stage_key("supervised", data_key, cfg.pretrain.supervised)
+    sup_key = stage_key("simclr", data_key, cfg.pretrain.simclr)
+    if not (reusable(supervised, key) and reusable(remedis_ckpt, stage_key(sup_key, read_meta(supervised)["weights_sha256"]))):
+        if cfg.data.stream:
+            shard_root = Path(cfg.data.shard_dir).expanduser() if cfg.data.shard_dir else output / "shards"
+            upstream_data = shard_stage(cfg, "supervised", upstream, pre, shard_root, 1)
+            corpus_data = shard_stage(cfg, "simclr", corpus, pre, shard_root,
+                                      cfg.pretrain.simclr.micle_group_size if cfg.pretrain.simclr.micle else 1)
+        else:
+            upstream_data, corpus_data = part(cache, src, "train"), part(cache, split="train", labeled=None)
+        if not reusable(supervised, key):
+            log.info("[2/5 pretrain] supervised upstream on %s", src)
+            train_supervised(cfg, upstream_data, part(cache, src, "val"), task.class_names, task.positive_index,
+                             supervised, manifest.sha256, progress, stage_key=key)
+        key = stage_key(sup_key, read_meta(supervised)["weights_sha256"])
+        if not reusable(remedis_ckpt, key):
+            log.info("[2/5 pretrain] SimCLR on unlabeled train images of all sites")
+            monitor = KNNMonitor(part(cache, src, "train"), part(cache, src, "val"), task.class_names, task.positive_index)
+            train_simclr(cfg, corpus_data, supervised, remedis_ckpt, manifest.sha256, progress, stage_key=key, monitor=monitor)
+    if not is_primary():
+        return RunResult(output, output / "report.json", output / "report.html")
+    # adaptation, evaluation, report and export: the primary process alone
+    cfg = replace(cfg, runtime=replace(cfg.runtime, devices=1, num_nodes=1))
     inits = {"remedis": remedis_ckpt, "supervised": supervised, "random": None}
 
     target_train, target_val = part(cache, tgt, "train"), part(cache, tgt, "val")
@@ -207,6 +247,25 @@ def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, buil
         log.info("[5/5 serve] model %s, bento %s", result.model_tag, result.bento_tag)
     result.seconds = time.time() - start
     return result
+
+
+def shard_stage(cfg: RunConfig, kind: str, records: list, pre, root: Path, group_size: int):
+    """The shards of one pretraining corpus, written once by the primary process (the other ranks wait,
+    then open them) in `root/<kind>-<key>`, keyed by the records, preprocessing and grouping: a second
+    run on the same data, or a shared `data.shard_dir`, reuses them."""
+    from remedis.data.shards import open_shards, write_shards
+
+    key = stage_key(kind, sorted(str(r.image) for r in records), pre.to_dict(), group_size, cfg.seed)[:16]
+    folder = root / f"{kind}-{key}"
+    workers = max(1, cfg.runtime.num_workers or os.cpu_count() or 1)
+    with primary_first(root / f".{kind}-{key}.done") as mine:
+        if mine:
+            log.info("[1/5 data] %s shards: %d images -> %s", kind, len(records), folder)
+            shards = write_shards(records, pre, folder, group_size=group_size, seed=cfg.seed, num_workers=workers,
+                                  progress=reporter(f"{kind} shards", "group"))
+            if shards.failures:
+                log.warning("%s shards: skipped %d unreadable image(s)", kind, len(shards.failures))
+    return open_shards(folder)
 
 
 def _fmt(x) -> str:

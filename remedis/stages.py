@@ -36,7 +36,7 @@ from remedis.adapt.finetune import fine_tune
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.ood import fit_model_detector
 from remedis.config import ConfigError, DataConfig, RunConfig
-from remedis.data.contract import InputContract, describe_file
+from remedis.data.contract import InputContract, describe_file, detect_channels
 from remedis.data.dataset import ImageCache, load_images
 from remedis.data.manifest import Manifest, Record
 from remedis.data.preprocess import Preprocessing
@@ -169,6 +169,26 @@ def prepare_records(manifest: Manifest, data: DataConfig, seed: int, sites: Sequ
     if positive not in names:
         raise ConfigError(f"data.positive_label: {positive!r} is not a label of the manifest ({names})")
     return PreparedData(manifest.with_records(records), Task(names, names.index(positive)), notes)
+
+
+def resolve_channels(cfg: RunConfig, records: Sequence[Record], sample: int = 64) -> RunConfig:
+    """`cfg` with `data.channels` and `model.in_chans` made concrete. `auto` reads the headers of up to
+    `sample` records spread over the manifest: 3 when any of them is colour (RGB, YBR, a colour
+    palette), else 1. `model.in_chans` None follows the channels."""
+    channels = cfg.data.channels
+    if channels == "auto":
+        channels = detect_channels(records, sample)
+        log.info("data.channels auto: %s", "colour (3)" if channels == 3 else "grey (1)")
+    in_chans = cfg.model.in_chans or channels
+    return replace(cfg, data=replace(cfg.data, channels=int(channels)), model=replace(cfg.model, in_chans=int(in_chans)))
+
+
+def preprocessing_for(cfg: RunConfig) -> Preprocessing:
+    """The run's `Preprocessing` (after `resolve_channels`)."""
+    if cfg.data.channels == "auto" or cfg.model.in_chans is None:
+        raise ValueError("preprocessing_for needs a config passed through resolve_channels")
+    return Preprocessing(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans, channels=int(cfg.data.channels),
+                         aspect=cfg.data.aspect)
 
 
 def load_prepared(prepared: PreparedData, preprocessing: Preprocessing, labeled_only: bool = False,

@@ -30,6 +30,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*")
     warnings.filterwarnings("ignore", message=".*precision.*bf16.*")
+    # litdata's datasets are iterable with a length; each rank/worker gets its own share (remedis.data.streaming)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
 
 
 def setup_runtime(runtime: RuntimeConfig, seed: int) -> None:
@@ -50,18 +52,44 @@ class EpochCheckpoint(Checkpoint):
     """Writes the full training state (weights, optimizer, schedule, loop counters, the module's and
     callbacks' histories) after every epoch, atomically: a temp file, fsync, then rename, so a killed
     job finds either the previous epoch's file or this one's, never half of one. A subclass of
-    Lightning's `Checkpoint` so it runs after the module's own epoch-end hook."""
+    Lightning's `Checkpoint` so it runs after the module's own epoch-end hook.
 
-    def __init__(self, path: Path):
+    `every_n_steps` also writes it every N optimizer steps (mid-epoch resume; exact only with a loader
+    that Lightning can checkpoint, e.g. `remedis.data.streaming.ShardLoader`). The module's
+    partial-epoch loss buffers travel with it, so a resumed epoch's mean loss equals the uninterrupted one."""
+
+    BUFFERS = ("_losses", "_train_loss")  # SimCLRModule, ClassifierModule: per-step losses of the current epoch
+
+    def __init__(self, path: Path, every_n_steps: int | None = None):
         self.path = Path(path)
+        self.every_n_steps = every_n_steps
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _save(self, trainer: L.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         trainer.save_checkpoint(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        # not after an epoch's last batch: its end-of-epoch hooks (histories, validation) must run
+        # before the state is saved, and on_train_epoch_end saves it right after them
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not last:
+            self._save(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["remedis_partial_epoch"] = {k: list(getattr(pl_module, k)) for k in self.BUFFERS
+                                               if isinstance(getattr(pl_module, k, None), list)}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for k, v in checkpoint.get("remedis_partial_epoch", {}).items():
+            setattr(pl_module, k, list(v))
 
 
 def fit_resumable(trainer: L.Trainer, module: L.LightningModule, train_loader, val_loader=None,
@@ -72,9 +100,15 @@ def fit_resumable(trainer: L.Trainer, module: L.LightningModule, train_loader, v
     ckpt = None
     if resume_file is not None and Path(resume_file).is_file():
         try:
-            torch.load(resume_file, map_location="cpu", weights_only=False)["loops"]
+            loops = torch.load(resume_file, map_location="cpu", weights_only=False)["loops"]
             ckpt = str(resume_file)
             log.info("resuming from %s", resume_file)
+            # A checkpointable loader (streaming shards) resumes at its saved position. Lightning loads it
+            # only into a loader built after reading the checkpoint, and a module whose optimizer schedule
+            # asks for `estimated_stepping_batches` has the loader built before: so it is loaded here.
+            saved = loops.get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+            if saved and callable(getattr(train_loader, "load_state_dict", None)):
+                train_loader.load_state_dict(saved[0])
         except Exception as exc:  # unreadable resume state: start the stage again rather than fail
             log.warning("ignoring unreadable resume file %s (%s); starting the stage from scratch", resume_file, exc)
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
@@ -103,13 +137,22 @@ def make_logger(kind: str, log_dir: str | Path):
 
 def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int | None = None,
                  progress: bool = True, callbacks: list | None = None, log_dir: str | Path | None = None,
-                 resume_file: str | Path | None = None, val_every: int = 1) -> L.Trainer:
+                 resume_file: str | Path | None = None, val_every: int = 1,
+                 checkpoint_every_steps: int | None = None, stage: str | None = None) -> L.Trainer:
     """The Trainer every stage uses; `log_dir` gets Lightning's CSV metrics log (metrics.csv);
-    `resume_file` gets the training state after every epoch (see `fit_resumable`); validation runs
-    every `val_every` epochs."""
+    `resume_file` gets the training state after every epoch (see `fit_resumable`), and also every
+    `checkpoint_every_steps` optimizer steps when given (streaming stages: mid-epoch resume);
+    validation runs every `val_every` epochs. Lightning's bar shows when `progress` and stderr is a
+    terminal; otherwise `remedis.progress.ProgressLog` writes a line every 30 s, named `stage`
+    (default: from the module's class)."""
+    from remedis.progress import ProgressLog, interactive
+
     callbacks = list(callbacks or [])
+    bar = progress and interactive()
+    if not bar:  # a file or a cluster log (or --quiet): plain lines, not a bar of carriage returns
+        callbacks.append(ProgressLog(stage))
     if resume_file is not None:
-        callbacks.append(EpochCheckpoint(Path(resume_file)))
+        callbacks.append(EpochCheckpoint(Path(resume_file), every_n_steps=checkpoint_every_steps))
     logger = make_logger(runtime.logger, log_dir) if log_dir is not None else False
     world = runtime.devices * runtime.num_nodes
     strategy = "auto"
@@ -131,7 +174,7 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         log_every_n_steps=1,  # epochs here are short; every step goes to metrics.csv
         enable_checkpointing=resume_file is not None,  # only the epoch resume file; stage outputs are remedis folders
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=bar,
         num_sanity_val_steps=0,
         deterministic=False,
         callbacks=callbacks,

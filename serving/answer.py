@@ -41,7 +41,7 @@ def prepare(up: Upload, preprocessing: Preprocessing, contract: InputContract | 
         >>> x.shape, reasons
         ((1, 64, 64), [])
     """
-    resized = preprocessing.resize(decode(up))
+    resized = preprocessing.resize(decode(up, preprocessing.channels))
     reasons = contract.check(up.source, resized) if contract is not None else []
     return preprocessing.normalize(resized).numpy(), reasons
 

@@ -125,18 +125,19 @@ def safe_reason(exc: ImageReadError) -> str:
     return text.split(" (", 1)[0].strip() or "cannot read image"
 
 
-def decode(up: Upload) -> np.ndarray:
-    """Pixels via the training reader; UploadError(422) when the bytes do not decode."""
+def decode(up: Upload, channels: int = 1) -> np.ndarray:
+    """Pixels via the training reader ((H, W), or (H, W, 3) with `channels` 3, the model's
+    `Preprocessing.channels`); UploadError(422) when the bytes do not decode."""
     name = "upload.dcm" if up.format == "dicom" else f"upload.{up.format}"
     try:
-        pixels = read_image_bytes(up.data, name=name)
+        pixels = read_image_bytes(up.data, name=name, channels=channels)
     except ImageReadError as exc:
         raise UploadError(422, f"cannot read {up.format.upper()} image: {safe_reason(exc)}") from None
     except MemoryError:
         raise UploadError(413, "image too large to decode") from None
     except Exception as exc:  # a decoder bug on hostile bytes is still the upload's problem, not a 500
         raise UploadError(422, f"cannot decode {up.format.upper()} image ({type(exc).__name__})") from None
-    if pixels.ndim != 2 or min(pixels.shape) < 1:
+    if pixels.ndim != (2 if channels == 1 else 3) or min(pixels.shape) < 1:
         raise UploadError(422, f"decoded {up.format.upper()} image has unusable shape {tuple(pixels.shape)}")
     return pixels
 

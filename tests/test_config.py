@@ -2,7 +2,8 @@ import pytest
 
 from remedis.config import ConfigError, RunConfig
 
-ROOT_CONFIGS = ["configs/quickstart.yaml", "configs/smoke.yaml", "configs/breast_ultrasound.yaml", "configs/chest_xray.yaml"]
+ROOT_CONFIGS = ["configs/quickstart.yaml", "configs/smoke.yaml", "configs/breast_ultrasound.yaml", "configs/chest_xray.yaml",
+                "configs/dermoscopy.yaml"]
 
 
 def write(tmp_path, text):

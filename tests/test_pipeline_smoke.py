@@ -24,9 +24,10 @@ def _free_port() -> int:
 
 CT_KIT = ROOT.parent / "shared" / "data" / "ct-dicom"
 # The smoke config learns (configs/smoke.yaml): measured site-B test AUROC of the 100%-budget models,
-# seed 0, 0.771 (remedis@1) and 0.753 (supervised@1) on 57 test images; chance is 0.5 (the 10% budgets,
-# 19 labels, stay near chance at this size and are not asserted). The bounds leave about 0.1 of margin
-# for library and CPU differences and still fail if a stage stops learning.
+# seed 0, 0.655 (remedis@1) and 0.745 (supervised@1) on 57 test images with pretraining streamed from
+# shards (0.771 / 0.753 in memory); chance is 0.5 (the 10% budgets, 19 labels, stay near chance at this
+# size and are not asserted). The test set is small (CI about +-0.15), so the bounds only catch a stage
+# that stops learning; the margin on remedis@1 is 0.055.
 LEARNS_MEAN, LEARNS_EACH = 0.65, 0.6
 
 

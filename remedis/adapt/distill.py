@@ -83,10 +83,11 @@ def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_
     soft = teacher_probabilities(teacher, images, temperature)
     student = Classifier(student_arch, len(teacher.class_names), teacher.preprocessing.in_chans)
     module = DistillModule(student, temperature, lr)
-    loader = DataLoader(_SoftTargets(images, soft, FineTuneAugment(teacher.preprocessing.image_size, seed=seed)),
+    loader = DataLoader(_SoftTargets(images, soft, FineTuneAugment(teacher.preprocessing.image_size, seed=seed,
+                                                                     channels=teacher.preprocessing.channels)),
                         batch_size=min(batch_size, len(images)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(images) > batch_size)
-    make_trainer(runtime, epochs, progress=progress).fit(module, loader)
+    make_trainer(runtime, epochs, progress=progress, stage="distill").fit(module, loader)
     result = AdaptedModel(student, list(teacher.class_names), teacher.preprocessing, positive_index=teacher.positive_index)
     val_ds = LabeledDataset(val, result.class_names)
     logits = torch.cat([result.logits(x) for x, _ in DataLoader(val_ds, batch_size=256)])

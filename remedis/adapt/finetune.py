@@ -169,7 +169,8 @@ def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, 
                                   label_smoothing=ac.label_smoothing, positive_index=positive_index,
                                   param_groups=groups, frozen=frozen)
         workers = cfg.runtime.num_workers
-        member_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=strength))
+        member_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=strength,
+                                                                       channels=cfg.data.channels))
         train_loader = DataLoader(member_ds, batch_size=schedule.batch, sampler=EpochSampler(len(train_ds), cfg.seed),
                                   drop_last=schedule.drop_last,
                                   num_workers=workers, persistent_workers=workers > 0,
@@ -180,7 +181,7 @@ def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, 
 
             callbacks.append(EarlyStopping("val_auroc", mode="max", patience=ac.patience))
         make_trainer(cfg.runtime, schedule.epochs, ac.max_steps_per_epoch, progress, callbacks,
-                     val_every=schedule.val_every).fit(module, train_loader, val_loader)
+                     val_every=schedule.val_every, stage="adapt").fit(module, train_loader, val_loader)
         module.load_best()
         members.append(SweepMember(lr, {k: v.detach().clone() for k, v in model.state_dict().items()},
                                    module.best_metric, module.history, weight_decay, strength))
@@ -221,6 +222,7 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     """The adaptation recipe (module docstring) on one label budget: returns the adapted model, the
     training history of its first soup member and the recipe's intermediate weights (`variants`)."""
     ac = cfg.adapt
+    cfg = cfg.with_preprocessing(train.preprocessing)
     check_adaptation_data(train, val, class_names, "adapt")
     init_state, backbone_hash = None, None
     if backbone is not None:

@@ -162,4 +162,4 @@ class AdaptedModel:
         return {"logits": logits.numpy(), "probs": self.probs_from_logits(logits).numpy()}
 
     def predict_files(self, paths: list[str | Path], batch_size: int = 64) -> dict[str, np.ndarray]:
-        return self.predict_images([read_image(p) for p in paths], batch_size)
+        return self.predict_images([read_image(p, **self.preprocessing.read_options()) for p in paths], batch_size)

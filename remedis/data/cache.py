@@ -7,7 +7,7 @@ is memoised under (path, size, mtime_ns, inode), as git's index does, in an appe
 once per process; `verify=True` re-hashes. Unreadable files are cached too, with their reason, so a
 bad file is not re-decoded each epoch.
 
-New entries are stored in batches: one pack file (an (N, 1, S, S) float16 .npy, written to a
+New entries are stored in batches: one pack file (an (N, C, S, S) float16 .npy, written to a
 temporary name then renamed) per `store` call, then one log line per entry appended with a single
 O_APPEND write, so workers and concurrent runs may share a folder and a reader never sees a line
 whose pack is missing. Creating a file per image would cost more than decoding it on some disks.
@@ -17,7 +17,7 @@ ROOT/paths.log ("<path key> <hash>").
 
 Example:
     >>> cache = DiskCache("~/.cache/remedis", Preprocessing(64))
-    >>> x, reason = cache.load(Path("scan.dcm"))    # (1, 64, 64) float16 tensor, or None + reason
+    >>> x, reason = cache.load(Path("scan.dcm"))    # (C, 64, 64) float16 tensor, or None + reason
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ Result = tuple[torch.Tensor | None, str | None]  # (pixels, None) or (None, why 
 
 
 def decode(path: Path, preprocessing: Preprocessing, data: bytes | None = None, **read_options: Any) -> torch.Tensor:
-    """Read + resize one image to (1, S, S) float16 (the uncached path, shared with `load_images`)."""
+    """Read + resize one image to (C, S, S) float16 (the uncached path, shared with `load_images`);
+    C is `preprocessing.channels`."""
+    read_options = {**preprocessing.read_options(), **read_options}
     if path.name.lower().endswith(NIFTI_SUFFIXES) or data is None:
         arr = read_image(path, **read_options)
     else:
@@ -90,7 +92,7 @@ class DiskCache:
             try:
                 pack = np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
                 size = self.preprocessing.image_size
-                ok = pack.dtype == np.float16 and pack.ndim == 4 and pack.shape[1:] == (1, size, size)
+                ok = pack.dtype == np.float16 and pack.ndim == 4 and pack.shape[1:] == (self.preprocessing.channels, size, size)
                 self._packs[name] = pack if ok else None
             except (OSError, ValueError, EOFError):
                 self._packs[name] = None  # damaged or foreign pack: its entries are misses

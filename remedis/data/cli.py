@@ -1,4 +1,4 @@
-"""`remedis data ...` sub-commands: synth, index, inspect."""
+"""`remedis data ...` sub-commands: synth, index, inspect, shard."""
 
 from __future__ import annotations
 
@@ -67,6 +67,27 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    from remedis.data.contract import detect_channels
+    from remedis.data.index import load_salt
+    from remedis.data.manifest import read_manifest
+    from remedis.data.preprocess import Preprocessing
+    from remedis.data.shards import write_shards
+
+    manifest = read_manifest(args.manifest)
+    records = manifest.select(site=args.site, split=args.split)
+    if not records:
+        raise ValueError(f"{args.manifest}: no records with split={args.split!r} site={args.site!r}")
+    channels = detect_channels(records) if args.channels == "auto" else int(args.channels)
+    pre = Preprocessing(image_size=args.image_size, in_chans=channels, channels=channels, aspect=args.aspect)
+    salt = load_salt(args.salt_file, create=False) if args.salt_file else None
+    shards = write_shards(records, pre, args.output, group_size=args.group_size, seed=args.seed, num_workers=args.workers,
+                          salt=salt, overwrite=args.overwrite)
+    print(f"shards: {len(shards)} samples, {shards.images} images, {len(shards.failures)} skipped, "
+          f"{shards.meta['seconds'] if not shards.reused else 0.0:.1f} s{' (reused)' if shards.reused else ''}  -> {shards.folder}")
+    return 0
+
+
 def register(sub) -> None:
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -96,3 +117,18 @@ def register(sub) -> None:
     n.add_argument("--json", action="store_true", help="print the summary as JSON")
     n.add_argument("--headers-only", action="store_true", help="read headers only (skip decoding every image)")
     n.set_defaults(func=cmd_inspect)
+
+    h = dsub.add_parser("shard", help="write a manifest's images once as litdata shards, for streaming pretraining")
+    h.add_argument("manifest")
+    h.add_argument("--output", "-o", required=True, help="shard folder (reused when it holds these shards already)")
+    h.add_argument("--image-size", type=int, default=64, help="Preprocessing.image_size (the run's data.image_size)")
+    h.add_argument("--channels", choices=["auto", "1", "3"], default="auto", help="1 grey, 3 colour, auto: 3 when any image is colour")
+    h.add_argument("--aspect", choices=["pad", "crop", "stretch"], default="pad", help="non-square images (the run's data.aspect)")
+    h.add_argument("--group-size", type=int, default=1, help="images of one patient per sample (MICLe: e.g. 4)")
+    h.add_argument("--workers", type=int, default=1, help="decoding processes")
+    h.add_argument("--split", default=None, help="only this split (train, val, test)")
+    h.add_argument("--site", default=None, help="only this site")
+    h.add_argument("--seed", type=int, default=0, help="shuffles the samples before writing")
+    h.add_argument("--salt-file", help="patient pseudonym secret (as for `data index`); default: a random one per write")
+    h.add_argument("--overwrite", action="store_true", help="replace other shards found in --output")
+    h.set_defaults(func=cmd_shard)

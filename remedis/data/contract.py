@@ -11,9 +11,9 @@ to flag the input as out of distribution, whatever the feature score says.
 What is checked:
 - modality, when both the contract and the input know it (DICOM Modality, or the manifest's `modality`
   column for non-DICOM training files);
-- channels (from the header: the readers decode everything to grey), and the photometric family (grey
-  versus colour, e.g. a PALETTE COLOR DICOM); MONOCHROME1 versus MONOCHROME2 is not a mismatch, the
-  readers invert MONOCHROME1;
+- channels (from the header: a model trained on colour flags a grey upload and vice versa), and the
+  photometric family (grey versus colour, e.g. a PALETTE COLOR DICOM); MONOCHROME1 versus MONOCHROME2
+  is not a mismatch, the readers invert MONOCHROME1;
 - size, only when clearly outside what training saw (more than `SIZE_FACTOR` times smaller or larger);
 - intensity: per-image mean, std and percentiles against wide training ranges, and a joint
   intensity/texture profile (robustly standardised statistics, shrunk covariance, a threshold from
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from remedis.data.preprocess import LUMA
 from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, is_dicom_bytes
 
 __all__ = ["SourceInfo", "InputContract", "ImageTooLargeError", "describe_file", "describe_bytes", "image_statistics"]
@@ -136,6 +137,26 @@ def describe_file(path: str | Path, modality_hint: str | None = None) -> SourceI
             return _describe_pil(fh, str(path), modality_hint)
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+
+
+def detect_channels(records, sample: int = 64) -> int:
+    """3 when any of up to `sample` records spread over the list is a colour image (RGB, YBR, a colour
+    palette: read from headers only), else 1. Unreadable files are passed over (they are counted when
+    decoded).
+
+    Example:
+        >>> detect_channels(manifest.records)
+        3
+    """
+    records = list(records)
+    step = max(1, len(records) // max(1, sample))
+    for r in records[::step][:sample]:
+        try:
+            if describe_file(r.image).channels == 3:
+                return 3
+        except (ImageReadError, OSError):
+            continue
+    return 1
 
 
 def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | None = None) -> SourceInfo:
@@ -241,17 +262,22 @@ def _describe_nifti(name: str, hint: str | None, path: Path | None = None, data:
 # ---- statistics of the resized pixels -------------------------------------------------------------
 
 def _as_batch(pixels) -> torch.Tensor:
-    """(N, S, S) view of the pixels, in their own dtype (converted to float32 chunk by chunk)."""
+    """(N, S, S) view of the pixels, in their own dtype (converted to float32 chunk by chunk). Colour
+    (N, 3, S, S) pixels become their luminance (BT.601, what `Preprocessing` channels 1 would keep), so
+    the statistics mean the same for grey and colour models. A 3-D input is (N, S, S); one colour image
+    is (1, 3, S, S) (`InputContract.check` adds that axis)."""
     x = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
     if x.ndim == 2:
         x = x[None]
     if x.ndim == 4:
-        if x.shape[1] != 1:
+        if x.shape[1] == 3:
+            x = (x.float() * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1)
+        elif x.shape[1] != 1:
             x = x.float().mean(1)  # (N, C, S, S): the channels' mean
         else:
             x = x[:, 0]
     if x.ndim != 3:
-        raise ValueError(f"pixels: expected (S, S), (1, S, S) or (N, 1, S, S), got shape {tuple(x.shape)}")
+        raise ValueError(f"pixels: expected (S, S), (N, S, S), (N, 1, S, S) or (N, 3, S, S), got shape {tuple(x.shape)}")
     return x
 
 
@@ -298,7 +324,8 @@ def image_statistics(pixels, image_size: int | None = None, chunk: int = 256) ->
     """The per-image statistics the contract uses, for resized pixels in [0, 1].
 
     Args:
-        pixels: (S, S), (1, S, S) or (N, 1, S, S) array or tensor in [0, 1] (resized, not normalised).
+        pixels: (S, S), (N, S, S), (N, 1, S, S) or (N, 3, S, S) (colour: its luminance) array or tensor
+            in [0, 1] (resized, not normalised).
         image_size: resize to this size first (the contract's), when the pixels have another.
         chunk: images per step (bounds memory for large training sets).
 
@@ -421,7 +448,7 @@ class InputContract:
         Args:
             sources: `SourceInfo` of each training image, aligned with `pixels` (None entries, or an
                 empty list: header facts unknown and not checked).
-            pixels: (N, 1, S, S) float16/float32 in [0, 1]: the training images after
+            pixels: (N, C, S, S) float16/float32 in [0, 1] (C 1 or 3): the training images after
                 `Preprocessing.resize`, before `normalize` (an `ImageCache.pixels`).
             seed: seed of the cross-fitting folds of the joint profile.
 
@@ -462,8 +489,8 @@ class InputContract:
 
         Args:
             source: the input's header facts (None: unknown, only the pixels are checked).
-            pixels: (S, S) or (1, S, S) in [0, 1], resized by the model's `Preprocessing.resize`, not
-                normalised (other sizes are resized to the contract's).
+            pixels: (S, S), (1, S, S) or (3, S, S) in [0, 1], resized by the model's `Preprocessing.resize`,
+                not normalised (other sizes are resized to the contract's).
 
         Returns:
             Human-readable reasons, [] when the input conforms. No file name or identifier.
@@ -474,7 +501,9 @@ class InputContract:
         """
         reasons = self._check_header(source) if source is not None else []
         if self.intensity or self.profile:
-            stats = {k: float(v[0]) for k, v in image_statistics(pixels, self.image_size or None).items()}
+            x = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+            x = x[None] if x.ndim == 3 else x  # one (C, S, S) image, not C grey images
+            stats = {k: float(v[0]) for k, v in image_statistics(x, self.image_size or None).items()}
             reasons += self._check_pixels(stats)
         return reasons
 

@@ -29,6 +29,7 @@ from remedis.data.cache import DiskCache, decode
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError
+from remedis.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ STORE_EVERY = 2048  # images per on-disk cache pack
 @dataclass
 class ImageCache:
     records: list[Record]  # the records that decoded, aligned with `pixels`
-    pixels: torch.Tensor  # (N, 1, S, S) float16 in [0, 1]
+    pixels: torch.Tensor  # (N, C, S, S) float16 in [0, 1], C = preprocessing.channels
     preprocessing: Preprocessing
     failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of skipped records
 
@@ -70,7 +71,7 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
         items = iter(dl)
     else:
         items = (loader[i] for i in todo)
-    for i, x, reason, key, content in items:
+    for i, x, reason, key, content in track(items, "decode", total=len(todo)):  # a bar, or a line every 30 s
         results[i] = (x, reason)
         computed.append((key, content, (x, reason)))
         if disk is not None and len(computed) >= STORE_EVERY:  # an interrupted run keeps what it decoded
@@ -88,7 +89,7 @@ def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: 
     if failures:
         log.warning("skipped %d unreadable image(s) of %d; first: %s: %s", len(failures), len(records), *failures[0])
     size = preprocessing.image_size
-    pixels = torch.stack(tensors) if tensors else torch.empty(0, 1, size, size, dtype=torch.float16)
+    pixels = torch.stack(tensors) if tensors else torch.empty(0, preprocessing.channels, size, size, dtype=torch.float16)
     return ImageCache(kept, pixels, preprocessing, failures)
 
 
@@ -154,7 +155,7 @@ def seed_loader_worker(_worker_id: int) -> None:
 
 
 class _Loader(Dataset):
-    """Index -> (index, (1, S, S) float16 or None, reason or None, cache path key, content hash);
+    """Index -> (index, (C, S, S) float16 or None, reason or None, cache path key, content hash);
     picklable for worker processes, which decode but never write the cache (the caller stores)."""
 
     def __init__(self, records: list[Record], preprocessing: Preprocessing, cache_dir, read_options: dict[str, Any]):
@@ -185,7 +186,7 @@ class _Loader(Dataset):
 
 
 class LabeledDataset(Dataset):
-    """(normalised image, target) pairs from a cache; `augment` maps a (1, S, S) tensor in [0, 1].
+    """(normalised image, target) pairs from a cache; `augment` maps a (C, S, S) tensor in [0, 1].
 
     Multi-class: the target is the class index. `multi_label=True`: the target is a float multi-hot
     vector over `class_names` built from the record's `|`-separated labels."""

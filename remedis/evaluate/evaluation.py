@@ -63,11 +63,12 @@ def check_subgroups(columns: list[str]) -> None:
             raise ValueError(f"subgroup column {c!r} identifies patients and cannot appear in a report")
 
 
-def noise_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Far-OOD probes in pixel space [0, 1]: half uniform noise, half smoothed Gaussian noise."""
+def noise_images(n: int, size: int, seed: int = 0, channels: int = 1) -> torch.Tensor:
+    """Far-OOD probes in pixel space [0, 1]: half uniform noise, half smoothed Gaussian noise
+    (colour noise for a colour model: `channels` 3)."""
     g = torch.Generator().manual_seed(seed)
-    uniform = torch.rand(n - n // 2, 1, size, size, generator=g)
-    gauss = (0.5 + 0.25 * torch.randn(n // 2, 1, size, size, generator=g)).clamp(0, 1)
+    uniform = torch.rand(n - n // 2, channels, size, size, generator=g)
+    gauss = (0.5 + 0.25 * torch.randn(n // 2, channels, size, size, generator=g)).clamp(0, 1)
     gauss = torch.nn.functional.avg_pool2d(gauss, 3, stride=1, padding=1, count_include_pad=False)
     return torch.cat([uniform, gauss])
 
@@ -169,7 +170,8 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     sets: dict[str, tuple[str, np.ndarray, np.ndarray, ImageCache | None]] = {}
     for s in sorted(set(sites) - {tgt}):  # every other site of the manifest: same modality, near-OOD
         sets[s] = ("near", logits[sites == s], emb[sites == s], test.subset(lambda r, s=s: r.site == s))
-    noise_l, noise_e = infer(model, noise_images(inputs.noise_images, model.preprocessing.image_size, seed))
+    noise_l, noise_e = infer(model, noise_images(inputs.noise_images, model.preprocessing.image_size, seed,
+                                                   model.preprocessing.channels))
     sets["synthetic-noise"] = ("far", noise_l, noise_e, None)
     for name, cache in inputs.far_ood.items():
         far_l, far_e = infer(model, cache.pixels)

@@ -2,8 +2,10 @@
 
 No downloads at run time: the user points at a file (`.pth`, `.pt`, `.bin` or `.safetensors`). Wrapper
 prefixes (`module.`, `model.`, `backbone.`, `encoder.`) are stripped, classifier heads dropped, and the
-first convolution adapted to the model's channel count with timm's own `adapt_input_conv` (3 -> 1 channel
-sums the RGB filters). Anything still missing or unexpected is an error that names the keys.
+first convolution adapted to the model's channel count with timm's own `adapt_input_conv`: RGB weights
+load unchanged into an RGB (`in_chans` 3) backbone, 3 -> 1 channel sums the RGB filters (a grey image
+then gives what the RGB network gives on that image repeated), and 1 -> 3 spreads a grey filter over
+the three channels (divided by 3). Anything still missing or unexpected is an error that names the keys.
 
 Example:
     >>> backbone = create_backbone("resnetv2_50x1_bit", in_chans=1)
@@ -46,6 +48,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_external_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local state_dict into `backbone` (in place), adapting the first convolution's channels.
+
+    Args:
+        backbone: a `create_backbone` model (timm; its `pretrained_cfg["first_conv"]` names the stem).
+        path: the weights file (.pth, .pt, .bin or .safetensors).
+
+    Raises:
+        CheckpointError: unreadable file, a first convolution that cannot be adapted, or missing /
+            unexpected keys (named).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from remedis.models import create_backbone
+        >>> rgb = create_backbone("resnet18", in_chans=3)
+        >>> path = Path(tempfile.mkdtemp()) / "r18.pth"
+        >>> torch.save(rgb.state_dict(), path)
+        >>> grey = create_backbone("resnet18", in_chans=1)
+        >>> load_external_weights(grey, path)
+        >>> tuple(grey.conv1.weight.shape)
+        (64, 1, 7, 7)
+    """
     state = read_state_dict(path)
     cleaned = {}
     for key, value in state.items():
@@ -59,7 +82,14 @@ def load_external_weights(backbone: nn.Module, path: str | Path) -> None:
     own = backbone.state_dict()
     if first_conv and f"{first_conv}.weight" in cleaned:
         key = f"{first_conv}.weight"
-        want = own[key].shape[1]
-        if cleaned[key].shape[1] != want:
-            cleaned[key] = adapt_input_conv(want, cleaned[key].float()).to(cleaned[key].dtype)
+        want, have = own[key].shape[1], cleaned[key].shape[1]
+        if have != want:
+            try:  # base_chans: the file's own channel count (3 for ImageNet weights, 1 for grey ones)
+                adapted = adapt_input_conv(want, cleaned[key].float(), base_chans=have if want > 1 else 3)
+            except (NotImplementedError, AssertionError, ValueError):
+                adapted = None
+            if adapted is None or adapted.shape[1] != want:
+                raise CheckpointError(f"{path}: first convolution {key} has {have} input channel(s) and cannot be "
+                                      f"adapted to the model's {want}")
+            cleaned[key] = adapted.to(cleaned[key].dtype)
     load_matching(backbone, cleaned, str(path))
