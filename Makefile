@@ -18,13 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/remedis run configs/quickstart.yaml --output runs/quickstart
 
-# The report's browser test needs Debian's chromium: installed here when missing and running as root
-# (never fatal: without it that test skips with the reason).
+# Debian packages some tests need, installed here when missing and running as root (never fatal: without
+# them those tests skip with the reason): chromium for the report's browser test; Orthanc with its
+# DICOMweb plugin and dcmtk for the DICOM gateway's tests against a real PACS.
 test: $(STAMP)
-	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium for the report browser test"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
-		|| echo "chromium could not be installed: the browser test will be skipped"; fi
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	command -v dsrdump >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing for the browser and PACS tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 \
+		|| echo "could not install$$missing: the tests that need them will be skipped"; fi
 	$(PY) -m pytest -q
 
 # ruff (pyflakes, pycodestyle, import order), the stage layering (import-linter contracts in

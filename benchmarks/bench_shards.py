@@ -8,7 +8,7 @@ whether the loader keeps a SimCLR step fed. JSON to --out.
   stream       one epoch from the shards: decoded samples/s (no augmentation) in this process and its
                RssAnon growth (anonymous memory: chunk pages are mmap'd file pages, not the dataset in
                RAM), then SimCLR training items/s (two augmented views) with the loader's workers.
-  simclr_step  items/s a SimCLR step consumes (ResNet-50, 224 px, 3-channel input, bf16 autocast,
+  simclr_step  items/s a SimCLR step consumes (ResNet-50, 224 px, 3-channel input, bf16 autocast where native,
                channels_last, AdamW) on this machine; loader/step ratio target >= 10x.
 
 Synthetic sources: 8-bit grey PNGs (smooth blobs + speckle), 3 sites, 3 images per patient.
@@ -162,8 +162,12 @@ def measure_step(arch: str, size: int, batch: int, steps: int) -> dict:
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     v1, v2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
 
+    from remedis.models.layout import fast_bf16
+
+    bf16 = fast_bf16("cpu")  # what `runtime.precision: auto` trains with here (emulated bf16 is 10-30x slower)
+
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             z = module.project(torch.cat([v1, v2]))
         z1, z2 = z.float().chunk(2)
         loss = module.criterion(z1, z2)
@@ -177,7 +181,8 @@ def measure_step(arch: str, size: int, batch: int, steps: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"items_per_s": batch / float(np.median(times)), "seconds_per_step": float(np.median(times)), "batch": batch}
+    return {"items_per_s": batch / float(np.median(times)), "seconds_per_step": float(np.median(times)), "batch": batch,
+            "precision": "bf16" if bf16 else "fp32"}
 
 
 def measure(images: int, size: int, workers: int, batch: int, arch: str, step_batch: int, steps: int, repeat: int,

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from remedis.config import RuntimeConfig
+from remedis.models.layout import fast_bf16
 
 log = logging.getLogger("remedis")
 
@@ -46,6 +47,13 @@ def accelerator(runtime: RuntimeConfig) -> str:
     if runtime.accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return runtime.accelerator
+
+
+def use_bf16(runtime: RuntimeConfig) -> bool:
+    """`runtime.precision` resolved: "auto" is bf16 only where the device has it natively (`fast_bf16`)."""
+    if runtime.precision == "auto":
+        return fast_bf16("cuda" if accelerator(runtime) == "gpu" else "cpu")
+    return runtime.precision == "bf16"
 
 
 class EpochCheckpoint(Checkpoint):
@@ -169,7 +177,7 @@ def make_trainer(runtime: RuntimeConfig, epochs: int, max_steps_per_epoch: int |
         accelerator=accelerator(runtime),
         devices=runtime.devices,
         num_nodes=runtime.num_nodes,
-        precision="bf16-mixed" if runtime.precision == "bf16" else "32-true",
+        precision="bf16-mixed" if use_bf16(runtime) else "32-true",
         logger=logger,
         log_every_n_steps=1,  # epochs here are short; every step goes to metrics.csv
         enable_checkpointing=resume_file is not None,  # only the epoch resume file; stage outputs are remedis folders

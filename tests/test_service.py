@@ -457,3 +457,48 @@ def test_corrupt_model_fails_readiness_with_a_clear_log_line(svc, tmp_path):
         server.start()
     server.stop()
     assert "hash does not match meta.json" in str(failure.value) + server.log_text()
+
+
+def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_path, monkeypatch):
+    """The DICOM gateway's recommended set-up: the deployed service runs the model, the gateway calls
+    `predict_batch` with the API key and writes the service's answer into the SR."""
+    import pydicom
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.inference import InferenceUnavailable, ServiceInference
+    from serving.gateway.report import read_results
+    from serving.gateway.settings import load_gateway_settings
+
+    dcms = [f for f in svc["files"] if f.suffix == ".dcm"]
+    monkeypatch.setenv("REMEDIS_TEST_API_KEY", KEY)
+    model = ServiceInference(svc["url"], "REMEDIS_TEST_API_KEY")
+    meta = json.loads((svc["folder"] / "meta.json").read_text())
+    assert model.info.class_names == ["benign", "malignant"] and model.info.weights_sha256 == meta["weights_sha256"]
+    got = model.predict([f.read_bytes() for f in dcms] + [b"not an image"])
+    assert got[-1]["status"] in (415, 422) and "probabilities" not in got[-1]
+    for f, answer in zip(dcms, got):
+        assert answer["probabilities"]["malignant"] == pytest.approx(float(_expected(svc, f)["probs"][1]), abs=1e-5)
+    monkeypatch.setenv("REMEDIS_TEST_API_KEY", "wrong-key-0123456789")
+    with pytest.raises(InferenceUnavailable, match="API key"):
+        ServiceInference(svc["url"], "REMEDIS_TEST_API_KEY")
+    monkeypatch.setenv("REMEDIS_TEST_API_KEY", KEY)
+
+    from gateway_support import free_port
+
+    settings = load_gateway_settings(None, {
+        "port": free_port(), "spool": str(tmp_path / "spool"), "quiet_seconds": 0.2, "stow": {"enabled": False},
+        "routes": [{"model": svc["url"], "api_key_env": "REMEDIS_TEST_API_KEY", "modalities": ["US"]}]})
+    with Gateway(settings) as gw:
+        for f in dcms:
+            assert gw.accept(f.read_bytes()) == 0
+        deadline = time.time() + 60
+        while gw.status()["processed"] < len(dcms) and time.time() < deadline:
+            time.sleep(0.1)
+        assert gw.status()["processed"] == len(dcms)
+    results = {}
+    for p in (tmp_path / "spool" / "results").rglob("*.dcm"):
+        results.update(read_results(pydicom.dcmread(p)))
+    for f, answer in zip(dcms, got):
+        uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        assert results[uid]["probabilities"]["malignant"] == pytest.approx(answer["probabilities"]["malignant"], abs=1e-6)
+        assert results[uid]["label"] == answer["label"] and results[uid]["ood"] == answer["ood"]

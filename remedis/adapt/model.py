@@ -28,7 +28,7 @@ from remedis.models.backbones import fold_std_conv
 from remedis.models.checkpoint import CheckpointError, load_checkpoint, load_matching, save_checkpoint
 from remedis.models.classifier import Classifier
 from remedis.models.inference import run_batches
-from remedis.models.layout import memory_format
+from remedis.models.layout import fast_bf16, memory_format
 
 
 @dataclass
@@ -47,7 +47,9 @@ class AdaptedModel:
     def __post_init__(self) -> None:
         self.classifier.eval()
         self.device = torch.device("cpu")
-        self.autocast = True  # bf16 autocast: matches training precision, 2-3x on AVX-512 BF16 CPUs
+        # bf16 autocast where the device has bf16 natively (2-3x on AVX-512 BF16 CPUs); fp32 elsewhere,
+        # where emulated bf16 is 10-30x slower (`remedis.models.layout.fast_bf16`).
+        self.autocast = fast_bf16(self.device)
 
     @property
     def architecture(self) -> str:
@@ -60,6 +62,7 @@ class AdaptedModel:
 
     def to(self, device: str | torch.device) -> "AdaptedModel":
         self.device = torch.device(device)
+        self.autocast = fast_bf16(self.device)
         self.classifier.to(self.device, memory_format=memory_format(self.classifier, self.device))
         return self
 

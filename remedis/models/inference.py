@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import torch
 
-from remedis.models.layout import memory_format
+from remedis.models.layout import fast_bf16, memory_format
 
 
 @torch.inference_mode()
 def run_batches(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, preprocessing,
-                batch: int = 256, autocast: bool = True, device: torch.device | None = None) -> torch.Tensor:
+                batch: int = 256, autocast: bool | None = None, device: torch.device | None = None) -> torch.Tensor:
     """`fn` over normalised batches of `pixels` (N, 1, S, S) in [0, 1]; float32 results on the CPU.
 
     Args:
@@ -30,11 +30,12 @@ def run_batches(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tens
         pixels: resized images in [0, 1] (an `ImageCache`'s pixels).
         preprocessing: the `Preprocessing` that normalises them (and repeats channels).
         batch: images per forward pass.
-        autocast: bf16 autocast on CPU and CUDA (training's precision).
+        autocast: bf16 autocast on CPU and CUDA; None: where the device has bf16 natively (`fast_bf16`).
         device: where to run; default the module's.
     """
     device = device or next(module.parameters()).device
     fmt = memory_format(module, device)
+    autocast = fast_bf16(device) if autocast is None else autocast
     out = []
     for i in range(0, len(pixels), batch):
         x = preprocessing.normalize(pixels[i:i + batch].float()).to(device).contiguous(memory_format=fmt)

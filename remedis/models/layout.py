@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -46,3 +48,36 @@ def memory_format(net: nn.Module, device: str | torch.device) -> torch.memory_fo
     if torch.device(device).type == "cpu" and any(isinstance(m, nn.GroupNorm) for m in net.modules()):
         return torch.contiguous_format
     return torch.channels_last
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 autocast is fast on this device: a CUDA GPU with bf16, or a CPU with native bf16
+    instructions (AVX-512 BF16 or AMX). Elsewhere it is emulated: measured on an AVX2-only AMD EPYC
+    (Zen 2), a resnet18 training step at 64 px took 12.8 s in bf16 against 0.95 s in fp32.
+
+    `REMEDIS_BF16=1` / `0` overrides the detection.
+
+    Example:
+        >>> fast_bf16("cpu")   # False on an AVX2-only CPU
+        False
+    """
+    forced = os.environ.get("REMEDIS_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})

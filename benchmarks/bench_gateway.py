@@ -1,0 +1,168 @@
+"""The DICOM gateway (issue 19): instances/s through it against the service's own throughput on the same
+files, and seconds from C-STORE to the SR being visible in a real PACS (Orthanc). JSON to --out.
+
+  service      the service's code path in this process (`serving.gateway.inference.LocalInference`:
+               decode, contract check, forward, calibrated answer) over the same files, in batches of
+               `batch_size`: images/s. The reference.
+  gateway      the same files sent by C-STORE over 4 parallel associations (TCP_NODELAY, as dcmtk and
+               Orthanc send) until every SR is acknowledged by the destination (Orthanc): instances/s
+               and its ratio to the service (target >= 0.8x). Includes spooling with fsync, the quiet
+               period, SR building (highdicom) and the C-STORE of the SRs to Orthanc.
+  latency      one-instance studies sent one after another; seconds from the C-STORE to the SR found
+               in Orthanc by QIDO-RS (polled every 50 ms): p50 / p99, with the quiet period stated.
+
+Real CT pixels (../shared/data/ct-dicom, cropped to --size), a model like the tests' (resnet18 at
+--model-size px, linear head fitted on 12 CT images). Orthanc needs root (it binds every interface, so
+it runs in a private network namespace: this script re-runs itself under `unshare --net`).
+
+    .venv/bin/python benchmarks/bench_gateway.py --out benchmarks/results/gateway-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from gateway_support import ct_files, free_port, make_model, study_from  # noqa: E402
+from netns.orthanc_gateway import Orthanc, wait_for  # noqa: E402
+
+from benchmarks._common import environment, fig  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def measure(args) -> dict:
+    from pynetdicom import AE, StoragePresentationContexts
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.inference import LocalInference
+    from serving.gateway.send import tcp_nodelay
+    from serving.gateway.settings import load_gateway_settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size)
+    source = ct_files(SHARED, 1)[0]
+    per_series = max(1, args.instances // args.series)
+    studies = [study_from(source, per_series, series=1, size=args.size) for _ in range(args.series)]
+    instances = [ds for s in studies for ds in s]
+    blobs = [_bytes(ds) for ds in instances]
+
+    local = LocalInference(model, threads=args.threads)
+    local.predict(blobs[:args.batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(blobs), args.batch_size):
+        local.predict(blobs[i:i + args.batch_size])
+    service_ips = len(blobs) / (time.perf_counter() - t0)
+    del local
+
+    orthanc = Orthanc(tmp / "orthanc", 0).start()
+    tcp_nodelay()
+    settings = load_gateway_settings(None, {
+        "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,
+        "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False},
+        "destination": {"kind": "dimse", "port": orthanc.dicom, "ae_title": "ORTHANC"}})
+    try:
+        with Gateway(settings) as gw:
+            def send(chunk):
+                ae = AE(ae_title="BENCH")
+                ae.requested_contexts = StoragePresentationContexts
+                a = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+                try:
+                    return [a.send_c_store(ds).Status for ds in chunk]
+                finally:
+                    a.release()
+
+            chunks = [instances[i::4] for i in range(4)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                statuses = [s for r in pool.map(send, chunks) for s in r]
+            t_sent = time.perf_counter() - t0
+            assert statuses == [0] * len(instances)
+            wait_for(lambda: gw.status()["processed"] >= len(instances) and gw.status()["results_unsent"] == 0,
+                     timeout=3600, what="all results delivered")
+            gateway_s = time.perf_counter() - t0
+            gateway_ips = len(instances) / gateway_s
+
+            latencies = []
+            for _ in range(args.latency_studies):
+                ds = study_from(source, 1, size=args.size)[0]
+                t0 = time.perf_counter()
+                assert send([ds]) == [0]
+                wait_for(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
+                         timeout=120, what="the SR in Orthanc")
+                latencies.append(time.perf_counter() - t0)
+            status = gw.status()
+    finally:
+        orthanc.stop()
+    lat = np.array(latencies)
+    return {
+        "benchmark": "gateway", "environment": environment(), "instances": len(instances), "series": args.series,
+        "image_size": args.size, "model_size": args.model_size, "batch_size": args.batch_size, "quiet_seconds": args.quiet,
+        "figures": [
+            fig("service images/s (in process, same files)", service_ips, "images/s"),
+            fig("gateway instances/s (C-STORE in to SR acknowledged by Orthanc)", gateway_ips, "instances/s",
+                reference=service_ips, reference_name="service images/s", goal=">= 0.8x"),
+            fig("C-STORE accepted (4 associations)", len(instances) / t_sent, "instances/s"),
+            fig("C-STORE to SR in Orthanc p50", float(np.percentile(lat, 50)), "s", quiet_seconds=args.quiet),
+            fig("C-STORE to SR in Orthanc p99", float(np.percentile(lat, 99)), "s", quiet_seconds=args.quiet),
+        ],
+        "gateway_status": {k: status[k] for k in ("received", "processed", "sent", "failed", "refused")},
+    }
+
+
+def run(reduced: bool) -> dict:
+    """For `benchmarks/run.py`: this benchmark in its own network namespace (reduced: 120 instances)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-gateway-out-")) / "gateway.json"
+    sizes = ["--instances", "120", "--latency-studies", "10"] if reduced else []
+    if main([*sizes, "--out", str(out)]) != 0 or not out.is_file():
+        raise RuntimeError("bench_gateway failed (it needs root, unshare, Orthanc and ../shared/data)")
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--instances", type=int, default=600)
+    p.add_argument("--series", type=int, default=12)
+    p.add_argument("--size", type=int, default=256, help="source pixels (cropped from real CT)")
+    p.add_argument("--model-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", type=float, default=0.5, help="the gateway's quiet_seconds")
+    p.add_argument("--latency-studies", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gateway-cpu.json"))
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.inner:
+        if os.geteuid() != 0:
+            print("bench_gateway: needs root for a private network namespace (Orthanc binds every interface)", file=sys.stderr)
+            return 2
+        cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} --inner " + " ".join(argv or sys.argv[1:])
+        return subprocess.run(["unshare", "--net", "sh", "-c", cmd]).returncode
+    result = measure(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["figures"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

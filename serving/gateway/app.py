@@ -1,0 +1,341 @@
+"""The DICOM gateway: C-ECHO / C-STORE SCP and STOW-RS in, spool, inference, TID 1500 SR out.
+
+Flow (every step leaves its work on disk, `serving.gateway.spool`):
+1. `accept` (for C-STORE and STOW-RS alike): decode the header, refuse what cannot be an image for a
+   model (no pixel data, a transfer syntax with no decoder), skip what must never be processed (SR,
+   Secondary Capture, encapsulated documents, presentation states, anything remedis made: the loop
+   guard) and what no route takes, and spool the rest *before* answering success.
+2. The worker claims a series once it has been quiet for `quiet_seconds`, asks the route's model
+   (the deployed service, or the same code in process), writes one SR per batch into the outbox and
+   drops the instances; files the model refuses go to failed/ with the reason.
+3. The sender delivers the outbox to the destination (C-STORE SCU or STOW-RS) with back-off; a
+   result leaves the outbox only when the destination acknowledged it.
+
+Logs and status name series by a hash of their UID and never carry patient data.
+
+Example:
+    >>> gw = Gateway(load_gateway_settings("serving/gateway.yaml")).start()
+    >>> gw.status()["received"]
+    0
+    >>> gw.stop()
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from serving.gateway.inference import Inference, InferenceUnavailable, open_model
+from serving.gateway.report import MANUFACTURER, build_sr
+from serving.gateway.send import Backoff, SendError, nodelay_server, send
+from serving.gateway.settings import GatewaySettings, Route
+from serving.gateway.spool import Spool, uid_key
+
+log = logging.getLogger("remedis.gateway")
+
+# SOP classes never processed (the loop guard and documents): SR, Secondary Capture, encapsulated
+# PDF/CDA/STL, presentation states, key objects, segmentations, RT structures, raw data.
+NEVER = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.",
+         "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.3")
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_NOT_MATCHING = 0xA900  # data set does not match SOP class (here: no pixel data)
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _decodable(ts: str) -> bool:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return bool(get_decoder(ts).is_available)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+
+
+def _short_pixel_data(ds: pydicom.Dataset, ts: str) -> str | None:
+    """Why native pixel data is shorter than its header says (a truncated file), or None."""
+    from pydicom.uid import UID
+
+    if "PixelData" not in ds or (ts and UID(ts).is_compressed):
+        return None
+    try:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        need = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+        have = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):
+        return "image header incomplete (Rows, Columns or BitsAllocated)"
+    return f"pixel data has {have} bytes, the header needs {need} (truncated)" if have < need else None
+
+
+def route_for(ds: pydicom.Dataset, routes: list[Route]) -> int | None:
+    """The index of the first route whose rules match this instance, or None."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    sop = str(getattr(ds, "SOPClassUID", ""))
+    part = str(getattr(ds, "BodyPartExamined", "") or "").upper()
+    for i, r in enumerate(routes):
+        if r.modalities and modality not in {m.upper() for m in r.modalities}:
+            continue
+        if r.sop_classes and sop not in r.sop_classes:
+            continue
+        if r.body_parts and part not in {b.upper() for b in r.body_parts}:
+            continue
+        return i
+    return None
+
+
+def skip_reason(ds: pydicom.Dataset) -> str | None:
+    """Why an instance is never processed (loop guard, documents), or None."""
+    sop = str(getattr(ds, "SOPClassUID", ""))
+    if any(sop.startswith(p) for p in NEVER):
+        name = getattr(getattr(ds, "SOPClassUID", None), "name", sop)
+        return f"SOP class {name} is not an image for a model"
+    if str(getattr(ds, "Manufacturer", "")) == MANUFACTURER:
+        return "made by remedis (loop guard)"
+    return None
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, models: dict[int, Inference] | None = None,
+                 model_wait_s: float = 0.0):
+        logging.getLogger("pydicom").disabled = True  # pydicom can log element values (identifiers)
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines quote dataset UIDs at length
+        self.settings = settings
+        self.spool = Spool(settings.spool)
+        self.models: dict[int, Inference] = models or {}
+        self.model_wait_s = model_wait_s
+        self.backoff = Backoff(settings.retry)
+        self.model_backoff = Backoff(settings.retry)
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self._http = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> "Gateway":
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        for i, r in enumerate(self.settings.routes):
+            if i not in self.models:
+                self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s)
+        self.spool.recover()
+        ae = AE(ae_title=self.settings.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = 0
+        if self.settings.allowed_aets:
+            ae.require_calling_aet = list(self.settings.allowed_aets)
+        else:
+            log.warning("allowed_aets is empty: any calling AE title is accepted")
+        handlers = [(evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS), (evt.EVT_C_STORE, self._on_c_store)]
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
+        nodelay_server(self._server)
+        for target in (self._work_loop, self._send_loop):
+            t = threading.Thread(target=target, daemon=True, name=f"gateway-{target.__name__}")
+            t.start()
+            self._threads.append(t)
+        if self.settings.stow.enabled:
+            from serving.gateway.stow import HttpServer
+
+            self._http = HttpServer(self, self.settings.stow.host, self.settings.stow.port).start()
+        log.info("gateway %s listening on %s:%d (DIMSE)%s; %d route(s); destination %s", self.settings.ae_title,
+                 self.settings.host, self.settings.port,
+                 f", {self._http.url} (STOW-RS, status)" if self._http else "", len(self.settings.routes),
+                 self.settings.destination.kind)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._http is not None:
+            self._http.stop()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {**self.spool.status(), "destination": self.settings.destination.kind,
+                "routes": [r.name or Path(r.model).name for r in self.settings.routes], "last_error": self.last_error}
+
+    # ---- in: C-STORE and STOW-RS ---------------------------------------------------------------------
+
+    def _on_c_store(self, event) -> int:
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # a truncated or malformed data set
+            self.spool.count("refused")
+            log.info("C-STORE refused: cannot read the data set (%s)", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        try:
+            return self.accept(data, ds)
+        except Refused as exc:
+            self.spool.count("refused")
+            log.info("C-STORE refused (0x%04X): %s", exc.status, exc.reason)
+            return exc.status
+
+    def accept(self, data: bytes, ds: pydicom.Dataset | None = None) -> int:
+        """Check one instance and spool it; returns the DICOM status. Raises `Refused` for a bad one."""
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data))
+            except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+                raise Refused(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file ({type(exc).__name__})") from None
+        for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
+            if not str(getattr(ds, tag, "") or ""):
+                raise Refused(STATUS_CANNOT_UNDERSTAND, f"{tag} is missing")
+        reason = skip_reason(ds)
+        if reason is None and route_for(ds, self.settings.routes) is None:
+            reason = "no route takes it (modality / SOP class / body part)"
+        if reason is not None:
+            self.spool.count("ignored")
+            log.info("instance of series %s skipped: %s", uid_key(ds.SeriesInstanceUID), reason)
+            return STATUS_SUCCESS
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise Refused(STATUS_NOT_MATCHING, "no pixel data")
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if ts and not _decodable(ts):
+            raise Refused(STATUS_CANNOT_UNDERSTAND, f"transfer syntax {ts} cannot be decoded here")
+        short = _short_pixel_data(ds, ts)
+        if short:
+            raise Refused(STATUS_CANNOT_UNDERSTAND, short)
+        try:
+            self.spool.receive(data, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        except OSError as exc:
+            raise Refused(STATUS_OUT_OF_RESOURCES, f"spool write failed ({type(exc).__name__})") from None
+        return STATUS_SUCCESS
+
+    # ---- processing --------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for d in self.spool.quiet_series(self.settings.quiet_seconds):
+                    self.spool.claim(d)
+            except OSError as exc:
+                self.last_error = f"claiming: {type(exc).__name__}"
+                log.error("claiming a quiet series failed: %s", type(exc).__name__)
+            for batch in self.spool.pending_batches():
+                if self._stop.is_set():
+                    break
+                if not self.model_backoff.due(batch.name):
+                    continue
+                try:
+                    self.process(batch)
+                except Exception as exc:  # never let the loop die: the batch stays in work/, retried with back-off
+                    wait = self.model_backoff.failed(batch.name)
+                    self.last_error = f"processing: {type(exc).__name__}"
+                    # The type only: an exception's message can quote a data element's value.
+                    log.error("batch %s failed (%s), retried in %.0f s", batch.name, type(exc).__name__, wait)
+                    log.debug("batch %s", batch.name, exc_info=True)
+            self._stop.wait(0.2)
+
+    def process(self, batch: Path) -> None:
+        files = sorted(batch.glob("*.dcm"))
+        if not files:
+            self.spool.finish(batch, {})
+            return
+        by_route: dict[int, list[tuple[Path, pydicom.Dataset]]] = {}
+        skipped = []
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception as exc:
+                skipped.append((f, f"unreadable ({type(exc).__name__})"))
+                continue
+            r = route_for(ds, self.settings.routes)
+            if r is None:
+                skipped.append((f, "no route takes it"))
+            else:
+                by_route.setdefault(r, []).append((f, ds))
+        results: dict[str, bytes] = {}
+        failed = list(skipped)
+        answered = 0
+        for r, items in by_route.items():
+            model = self.models[r]
+            answers: list[dict[str, Any]] = []
+            step = self.settings.batch_size
+            try:
+                for i in range(0, len(items), step):
+                    answers += model.predict([f.read_bytes() for f, _ in items[i:i + step]])
+            except InferenceUnavailable as exc:
+                wait = self.model_backoff.failed(batch.name)
+                self.last_error = str(exc)
+                log.warning("batch %s waits %.0f s: %s", batch.name, wait, exc)
+                return
+            good = [(ds, a) for (_, ds), a in zip(items, answers) if "probabilities" in a]
+            failed += [(f, a.get("error", "no answer")) for (f, _), a in zip(items, answers) if "probabilities" not in a]
+            answered += len(good)
+            by_study: dict[str, list[tuple[pydicom.Dataset, dict]]] = {}
+            for ds, a in good:
+                by_study.setdefault(ds.StudyInstanceUID, []).append((ds, a))
+            for study, pairs in by_study.items():
+                sr = build_sr([p[0] for p in pairs], [p[1] for p in pairs], model.info,
+                              self.settings.institution or None)
+                buf = io.BytesIO()
+                sr.save_as(buf, enforce_file_format=True)
+                results[f"sr-{r}-{uid_key(study)}.dcm"] = buf.getvalue()
+        self.model_backoff.succeeded(batch.name)
+        if failed:
+            self.spool.keep_failed(batch.name, failed)
+            for f, reason in failed:
+                log.info("instance %s of batch %s not processed: %s", f.stem[:12], batch.name, reason)
+        self.spool.finish(batch, results)
+        self.spool.count("processed", answered)
+        if failed:
+            self.spool.count("failed", len(failed))
+        log.info("batch %s: %d image(s) answered, %d failed, %d result(s) queued", batch.name, answered, len(failed),
+                 len(results))
+
+    # ---- out -------------------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        dest = self.settings.destination
+        while not self._stop.is_set():
+            for out in self.spool.outbox():
+                if self._stop.is_set() or not self.backoff.due(out.name):
+                    continue
+                files = sorted(out.glob("*.dcm"))
+                try:
+                    if dest.kind != "none" and files:
+                        send([pydicom.dcmread(f) for f in files], dest, self.settings.ae_title)
+                except (SendError, OSError) as exc:
+                    wait = self.backoff.failed(out.name)
+                    self.last_error = str(exc)
+                    self.spool.count("send_errors")
+                    log.warning("results %s not delivered (attempt %d, next in %.0f s): %s", out.name,
+                                self.backoff.attempts(out.name), wait, exc)
+                    continue
+                except Exception as exc:  # a bug or an unexpected client error: keep the results, retry later
+                    wait = self.backoff.failed(out.name)
+                    self.last_error = f"send: {type(exc).__name__}"
+                    log.error("sending results %s failed (%s), next in %.0f s", out.name, type(exc).__name__, wait)
+                    log.debug("results %s", out.name, exc_info=True)
+                    continue
+                self.backoff.succeeded(out.name)
+                self.spool.delivered(out)
+                if dest.kind != "none":
+                    self.spool.count("sent", len(files))
+            self._stop.wait(0.2)

@@ -1,0 +1,197 @@
+"""Results as DICOM: a Comprehensive 3D SR following TID 1500 (highdicom), in the source study.
+
+One SR per processed batch (the instances of one series that arrived together). Each source image gets
+its own measurement group (TID 1501) that references it and holds:
+- the finding type (the model's positive class, coded) and the algorithm (name, version, weights hash);
+- one measurement per class: the calibrated probability (UCUM "1");
+- the OOD score, when the model has a detector;
+- qualitative evaluations: the decision at the stored operating point (coded class) and the OOD flag
+  (SNOMED CT Yes / No), and the method of decision;
+- text: the OOD reasons, and that the result is not for diagnostic use (also in the series description;
+  the SR is marked PRELIMINARY and UNVERIFIED).
+
+UIDs are derived from the source UIDs and the model's weights, so processing the same batch again makes
+the same SR (a PACS stores it once). Codes of our own use the private scheme `99REMEDIS`.
+
+Example:
+    >>> sr = build_sr([ds], [answer], ModelInfo("remedis-busi", "1", "ab12...", ["benign", "malignant"]))
+    >>> sr.SOPClassUID.name
+    'Comprehensive 3D SR Storage'
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+from serving.gateway.inference import ModelInfo
+
+SCHEME = "99REMEDIS"
+NOT_FOR_DIAGNOSIS = "remedis AI result: research use, not for diagnostic use"
+SERIES_DESCRIPTION = "remedis AI result - not for diagnostic use"
+MANUFACTURER = "remedis"
+UID_PREFIX = PYDICOM_ROOT_UID  # derived UIDs; an organisation with its own root sets `uid_root` in the config
+PROBABILITY = "probability"
+UNIT_ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
+YES = hd.sr.CodedConcept("373066001", "SCT", "Yes")
+NO = hd.sr.CodedConcept("373067005", "SCT", "No")
+CODE_DECISION = hd.sr.CodedConcept("decision", SCHEME, "Decision at operating point")
+CODE_OOD = hd.sr.CodedConcept("ood", SCHEME, "Out of distribution")
+CODE_OOD_SCORE = hd.sr.CodedConcept("ood-score", SCHEME, "Out-of-distribution score")
+CODE_OOD_REASON = hd.sr.CodedConcept("ood-reason", SCHEME, "Out-of-distribution reason")
+CODE_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+CODE_PROCEDURE = hd.sr.CodedConcept("ai-classification", SCHEME, "AI image classification")
+
+
+def class_code(name: str) -> hd.sr.CodedConcept:
+    value = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:16] or "class"
+    return hd.sr.CodedConcept(value, SCHEME, name[:64])
+
+
+def probability_code(name: str) -> hd.sr.CodedConcept:
+    value = ("p-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))[:16]
+    return hd.sr.CodedConcept(value, SCHEME, f"Probability of {name}"[:64])
+
+
+def derived_uid(*parts: str, root: str | None = None) -> str:
+    """A UID that is a function of `parts` (same batch, same model -> same UID)."""
+    return generate_uid(prefix=root or UID_PREFIX, entropy_srcs=list(parts))
+
+
+# Type 2 attributes (present, may be empty) of the patient and study modules that highdicom copies from the
+# evidence into the SR; some modalities and converters leave them out.
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of a source header with the type 2 attributes an SR needs present (empty when missing)."""
+    missing = [k for k in TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    ds = copy.deepcopy(ds)
+    for k in missing:
+        setattr(ds, k, "")
+    return ds
+
+
+def _group(ds: pydicom.Dataset, answer: dict[str, Any], info: ModelInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = hd.sr.AlgorithmIdentification(name=info.name[:64], version=(info.version or "unknown")[:64],
+                                              parameters=[f"weights_sha256={info.weights_sha256}"] if info.weights_sha256 else None)
+    probs: dict[str, float] = answer["probabilities"]
+    measurements = [hd.sr.Measurement(name=probability_code(c), value=float(p), unit=UNIT_ONE, algorithm_id=algorithm)
+                    for c, p in probs.items()]
+    if answer.get("ood_score") is not None and np.isfinite(answer["ood_score"]):
+        measurements.append(hd.sr.Measurement(name=CODE_OOD_SCORE, value=float(answer["ood_score"]), unit=UNIT_ONE,
+                                              algorithm_id=algorithm))
+    evaluations = [hd.sr.QualitativeEvaluation(CODE_DECISION, class_code(answer["label"]))]
+    if answer.get("ood") is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(CODE_OOD, YES if answer["ood"] else NO))
+    positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else answer["label"]
+    method = "operating point" if answer.get("decision") == "operating_point" else "argmax"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("group", ds.SOPInstanceUID, info.weights_sha256),
+                                                     identifier=f"remedis {info.name}"[:64]),
+        finding_type=class_code(positive),
+        method=hd.sr.CodedConcept(method.replace(" ", "-"), SCHEME, f"Decision by {method}"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
+    )
+    content = group[0].ContentSequence
+    for reason in answer.get("ood_reasons") or []:
+        content.append(hd.sr.TextContentItem(CODE_OOD_REASON, str(reason)[:1024], relationship_type="CONTAINS"))
+    content.append(hd.sr.TextContentItem(CODE_COMMENT, NOT_FOR_DIAGNOSIS, relationship_type="CONTAINS"))
+    return group
+
+
+def build_sr(sources: list[pydicom.Dataset], answers: list[dict[str, Any]], info: ModelInfo,
+             institution: str | None = None, root: str | None = None) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 SR for `sources` (headers of one study; pixel data not needed) and their answers.
+
+    Args:
+        sources: the source instances' datasets, all of one study.
+        answers: the service's answer for each source (same order); entries with `error` are skipped.
+        info: the model that answered.
+        institution: written as Institution Name when given.
+        root: the UID root for the SR's UIDs (default pydicom's).
+    """
+    pairs = [(_complete(ds), a) for ds, a in zip(sources, answers) if "probabilities" in a]
+    if not pairs:
+        raise ValueError("no answered image to report")
+    studies = {ds.StudyInstanceUID for ds, _ in pairs}
+    if len(studies) != 1:
+        raise ValueError(f"an SR covers one study; got {len(studies)}")
+    groups = [_group(ds, a, info) for ds, a in pairs]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=derived_uid("device", info.name), name=info.name[:64], manufacturer_name=MANUFACTURER,
+                    model_name=(info.version or "unknown")[:64]))),
+        procedure_reported=CODE_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    with warnings.catch_warnings():  # highdicom's person-name warnings quote the patient's name
+        warnings.simplefilter("ignore")
+        sr = _sr(pairs, report, info, institution, root)
+    sr.ManufacturerModelName = info.name[:64]
+    sr.SoftwareVersions = (info.version or "unknown")[:64]
+    return sr
+
+
+def _sr(pairs, report, info: ModelInfo, institution: str | None, root: str | None) -> hd.sr.Comprehensive3DSR:
+    sop_uids = sorted(ds.SOPInstanceUID for ds, _ in pairs)
+    series_uid = pairs[0][0].SeriesInstanceUID
+    return hd.sr.Comprehensive3DSR(
+        evidence=[ds for ds, _ in pairs],
+        content=report,
+        series_instance_uid=derived_uid("sr-series", series_uid, info.weights_sha256, root=root),
+        series_number=9901,
+        sop_instance_uid=derived_uid("sr", info.weights_sha256, *sop_uids, root=root),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution or None,
+        series_description=SERIES_DESCRIPTION,
+    )
+
+
+def read_results(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
+    """Per referenced SOP Instance UID: probabilities, decision, OOD flag and score, from an SR we wrote.
+
+    Used by tests and by anyone checking a result; reads the content tree with highdicom.
+
+    Example:
+        >>> read_results(pydicom.dcmread("sr.dcm"))["1.2.3..."]["probabilities"]["malignant"]
+        0.29
+    """
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    out: dict[str, dict[str, Any]] = {}
+    for group in parsed.content.get_image_measurement_groups():
+        ref = group.source_images[0].referenced_sop_instance_uid
+        entry: dict[str, Any] = {"probabilities": {}, "ood": None, "ood_score": None}
+        for m in group.get_measurements():
+            if m.name.value.startswith("p-"):
+                entry["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
+            elif m.name.value == CODE_OOD_SCORE.value:
+                entry["ood_score"] = float(m.value)
+        for q in group.get_qualitative_evaluations():
+            if q.name.value == CODE_DECISION.value:
+                entry["label"] = q.value.meaning
+            elif q.name.value == CODE_OOD.value:
+                entry["ood"] = q.value.value == YES.value
+        out[ref] = entry
+    return out

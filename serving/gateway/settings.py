@@ -1,0 +1,115 @@
+"""Gateway settings: one YAML file, typed dataclasses, unknown keys rejected by name (as the service's).
+
+Example (`serving/gateway.yaml` is the commented default):
+    >>> s = load_gateway_settings("serving/gateway.yaml")
+    >>> s.ae_title, s.port, s.quiet_seconds
+    ('REMEDIS', 11112, 5.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from remedis.config import ConfigError, from_dict
+
+DEFAULT_FILE = Path(__file__).resolve().parent.parent / "gateway.yaml"
+
+
+@dataclass
+class Route:
+    """Which instances go to which model. Empty lists match anything; the first matching route wins.
+
+    `model` is a model folder (an adapted model, run in this process) or an http(s) URL of the deployed
+    BentoML service (its `predict_batch` is called with the API key from `api_key_env`)."""
+
+    model: str = ""
+    name: str = ""  # shown in logs and status; defaults to the model's name
+    modalities: list[str] = field(default_factory=list)  # DICOM Modality (0008,0060)
+    sop_classes: list[str] = field(default_factory=list)  # SOP Class UIDs
+    body_parts: list[str] = field(default_factory=list)  # Body Part Examined (0018,0015)
+    api_key_env: str = "REMEDIS_API_KEY"
+    timeout_s: float = 120.0
+
+
+@dataclass
+class Destination:
+    """Where results go. kind: dimse (C-STORE SCU), stow (STOW-RS) or none (kept in spool/results)."""
+
+    kind: str = "none"
+    host: str = "127.0.0.1"
+    port: int = 104
+    ae_title: str = "PACS"  # the destination's AE title (dimse)
+    url: str = ""  # the DICOMweb root for stow, e.g. http://pacs:8042/dicom-web
+    headers_env: str = ""  # an environment variable holding 'Name: value' for stow (e.g. a bearer token)
+    timeout_s: float = 30.0
+
+
+@dataclass
+class Retry:
+    initial_s: float = 1.0  # the first retry waits this long, doubling up to max_s; never given up
+    max_s: float = 60.0
+
+
+@dataclass
+class StowIn:
+    """The STOW-RS endpoint (DICOMweb in) and the status page, on one small HTTP server."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8043
+
+
+@dataclass
+class GatewaySettings:
+    ae_title: str = "REMEDIS"
+    host: str = "127.0.0.1"  # loopback unless configured
+    port: int = 11112
+    allowed_aets: list[str] = field(default_factory=list)  # calling AE titles accepted; [] accepts any (logged)
+    spool: str = "spool"
+    quiet_seconds: float = 5.0  # a series is processed once no instance of it arrived for this long
+    batch_size: int = 32  # images per inference call
+    secondary_capture: bool = False  # also send a Secondary Capture with the result burned in
+    institution: str = ""  # written into results' Institution Name when set
+    routes: list[Route] = field(default_factory=list)
+    destination: Destination = field(default_factory=Destination)
+    retry: Retry = field(default_factory=Retry)
+    stow: StowIn = field(default_factory=StowIn)
+
+    def validate(self) -> "GatewaySettings":
+        if not 1 <= len(self.ae_title) <= 16:
+            raise ConfigError(f"ae_title: must be 1-16 characters, got {self.ae_title!r}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port: {self.port} is not a TCP port")
+        if not self.routes:
+            raise ConfigError("routes: at least one route (a model folder or service URL) is needed")
+        for i, r in enumerate(self.routes):
+            if not r.model:
+                raise ConfigError(f"routes[{i}].model: a model folder or service URL is needed")
+        if self.destination.kind not in ("none", "dimse", "stow"):
+            raise ConfigError(f"destination.kind: {self.destination.kind!r} is not one of none, dimse, stow")
+        if self.destination.kind == "stow" and not self.destination.url:
+            raise ConfigError("destination.url: needed for kind stow")
+        if self.quiet_seconds < 0 or self.batch_size < 1:
+            raise ConfigError("quiet_seconds must be >= 0 and batch_size >= 1")
+        if self.retry.initial_s <= 0 or self.retry.max_s < self.retry.initial_s:
+            raise ConfigError("retry: need 0 < initial_s <= max_s")
+        return self
+
+
+def load_gateway_settings(path: str | Path | None = None, overrides: dict | None = None) -> GatewaySettings:
+    """Settings from a YAML file (default `serving/gateway.yaml`), with `overrides` merged on top."""
+    path = Path(path) if path else DEFAULT_FILE
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: gateway config not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read gateway config ({exc})") from None
+    raw = {**raw, **(overrides or {})}
+    try:
+        return from_dict(GatewaySettings, raw).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

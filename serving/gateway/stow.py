@@ -1,0 +1,159 @@
+"""DICOMweb in: a STOW-RS endpoint feeding the gateway's spool, and the status page, on one small server.
+
+    POST /dicom-web/studies[/{study}]   multipart/related; type="application/dicom"
+    GET  /status                        counters (received, processed, sent, failed, queued, ...)
+    GET  /healthz
+
+The STOW-RS answer is the standard DICOM JSON: the stored instances under ReferencedSOPSequence
+(0008,1199), the refused ones under FailedSOPSequence (0008,1198) with their FailureReason
+(0008,1197); 200 when all were stored, 202 when some were refused, 409 when none was, 415 for a
+body that is not multipart/related DICOM. A part is answered only after it is in the spool.
+
+Example:
+    >>> server = HttpServer(gateway, "127.0.0.1", 8043).start()
+    >>> DICOMwebClient(f"{server.url}/dicom-web").store_instances([ds])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import socket
+import threading
+import time
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import TYPE_CHECKING
+
+import pydicom
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from serving.gateway.app import Gateway
+
+log = logging.getLogger("remedis.gateway")
+MAX_BODY = 2 * 1024**3
+
+
+class StowError(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def parse_multipart_related(body: bytes, content_type: str) -> list[bytes]:
+    """The DICOM parts of a multipart/related body (RFC 2387), in order.
+
+    Raises:
+        StowError: 415 when it is not multipart/related with type application/dicom, 400 when malformed.
+    """
+    ctype = content_type.lower()
+    if not ctype.startswith("multipart/related"):
+        raise StowError(415, f"Content-Type must be multipart/related; type=\"application/dicom\", got {content_type[:80]!r}")
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise StowError(400, "malformed multipart body (no boundary or no parts)")
+    parts = []
+    for part in msg.iter_parts():
+        pt = part.get_content_type()
+        if pt != "application/dicom":
+            raise StowError(415, f"part of type {pt} (only application/dicom is accepted)")
+        parts.append(part.get_payload(decode=True) or b"")
+    if not parts:
+        raise StowError(400, "no parts in the multipart body")
+    return parts
+
+
+def _item(ds: pydicom.Dataset | None, reason: int | None = None) -> dict:
+    item = {}
+    if ds is not None:
+        if "SOPClassUID" in ds:
+            item["00081150"] = {"vr": "UI", "Value": [str(ds.SOPClassUID)]}
+        if "SOPInstanceUID" in ds:
+            item["00081155"] = {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]}
+    if reason is not None:
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+    return item
+
+
+def make_app(gateway: "Gateway") -> Starlette:
+    from serving.gateway.app import Refused
+
+    async def store(request: Request) -> JSONResponse:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > MAX_BODY:
+            return JSONResponse({"error": f"body of {declared} bytes is above the limit of {MAX_BODY}"}, status_code=413)
+        body = await request.body()
+        try:
+            parts = parse_multipart_related(body, request.headers.get("content-type", ""))
+        except StowError as exc:
+            return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        stored, failed = [], []
+        for data in parts:
+            ds = None
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data))
+                status = await asyncio.to_thread(gateway.accept, data, ds)
+                stored.append(_item(ds)) if status == 0 else failed.append(_item(ds, status))
+            except Refused as exc:
+                gateway.spool.count("refused")
+                log.info("STOW-RS part refused (0x%04X): %s", exc.status, exc.reason)
+                failed.append(_item(ds, exc.status))
+            except Exception as exc:  # an unreadable part
+                gateway.spool.count("refused")
+                log.info("STOW-RS part refused: not a readable DICOM file (%s)", type(exc).__name__)
+                failed.append(_item(None, 0xC000))
+        answer: dict = {}
+        if stored:
+            answer["00081199"] = {"vr": "SQ", "Value": stored}
+        if failed:
+            answer["00081198"] = {"vr": "SQ", "Value": failed}
+        code = 200 if not failed else (202 if stored else 409)
+        return JSONResponse(answer, status_code=code, media_type="application/dicom+json")
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(await asyncio.to_thread(gateway.status))
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[
+        Route("/dicom-web/studies", store, methods=["POST"]),
+        Route("/dicom-web/studies/{study}", store, methods=["POST"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ])
+
+
+class HttpServer:
+    """uvicorn in a background thread (loopback by default)."""
+
+    def __init__(self, gateway: "Gateway", host: str, port: int):
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(make_app(gateway), host=host, port=port, log_level="warning", access_log=False,
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-http")
+
+    def start(self) -> "HttpServer":
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"gateway HTTP server did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

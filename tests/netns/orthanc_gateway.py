@@ -1,0 +1,223 @@
+"""The gateway against a real PACS (Orthanc) and dcmtk, run by tests/test_gateway_orthanc.py inside a
+private network namespace (`unshare --net`), where only loopback exists: Orthanc 1.10 binds every
+interface and has no option to bind loopback only.
+
+Real CT DICOMs go into Orthanc over its REST API; Orthanc pushes them to the gateway (C-STORE); the SR
+comes back into the same study in Orthanc, found with QIDO-RS and read with WADO-RS (dicomweb-client);
+its probabilities equal the service code's answer for that file, and dcmtk's dsrdump parses it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gateway_support import ct_files, expected_probs, free_port, make_model, no_identifiers, study_from, write_all  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class Orthanc:
+    def __init__(self, root: Path, gateway_port: int):
+        self.root = root
+        self.http, self.dicom = free_port(), free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "orthanc.json").write_text(json.dumps({
+            "Name": "remedis-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+            "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": {"gw": ["REMEDIS", "127.0.0.1", gateway_port]}, "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False}))
+        self.url = f"http://127.0.0.1:{self.http}"
+        self.proc = None
+
+    def start(self) -> "Orthanc":
+        self.log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(["Orthanc", str(self.root / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(200):
+            try:
+                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("Orthanc did not start:\n" + (self.root / "orthanc.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def upload(self, path: Path) -> dict:
+        r = httpx.post(f"{self.url}/instances", content=path.read_bytes(), timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def dicomweb(self):
+        from dicomweb_client.api import DICOMwebClient
+
+        return DICOMwebClient(url=f"{self.url}/dicom-web")
+
+    def srs(self, study_uid: str) -> list[pydicom.Dataset]:
+        """Every SR instance in the study, through QIDO-RS (series with Modality SR) and WADO-RS."""
+        client = self.dicomweb()
+        out = []
+        for s in client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
+            series = s["0020000E"]["Value"][0]
+            for inst in client.search_for_instances(study_uid, series):
+                out.append(client.retrieve_instance(study_uid, series, inst["00080018"]["Value"][0]))
+        return out
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from serving.gateway.app import Gateway
+    from serving.gateway.settings import load_gateway_settings
+
+    tmp = tmp_path_factory.mktemp("orthanc")
+    model = make_model(tmp / "model", ct_files(SHARED, 12))
+    gw_port = free_port()
+    orthanc = Orthanc(tmp / "orthanc", gw_port).start()
+    settings = load_gateway_settings(None, {
+        "port": gw_port, "spool": str(tmp / "spool"), "quiet_seconds": 0.5, "allowed_aets": ["ORTHANC", "STORESCU"],
+        "routes": [{"model": str(model), "modalities": ["CT"]}],
+        "destination": {"kind": "dimse", "host": "127.0.0.1", "port": orthanc.dicom, "ae_title": "ORTHANC"},
+        "retry": {"initial_s": 0.5, "max_s": 2}, "stow": {"enabled": True, "port": free_port()}})
+    gateway = Gateway(settings).start()
+    try:
+        yield {"tmp": tmp, "model": model, "orthanc": orthanc, "gateway": gateway, "port": gw_port}
+    finally:
+        gateway.stop()
+        orthanc.stop()
+
+
+def test_orthanc_pushes_ct_and_finds_the_sr_in_the_same_study(env):
+    orthanc, files = env["orthanc"], ct_files(SHARED, 3)
+    ids = [orthanc.upload(f)["ID"] for f in files]
+    r = httpx.post(f"{orthanc.url}/modalities/gw/store", json={"Resources": ids, "Synchronous": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    expected = expected_probs(env["model"], files)
+    for f, p in zip(files, expected):
+        src = pydicom.dcmread(f, stop_before_pixels=True)
+        srs = wait_for(lambda: env["orthanc"].srs(src.StudyInstanceUID), what="the SR in Orthanc")
+        assert len(srs) == 1
+        sr = srs[0]
+        assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+        from serving.gateway.report import read_results
+
+        results = read_results(sr)
+        assert list(results) == [src.SOPInstanceUID]  # references exactly the source instance
+        got = results[src.SOPInstanceUID]["probabilities"]
+        np.testing.assert_allclose([got["no_contrast"], got["contrast"]], p, atol=1e-5)
+        out = env["tmp"] / f"{src.SOPInstanceUID}.sr.dcm"
+        sr.save_as(out)
+        dump = subprocess.run(["dsrdump", str(out)], capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout, dump.stderr
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+def test_storescu_into_the_gateway_and_an_sr_sent_back_is_skipped(env):
+    study = study_from(ct_files(SHARED, 1)[0], 4)
+    paths = write_all(study, env["tmp"] / "storescu")
+    before = env["gateway"].status()
+    proc = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    srs = wait_for(lambda: env["orthanc"].srs(study[0].StudyInstanceUID), what="the storescu study's SR")
+    from serving.gateway.report import read_results
+
+    assert sorted(read_results(srs[0])) == sorted(ds.SOPInstanceUID for ds in study)
+    # The loop guard: the SR itself sent to the gateway (dcmtk proposes SR classes only with -R) is taken
+    # and never processed.
+    sr_path = env["tmp"] / "loop.sr.dcm"
+    srs[0].save_as(sr_path)
+    proc = subprocess.run(["storescu", "-R", "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(sr_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: env["gateway"].status()["ignored"] > before["ignored"], what="the SR to be skipped")
+    time.sleep(1.0)
+    assert len(env["orthanc"].srs(study[0].StudyInstanceUID)) == 1
+    # A calling AE title not on the allow-list is refused at association.
+    proc = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(paths[0])],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "reject" in (proc.stdout + proc.stderr).lower()
+
+
+def test_stow_in_and_stow_out_to_orthanc(env, tmp_path):
+    """DICOMweb both ways: STOW-RS into the gateway, results delivered by STOW-RS into Orthanc."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.settings import load_gateway_settings
+
+    port, http = free_port(), free_port()
+    settings = load_gateway_settings(None, {
+        "port": port, "spool": str(tmp_path / "spool"), "quiet_seconds": 0.3,
+        "routes": [{"model": str(env["model"]), "modalities": ["CT"]}],
+        "destination": {"kind": "stow", "url": f"{env['orthanc'].url}/dicom-web"}, "stow": {"port": http}})
+    with Gateway(settings) as gw:
+        study = study_from(ct_files(SHARED, 2)[1], 3)
+        answer = DICOMwebClient(url=f"http://127.0.0.1:{http}/dicom-web").store_instances(study)
+        assert len(answer.ReferencedSOPSequence) == 3 and "FailedSOPSequence" not in answer
+        srs = wait_for(lambda: env["orthanc"].srs(study[0].StudyInstanceUID), what="the STOW-RS study's SR")
+        assert len(srs) == 1
+        wait_for(lambda: gw.status()["sent"] >= 1, what="the sent counter")
+        status = httpx.get(f"http://127.0.0.1:{http}/status").json()
+        assert status["received"] == 3 and status["processed"] == 3 and not no_identifiers(json.dumps(status))
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(env, tmp_path):
+    """The destination PACS is down when results are ready: retried with back-off, delivered when it comes
+    up, none lost, none duplicated."""
+    from serving.gateway.app import Gateway
+    from serving.gateway.settings import load_gateway_settings
+
+    pacs = Orthanc(tmp_path / "pacs2", free_port())  # configured, not started yet
+    settings = load_gateway_settings(None, {
+        "port": free_port(), "spool": str(tmp_path / "spool"), "quiet_seconds": 0.2,
+        "routes": [{"model": str(env["model"]), "modalities": ["CT"]}],
+        "destination": {"kind": "dimse", "port": pacs.dicom, "ae_title": "ORTHANC"},
+        "retry": {"initial_s": 0.3, "max_s": 1.0}, "stow": {"enabled": False}})
+    studies = [study_from(ct_files(SHARED, 1)[0], 2, planted=False) for _ in range(3)]
+    with Gateway(settings) as gw:
+        for study in studies:
+            for ds in study:
+                import io
+
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                assert gw.accept(buf.getvalue()) == 0
+        wait_for(lambda: gw.status()["send_errors"] >= 3, what="failed deliveries")
+        assert gw.status()["results_unsent"] == 3 and gw.status()["sent"] == 0
+        pacs.start()
+        try:
+            wait_for(lambda: gw.status()["results_unsent"] == 0, timeout=60, what="delivery after the PACS came up")
+            time.sleep(1.5)  # any duplicate would have been sent by now
+            for study in studies:
+                assert len(pacs.srs(study[0].StudyInstanceUID)) == 1
+            stats = httpx.get(f"{pacs.url}/statistics").json()
+            assert stats["CountInstances"] == 3  # the three SRs, nothing twice
+            assert gw.status()["sent"] == 3
+        finally:
+            pacs.stop()
