@@ -225,11 +225,11 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
 
     def on_store(event):
         with lock:
-            received.append(event.dataset.SOPInstanceUID)
+            received.append((event.dataset.SOPClassUID, event.dataset.SOPInstanceUID))
         return 0
 
     settings = _settings(tmp_path, model, destination={"kind": "dimse", "port": dest_port, "ae_title": "DEST"},
-                         stow={"enabled": False})
+                         stow={"enabled": False}, secondary_capture=True)
     studies = [study_from(ct_files(shared_data, 1)[0], 2, planted=False) for _ in range(2)]
     with Gateway(settings) as gw:
         for study in studies:
@@ -238,7 +238,7 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
                 ds.save_as(buf, enforce_file_format=True)
                 gw.accept(buf.getvalue())
         _wait(lambda: gw.status()["send_errors"] >= 4, 30, "failed deliveries")
-        assert gw.status()["results_unsent"] == 2
+        assert gw.status()["results_unsent"] == 6  # 2 SRs + 4 captures
         ae = AE(ae_title="DEST")
         ae.supported_contexts = AllStoragePresentationContexts
         server = ae.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -247,7 +247,15 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
             time.sleep(1.0)
         finally:
             server.shutdown()
-        assert len(received) == 2 and len(set(received)) == 2 and gw.status()["sent"] == 2
+        # Per study: one SR, and one Secondary Capture per image (the result burned in); each exactly once.
+        assert len(received) == 6 and len(set(received)) == 6 and gw.status()["sent"] == 6
+        classes = sorted(str(c) for c, _ in received)
+        assert classes == ["1.2.840.10008.5.1.4.1.1.7"] * 4 + ["1.2.840.10008.5.1.4.1.1.88.34"] * 2
+        # The loop guard: a capture sent back to the gateway is acknowledged and never processed.
+        sc = next(p for p in (Path(gw.settings.spool) / "results").rglob("sc-*.dcm"))
+        before = gw.status()
+        assert gw.accept(sc.read_bytes()) == 0
+        assert gw.status()["ignored"] == before["ignored"] + 1 and gw.status()["received"] == before["received"]
 
 
 def _serve(config: Path, log: Path) -> subprocess.Popen:

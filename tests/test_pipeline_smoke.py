@@ -24,11 +24,13 @@ def _free_port() -> int:
 
 CT_KIT = ROOT.parent / "shared" / "data" / "ct-dicom"
 # The smoke config learns (configs/smoke.yaml): measured site-B test AUROC of the 100%-budget models,
-# seed 0, 0.655 (remedis@1) and 0.745 (supervised@1) on 57 test images with pretraining streamed from
-# shards (0.771 / 0.753 in memory); chance is 0.5 (the 10% budgets, 19 labels, stay near chance at this
-# size and are not asserted). The test set is small (CI about +-0.15), so the bounds only catch a stage
-# that stops learning; the margin on remedis@1 is 0.055.
-LEARNS_MEAN, LEARNS_EACH = 0.65, 0.6
+# seed 0, on 57 test images with pretraining streamed from shards: 0.655 (remedis@1) and 0.745
+# (supervised@1) in bf16 on an AVX-512 BF16 CPU; 0.591 and 0.698 in fp32 on an AVX2-only CPU
+# (`runtime.precision: auto`); 0.771 / 0.753 in memory (bf16). Chance is 0.5 (the 10% budgets, 19
+# labels, stay near chance at this size and are not asserted). The test set is small (CI about
+# +-0.15) and the numbers move with the machine's precision, so the bounds only catch a stage that
+# stops learning.
+LEARNS_MEAN, LEARNS_EACH = 0.6, 0.55
 
 
 def remedis(*args, env, timeout=900):

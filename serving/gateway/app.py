@@ -31,8 +31,9 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from remedis.data.readers import ImageReadError, read_image
 from serving.gateway.inference import Inference, InferenceUnavailable, open_model
-from serving.gateway.report import MANUFACTURER, build_sr
+from serving.gateway.report import MANUFACTURER, build_secondary_capture, build_sr
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
 from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool, uid_key
@@ -47,6 +48,12 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_NOT_MATCHING = 0xA900  # data set does not match SOP class (here: no pixel data)
 STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 class Refused(Exception):
@@ -294,9 +301,17 @@ class Gateway:
             for study, pairs in by_study.items():
                 sr = build_sr([p[0] for p in pairs], [p[1] for p in pairs], model.info,
                               self.settings.institution or None)
-                buf = io.BytesIO()
-                sr.save_as(buf, enforce_file_format=True)
-                results[f"sr-{r}-{uid_key(study)}.dcm"] = buf.getvalue()
+                results[f"sr-{r}-{uid_key(study)}.dcm"] = _encode(sr)
+            if self.settings.secondary_capture:
+                files_of = {ds.SOPInstanceUID: f for f, ds in items}
+                for ds, a in good:
+                    try:
+                        sc = build_secondary_capture(ds, read_image(files_of[ds.SOPInstanceUID]), a, model.info)
+                    except (ValueError, ImageReadError) as exc:  # the SR carries the result anyway
+                        log.info("no secondary capture for an instance of batch %s: %s", batch.name,
+                                 str(exc) if isinstance(exc, ValueError) else type(exc).__name__)
+                        continue
+                    results[f"sc-{r}-{uid_key(ds.SOPInstanceUID)}.dcm"] = _encode(sc)
         self.model_backoff.succeeded(batch.name)
         if failed:
             self.spool.keep_failed(batch.name, failed)

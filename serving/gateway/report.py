@@ -195,3 +195,82 @@ def read_results(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
                 entry["ood"] = q.value.value == YES.value
         out[ref] = entry
     return out
+
+
+def _direction(v) -> str:
+    """The patient-orientation letters of a direction cosine (DICOM PS3.3 C.7.6.1.1.1), major axis first."""
+    letters = [("L", "R"), ("P", "A"), ("H", "F")]
+    order = sorted(range(3), key=lambda i: -abs(v[i]))
+    return "".join(letters[i][0] if v[i] > 0 else letters[i][1] for i in order if abs(v[i]) > 0.2) or "L"
+
+
+def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
+    """The source's (row, column) patient orientation: Patient Orientation, else from Image Orientation."""
+    po = getattr(ds, "PatientOrientation", None)
+    if po is not None and len(po) == 2 and all(str(x) for x in po):
+        return str(po[0]), str(po[1])
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if iop is not None and len(iop) == 6:
+        v = [float(x) for x in iop]
+        return _direction(v[:3]), _direction(v[3:])
+    return None
+
+
+def result_lines(answer: dict[str, Any], info: ModelInfo) -> list[str]:
+    """The result as short text lines (what the Secondary Capture shows)."""
+    probs = answer["probabilities"]
+    lines = [f"remedis {info.name} {info.version}"[:60],
+             "  ".join(f"P({c})={p:.3f}" for c, p in probs.items())[:60],
+             f"decision: {answer['label']} ({'operating point' if answer.get('decision') == 'operating_point' else 'argmax'})"[:60]]
+    if answer.get("ood") is not None:
+        lines.append(f"out of distribution: {'YES' if answer['ood'] else 'no'}"
+                     + (f" (score {answer['ood_score']:.3g})" if answer.get("ood_score") is not None else ""))
+        lines += [f"  {r}"[:60] for r in (answer.get("ood_reasons") or [])[:3]]
+    lines.append("NOT FOR DIAGNOSTIC USE")
+    return lines
+
+
+def build_secondary_capture(source: pydicom.Dataset, image: np.ndarray, answer: dict[str, Any], info: ModelInfo,
+                            root: str | None = None) -> hd.sc.SCImage:
+    """A Secondary Capture of `image` (the source's decoded pixels, any range) with the result burned in,
+    for viewers that cannot show SR. 8-bit MONOCHROME2, at most 512 px on the long side, text at the top.
+
+    Args:
+        source: the source instance's header (patient and study are copied from it).
+        image: its pixels, (H, W) or (H, W, 3), as `remedis.data.readers` decodes them.
+        answer: the service's answer for it.
+        info: the model that answered.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    orientation = patient_orientation(source)
+    if orientation is None:
+        raise ValueError("no Patient Orientation or Image Orientation (Patient) to give the capture")
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr @ np.array([0.299, 0.587, 0.114], np.float32)
+    lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0.0, 1.0)
+    arr = np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255
+    img = Image.fromarray(arr.astype(np.uint8))
+    scale = 512 / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    lines = result_lines(answer, info)
+    font = ImageFont.load_default()
+    band = 12 * len(lines) + 8
+    canvas = Image.new("L", (max(img.width, 320), img.height + band), 0)
+    canvas.paste(img, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 12 * i), line, fill=255, font=font)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=_complete(source), pixel_array=np.asarray(canvas, dtype=np.uint8),
+            photometric_interpretation="MONOCHROME2", bits_allocated=8, coordinate_system="PATIENT", patient_orientation=orientation,
+            series_instance_uid=derived_uid("sc-series", source.SeriesInstanceUID, info.weights_sha256, root=root),
+            series_number=9902, sop_instance_uid=derived_uid("sc", source.SOPInstanceUID, info.weights_sha256, root=root),
+            instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer=MANUFACTURER,
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION)
+    sc.BurnedInAnnotation = "YES"
+    return sc
