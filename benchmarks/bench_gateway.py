@@ -74,7 +74,7 @@ def measure(args) -> dict:
     service_ips = len(blobs) / (time.perf_counter() - t0)
     del local
 
-    orthanc = Orthanc(tmp / "orthanc", 0).start()
+    orthanc = Orthanc(tmp / "orthanc", free_port()).start()  # its "gw" modality is unused here
     tcp_nodelay()
     settings = load_gateway_settings(None, {
         "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,

@@ -86,6 +86,11 @@ def test_sr_is_tid1500_reproducible_and_parsed_by_dcmtk(tmp_path, model, shared_
     other.StudyInstanceUID = src.StudyInstanceUID
     both = read_results(build_sr([src, other], answers, local.info))
     assert sorted(both) == sorted([src.SOPInstanceUID, other.SOPInstanceUID])
+    # Groups assembled after construction (the fast path) give exactly highdicom's full construction.
+    many = study_from(files[0], 4)
+    fast, ref = (build_sr(many, answers[:1] * 4, local.info, assemble=a) for a in (True, False))
+    assert fast.ContentSequence == ref.ContentSequence and fast.SOPInstanceUID == ref.SOPInstanceUID
+    assert fast.CurrentRequestedProcedureEvidenceSequence == ref.CurrentRequestedProcedureEvidenceSequence
     # A header without the type 2 patient/study attributes (some converters leave them out) still makes an SR.
     bare = pydicom.dcmread(files[0], stop_before_pixels=True)
     for k in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
