@@ -83,6 +83,15 @@ def study_from(source: Path, n: int, series: int = 1, planted: bool = True, size
     return out
 
 
+def to_bytes(ds: pydicom.Dataset) -> bytes:
+    """A dataset as a DICOM Part-10 file's bytes (what a C-STORE or STOW-RS part carries)."""
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def write_all(datasets: list[pydicom.Dataset], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -21,7 +21,18 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import ROOT
-from gateway_support import PLANTED, ct_files, expected_probs, free_port, make_model, no_identifiers, sr_results, study_from, write_all
+from gateway_support import (
+    PLANTED,
+    ct_files,
+    expected_probs,
+    free_port,
+    make_model,
+    no_identifiers,
+    sr_results,
+    study_from,
+    to_bytes,
+    write_all,
+)
 
 pynetdicom = pytest.importorskip("pynetdicom")
 
@@ -237,11 +248,7 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
                          stow={"enabled": False}, secondary_capture=True)
     studies = [study_from(ct_files(shared_data, 1)[0], 2, planted=False) for _ in range(2)]
     with Gateway(settings) as gw:
-        for study in studies:
-            for ds in study:
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                gw.accept(buf.getvalue())
+        assert all(gw.accept(to_bytes(ds)) == 0 for study in studies for ds in study)
         _wait(lambda: gw.status()["send_errors"] >= 4, 30, "failed deliveries")
         assert gw.status()["results_unsent"] == 6  # 2 SRs + 4 captures
         ae = AE(ae_title="DEST")

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -173,5 +172,4 @@ def open_model(model: str, api_key_env: str = "REMEDIS_API_KEY", timeout_s: floa
     folder = Path(model)
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{model}: not a model folder (no meta.json) and not an http(s) URL")
-    json.loads((folder / "meta.json").read_text())
     return LocalInference(folder, threads)

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway_support import ct_files, expected_probs, free_port, make_model, no_identifiers, study_from, write_all  # noqa: E402
+from gateway_support import ct_files, expected_probs, free_port, make_model, no_identifiers, study_from, to_bytes, write_all  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -201,13 +201,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(env, tmp_path):
         "retry": {"initial_s": 0.3, "max_s": 1.0}, "stow": {"enabled": False}})
     studies = [study_from(ct_files(SHARED, 1)[0], 2, planted=False) for _ in range(3)]
     with Gateway(settings) as gw:
-        for study in studies:
-            for ds in study:
-                import io
-
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                assert gw.accept(buf.getvalue()) == 0
+        assert all(gw.accept(to_bytes(ds)) == 0 for study in studies for ds in study)
         wait_for(lambda: gw.status()["send_errors"] >= 3, what="failed deliveries")
         assert gw.status()["results_unsent"] == 3 and gw.status()["sent"] == 0
         pacs.start()
