@@ -114,3 +114,28 @@ def test_large_loads_are_stored_in_several_packs(records, tmp_path, monkeypatch)
     assert len(list((tmp_path / "c").glob("v*/pack-*.npy"))) == 3  # 5 images: 2 + 2 + 1
     calls = count_decodes(monkeypatch)
     assert torch.equal(load_images(records, pre, cache_dir=tmp_path / "c").pixels, first.pixels) and calls == []
+
+
+def test_subsets_are_index_views_not_copies():
+    """Budgets, splits and per-site sets are views on one storage: a subset of a 64 MB cache allocates
+    indices only, its images are the parent's (same memory), and views of views compose."""
+    from remedis.data import ImageCache, LabeledDataset
+
+    n = 2048
+    recs = [Record(Path(f"{i}.png"), "ab"[i % 2], f"site{i % 4}", f"p{i}", split="train" if i % 3 else "test")
+            for i in range(n)]
+    pixels = torch.rand(n, 1, 128, 128).half()  # 64 MB
+    cache = ImageCache(recs, pixels, Preprocessing(128))
+    train = cache.subset(lambda r: r.split == "train")
+    site = train.subset(lambda r: r.site == "site1")
+    assert site.store is cache.store  # no pixel copy at any level
+    assert site.index.numel() * site.index.element_size() < 8 * n
+    naive = [i for i, r in enumerate(recs) if r.split == "train" and r.site == "site1"]  # the reference
+    assert [r.image for r in site.records] == [recs[i].image for i in naive]
+    assert torch.equal(site.pixels, pixels[naive])
+    for k in (0, len(site) // 2, len(site) - 1):
+        assert site.image(k).data_ptr() == pixels[naive[k]].data_ptr()
+    x, y = LabeledDataset(site, ["a", "b"])[3]
+    assert torch.equal(x, Preprocessing(128).normalize(pixels[naive[3]].float())) and int(y) == ["a", "b"].index(recs[naive[3]].label)
+    with pytest.raises(ValueError, match="records"):
+        ImageCache(recs[:3], pixels[:2], Preprocessing(128))

@@ -35,7 +35,7 @@ class _SoftTargets(Dataset):
         return len(self.cache)
 
     def __getitem__(self, i):
-        x = self.cache.pixels[i].float()
+        x = self.cache.image(i).float()
         return self.cache.preprocessing.normalize(self.augment(x)), self.targets[i]
 
 

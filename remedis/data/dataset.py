@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,19 +35,56 @@ log = logging.getLogger(__name__)
 STORE_EVERY = 2048  # images per on-disk cache pack
 
 
-@dataclass
 class ImageCache:
-    records: list[Record]  # the records that decoded, aligned with `pixels`
-    pixels: torch.Tensor  # (N, C, S, S) float16 in [0, 1], C = preprocessing.channels
-    preprocessing: Preprocessing
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of skipped records
+    """Decoded images and the records they came from.
+
+    A subset is an index view: it shares the parent's pixel storage and holds only the indices it
+    keeps, so the budgets, splits and per-site sets of a run cost a few bytes per image, not a copy.
+    `image(i)` reads one image without copying; `pixels` gives the (N, C, S, S) float16 tensor of the
+    view (the storage itself when the view is the whole cache, else a gathered copy for bulk inference).
+
+    Args:
+        records: the records that decoded, aligned with the images.
+        pixels: (N, C, S, S) float16 in [0, 1], C = preprocessing.channels (the shared storage).
+        preprocessing: the `Preprocessing` that produced them.
+        failures: (file, reason) of the records that were skipped.
+        index: positions into `pixels` of this view's images (None: all of them, in order).
+
+    Example:
+        >>> cache = ImageCache(records, torch.zeros(4, 1, 8, 8, dtype=torch.float16), Preprocessing(8))
+        >>> view = cache.subset(lambda r: r.split == "train")
+        >>> view.image(0).data_ptr() == cache.store[view.index[0]].data_ptr()   # no copy
+        True
+    """
+
+    def __init__(self, records: list[Record], pixels: torch.Tensor, preprocessing: Preprocessing,
+                 failures: list[tuple[str, str]] | None = None, index: torch.Tensor | None = None):
+        if index is not None:
+            index = torch.as_tensor(index, dtype=torch.long)
+        if len(records) != (len(pixels) if index is None else len(index)):
+            raise ValueError(f"{len(records)} records for {len(pixels) if index is None else len(index)} images")
+        self.records = records
+        self.store = pixels
+        self.index = index
+        self.preprocessing = preprocessing
+        self.failures = failures if failures is not None else []
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def pixels(self) -> torch.Tensor:
+        return self.store if self.index is None else self.store[self.index]
+
+    def image(self, i: int) -> torch.Tensor:
+        """The i-th image of this view, (C, S, S) float16, a view into the storage."""
+        return self.store[i if self.index is None else int(self.index[i])]
+
     def subset(self, keep: Callable[[Record], bool]) -> "ImageCache":
+        """The images whose record `keep` accepts, in order, as a view on the same storage."""
         idx = [i for i, r in enumerate(self.records) if keep(r)]
-        return ImageCache([self.records[i] for i in idx], self.pixels[idx], self.preprocessing, [])
+        base = torch.as_tensor(idx, dtype=torch.long) if self.index is None else self.index[idx]
+        return ImageCache([self.records[i] for i in idx], self.store, self.preprocessing, [], index=base)
 
 
 def load_images(records: list[Record], preprocessing: Preprocessing, cache_dir: str | Path | None = None,
@@ -212,7 +248,7 @@ class LabeledDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = dataset_key(key)
-        x = self.cache.pixels[i].float()
+        x = self.cache.image(i).float()
         if self.augment is not None:
             x = augment_item(self.augment, x, epoch, i)
         return self.cache.preprocessing.normalize(x), self.targets[i]
@@ -230,6 +266,6 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = dataset_key(key)
-        x = self.cache.pixels[i].float()
+        x = self.cache.image(i).float()
         norm = self.cache.preprocessing.normalize
         return norm(augment_item(self.augment, x, epoch, i, 0)), norm(augment_item(self.augment, x, epoch, i, 1))

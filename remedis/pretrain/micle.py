@@ -50,5 +50,5 @@ class MICLeDataset(Dataset):
         i, epoch = dataset_key(key)
         j = self.partner(i, epoch)
         norm = self.cache.preprocessing.normalize
-        return (norm(augment_item(self.augment, self.cache.pixels[i].float(), epoch, i, 0)),
-                norm(augment_item(self.augment, self.cache.pixels[j].float(), epoch, i, 1)))
+        return (norm(augment_item(self.augment, self.cache.image(i).float(), epoch, i, 0)),
+                norm(augment_item(self.augment, self.cache.image(j).float(), epoch, i, 1)))
