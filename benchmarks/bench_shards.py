@@ -112,7 +112,7 @@ def measure_write(records, pre, workers: int, folder: Path, repeat: int) -> dict
             "shard_bytes": sum(p.stat().st_size for p in shards.folder.iterdir())}
 
 
-def measure_stream(shards, batch: int, workers: int, size: int, in_chans: int) -> dict:
+def measure_stream(shards, batch: int, workers: int, size: int, in_chans: int, train_items: int | None = None) -> dict:
     from dataclasses import replace
 
     from remedis.data.streaming import ShardDataset, ShardLoader, StreamingTwoView, sample_pixels
@@ -146,6 +146,8 @@ def measure_stream(shards, batch: int, workers: int, size: int, in_chans: int) -
     pairs = 0
     for v1, _v2 in loader:
         pairs += len(v1)
+        if train_items and pairs >= train_items:  # the rate is steady long before a 200k epoch ends
+            break
     aug_s = time.perf_counter() - t0
     return {"raw_items_per_s": items / raw_s, "raw_items": items, "rss_anon_growth_mb": growth / 2**20,
             "rss_anon_start_mb": start / 2**20, "train_items_per_s": pairs / aug_s, "train_items": pairs}
@@ -186,7 +188,7 @@ def measure_step(arch: str, size: int, batch: int, steps: int) -> dict:
 
 
 def measure(images: int, size: int, workers: int, batch: int, arch: str, step_batch: int, steps: int, repeat: int,
-            step_size: int | None = None, source_size: int | None = None) -> dict:
+            step_size: int | None = None, source_size: int | None = None, train_items: int | None = None) -> dict:
     from remedis.data.preprocess import Preprocessing
 
     t_start = time.perf_counter()
@@ -198,7 +200,7 @@ def measure(images: int, size: int, workers: int, batch: int, arch: str, step_ba
         sources_s = time.perf_counter() - t0
         pre = Preprocessing(image_size=size)
         w = measure_write(records, pre, workers, tmp, repeat)
-        s = measure_stream(w["shards"], batch, workers, size, in_chans=3)
+        s = measure_stream(w["shards"], batch, workers, size, in_chans=3, train_items=train_items)
         shutil.rmtree(tmp / "src")
         large = None
         if source_size:
@@ -222,7 +224,7 @@ def measure(images: int, size: int, workers: int, batch: int, arch: str, step_ba
     ]
     return {
         "config": {"images": images, "size": size, "source_size": source_size, "workers": workers, "batch": batch, "arch": arch,
-                   "step_size": step_size, "step_batch": step_batch, "steps": steps, "repeat": repeat,
+                   "step_size": step_size, "step_batch": step_batch, "steps": steps, "repeat": repeat, "train_items": train_items,
                    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "sources_seconds": round(sources_s, 2),
         "write": {"raw_decode_images_per_s": round(w["raw_decode_images_per_s"], 1),
@@ -259,11 +261,12 @@ def main(argv=None) -> int:
     p.add_argument("--step-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeat", type=int, default=2, help="write/raw passes; the best is reported")
+    p.add_argument("--train-items", type=int, default=None, help="stop the augmented stream after N items (default: one epoch)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output path")
     args = p.parse_args(argv)
     source = 2 * args.size if args.source_size is None else args.source_size
     result = measure(args.images, args.size, args.workers, args.batch, args.arch, args.step_batch, args.steps, args.repeat,
-                     source_size=source or None)
+                     source_size=source or None, train_items=args.train_items)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

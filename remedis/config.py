@@ -66,6 +66,19 @@ class ModelConfig:
 
 
 @dataclass
+class UpstreamTaskConfig:
+    """One labeled task of a multi-task supervised upstream (`pretrain.supervised.tasks`)."""
+
+    name: str = ""  # the task's name (its head; unique)
+    manifest: str = ""  # its manifest CSV
+    sites: list[str] = field(default_factory=list)  # its labeled sites (empty: all of the manifest's)
+    label_map: dict[str, str] = field(default_factory=dict)  # as data.label_map, for this task's labels
+    positive_label: str | None = None  # binary AUROC positive class; None = last class sorted
+    multi_label: bool = False  # rows hold several labels ("a|b"): binary cross-entropy per class
+    weight: float = 1.0  # the task's share of every batch, relative to the other tasks
+
+
+@dataclass
 class SupervisedConfig:
     epochs: int = 5
     batch_size: int = 64
@@ -74,6 +87,9 @@ class SupervisedConfig:
     label_smoothing: float = 0.0
     augment_strength: float = 1.0  # FineTuneAugment magnitude (1 light; 2-3 adds rotation, blur, noise)
     max_steps_per_epoch: int | None = None
+    # Multi-task upstream (`remedis pretrain supervised --config`): one backbone, a head per task, batches
+    # mixing the tasks by weight. Empty: the single task of data.manifest's source site.
+    tasks: list[UpstreamTaskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -279,6 +295,15 @@ class RunConfig:
                     raise ConfigError(f"adapt.{key} / adapt.sweep_{key}s: {v} must be {'>= 0' if zero_ok else '> 0'}")
             if len(set(values)) != len(values):
                 raise ConfigError(f"adapt.sweep_{key}s: {values[1:]} repeats a value (adapt.{key} = {values[0]} is already a member)")
+        names = [t.name for t in self.pretrain.supervised.tasks]
+        for i, t in enumerate(self.pretrain.supervised.tasks):
+            where = f"pretrain.supervised.tasks[{i}]"
+            if not t.name or not t.manifest:
+                raise ConfigError(f"{where}: needs a name and a manifest")
+            if names.count(t.name) > 1:
+                raise ConfigError(f"{where}.name: {t.name!r} names two tasks")
+            if not t.weight > 0:
+                raise ConfigError(f"{where}.weight: must be > 0, got {t.weight}")
         if self.pretrain.supervised.augment_strength < 0:
             raise ConfigError(f"pretrain.supervised.augment_strength: must be >= 0, got {self.pretrain.supervised.augment_strength}")
         for b in self.adapt.backbones:

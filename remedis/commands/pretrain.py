@@ -123,6 +123,48 @@ def manifest_data(stage: str, manifest: str | Path, cfg: RunConfig, output: Path
     return PretrainData(cfg, images, val, prepared.task, sha, info["sites"], folder / "manifest.csv")
 
 
+def multitask_data(cfg: RunConfig, output: Path) -> tuple[RunConfig, list, list[ImageCache], list[ImageCache]]:
+    """The tasks of `pretrain.supervised.tasks`, each prepared and decoded as `manifest_data` does for one
+    manifest (its label map, sites, patient-level splits), in memory (the labeled corpora of an upstream
+    are small next to SimCLR's; subsets are index views).
+
+    Returns (config with the channels resolved, `UpstreamTask`s, train images per task, val images per task).
+    Every task decodes with the network's input channels (`model.in_chans`, 3 when any task is colour): a
+    grey task keeps one channel, repeated at normalisation.
+    """
+    from remedis.pretrain.multitask import UpstreamTask
+
+    specs = cfg.pretrain.supervised.tasks
+    prepared = []
+    for spec in specs:
+        task_cfg = replace(cfg, data=replace(cfg.data, manifest=spec.manifest, label_map=dict(spec.label_map),
+                                             positive_label=spec.positive_label, stream=False))
+        prepared.append(manifest_data("supervised", spec.manifest, task_cfg, output, list(spec.sites) or None))
+    in_chans = max(int(d.cfg.model.in_chans) for d in prepared)
+    if any(int(d.cfg.model.in_chans) != in_chans for d in prepared):  # colour and grey tasks: decode grey ones for 3 channels
+        prepared = [d if int(d.cfg.model.in_chans) == in_chans else
+                    manifest_data("supervised", spec.manifest, replace(d.cfg, model=replace(d.cfg.model, in_chans=in_chans)),
+                                  output, list(spec.sites) or None) for spec, d in zip(specs, prepared)]
+    tasks, train, val = [], [], []
+    for spec, d in zip(specs, prepared):
+        if spec.multi_label:
+            names = sorted({lab for r in d.images.records for lab in r.labels})
+            positive = names.index(spec.positive_label) if spec.positive_label in names else len(names) - 1
+        else:
+            names, positive = list(d.task.class_names), d.task.positive_index
+        if not len(d.val):
+            raise ConfigError(f"pretrain.supervised.tasks {spec.name}: no labeled validation images in {spec.manifest}")
+        tasks.append(UpstreamTask(spec.name, names, positive, spec.multi_label, spec.weight,
+                                  {"manifest": Path(spec.manifest).name, "manifest_sha256": d.manifest_sha256, "sites": d.sites}))
+        train.append(d.images)
+        val.append(d.val)
+        log.info("[pretrain supervised] task %s: %d train / %d val images of %s, classes %s, weight %g", spec.name,
+                 len(d.images), len(d.val), ", ".join(d.sites), names, spec.weight)
+    resolved = replace(cfg, data=replace(cfg.data, channels=max(int(d.cfg.data.channels) for d in prepared)),
+                       model=replace(cfg.model, in_chans=in_chans))
+    return resolved, tasks, train, val
+
+
 def _prepare(stage: str, path: Path, cfg: RunConfig, sites: list[str] | None, folder: Path) -> None:
     """Rank 0: read and check the manifest, prepare it and write `folder` (manifest.csv, prepared.json)."""
     from remedis import stages
@@ -219,6 +261,10 @@ def cmd_pretrain(args) -> int:
     setup_runtime(cfg.runtime, cfg.seed)
     output = stages.check_output_folder(args.output)
     start = time.time()
+    if stage == "supervised" and cfg.pretrain.supervised.tasks:
+        return _pretrain_multitask(cfg, output, args, start)
+    if not args.manifest:
+        raise ConfigError(f"pretrain {stage}: give a manifest (or, for supervised, pretrain.supervised.tasks in --config)")
     try:
         data = manifest_data(stage, args.manifest, cfg, output, parse_sites(args.site))
     except PrimaryWaitError as exc:
@@ -241,13 +287,46 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _pretrain_multitask(cfg: RunConfig, output: Path, args, start: float) -> int:
+    """`remedis pretrain supervised --config` with `pretrain.supervised.tasks`: the multi-task upstream."""
+    from remedis.distributed import PrimaryWaitError, is_primary
+    from remedis.models.checkpoint import read_meta
+    from remedis.pipeline import reusable
+    from remedis.pretrain.jobs import train_multitask
+    from remedis.progress import format_duration
+
+    if args.manifest or args.site:
+        raise ConfigError("pretrain supervised: the tasks in --config name their manifests and sites; "
+                          "give no MANIFEST or --site with pretrain.supervised.tasks")
+    try:
+        resolved, tasks, train, val = multitask_data(cfg, output)
+    except PrimaryWaitError as exc:
+        raise ValueError(str(exc)) from None
+    folder = output / "backbones" / BACKBONE_FOLDER["supervised"]
+    key = _key("supervised-multitask", [(t.name, t.info["manifest_sha256"], t.info["sites"]) for t in tasks],
+               resolved.data, resolved.model, cfg.seed, cfg.pretrain.supervised)
+    reused = reusable(folder, key)
+    if not reused:
+        log.info("[pretrain supervised] %d tasks, %d images -> %s", len(tasks), sum(len(c) for c in train), folder)
+        train_multitask(resolved, tasks, train, val, folder, not args.quiet, stage_key=key)
+    if is_primary():
+        epochs = (read_meta(folder).get("stage_history") or [{}])[-1].get("epochs") or []
+        best = max((e for e in epochs if e["val_auroc"] == e["val_auroc"]), key=lambda e: e["val_auroc"], default=None)
+        scores = ", ".join(f"{name} {v['val_auroc']:.3f}" for name, v in best["tasks"].items()) if best else "no validation"
+        when = "finished earlier, reused" if reused else format_duration(time.time() - start)
+        print(f"supervised backbone: {folder} ({resolved.model.backbone}, {len(tasks)} tasks, "
+              f"{sum(len(c) for c in train)} images, {_epochs(epochs)}, best val AUROC {scores}; {when})")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a backbone (supervised upstream, then SimCLR), e.g. on a cluster")
     kinds = p.add_subparsers(dest="stage", required=True)
     for stage, text in (("supervised", "supervised upstream on the labeled train/val images of the site(s)"),
                         ("simclr", "SimCLR (MICLe) on the train images, labeled or not, of all sites")):
         s = kinds.add_parser(stage, help=text)
-        s.add_argument("manifest", help="manifest CSV")
+        s.add_argument("manifest", nargs="?" if stage == "supervised" else None,
+                       help="manifest CSV" + (" (none with pretrain.supervised.tasks in --config)" if stage == "supervised" else ""))
         s.add_argument("--output", "-o", required=True,
                        help=f"output folder; the backbone goes to OUTPUT/backbones/{BACKBONE_FOLDER[stage]}")
         if stage == "simclr":

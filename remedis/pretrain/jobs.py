@@ -201,3 +201,67 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache | ShardSet | str | Path, 
                      f"{module.history[-1].get('knn_auroc', float('nan')):.3f}" if monitor else "n/a")
     trainer.strategy.barrier("simclr backbone saved")
     return Path(output)
+
+
+def train_multitask(cfg: RunConfig, tasks: list, train: list[ImageCache], val: list[ImageCache], output: Path,
+                    progress: bool = True, stage_key: str | None = None) -> Path:
+    """Multi-task supervised upstream (`remedis.pretrain.multitask`): one backbone, a head per task, batches
+    mixing the tasks by their weights; writes a backbone folder whose history records every task.
+
+    Args:
+        cfg: the run config (`pretrain.supervised` schedule; `model.in_chans` the network's input channels).
+        tasks: the `UpstreamTask`s (class names, weights, provenance in `info`).
+        train, val: per task, its labeled train and validation images (in memory; subsets are index views).
+        output: the backbone folder to write.
+
+    An epoch is `pretrain.supervised.max_steps_per_epoch` batches, else as many samples as all tasks' train
+    images together. The best epoch (mean validation AUROC over the tasks) is kept.
+    """
+    from remedis.pretrain.multitask import MultiTaskClassifier, MultiTaskDataset, MultiTaskModule, TaskMixSampler
+
+    sc = cfg.pretrain.supervised
+    in_chans = int(cfg.model.in_chans or max(c.preprocessing.in_chans for c in train))
+    for task, cache in zip(tasks, train):
+        if cache.preprocessing.in_chans != in_chans:
+            raise ValueError(f"task {task.name}: images prepared for {cache.preprocessing.in_chans} input channels, "
+                             f"the backbone takes {in_chans} (set model.in_chans: 3 for grey and colour tasks together)")
+    L.seed_everything(cfg.seed, verbose=False)
+    model = MultiTaskClassifier(cfg.model.backbone, tasks, in_chans)
+    if cfg.model.weights:
+        load_external_weights(model.backbone, cfg.model.weights)
+    augments = [FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=sc.augment_strength,
+                                channels=c.preprocessing.channels) for c in train]
+    train_ds = MultiTaskDataset(train, tasks, augments)
+    length = sc.max_steps_per_epoch * sc.batch_size if sc.max_steps_per_epoch else None
+    sampler = TaskMixSampler(train_ds.sizes, [t.weight for t in tasks], cfg.seed, length)
+    train_loader = DataLoader(train_ds, batch_size=sc.batch_size, sampler=sampler, drop_last=len(sampler) > sc.batch_size,
+                              num_workers=cfg.runtime.num_workers, persistent_workers=cfg.runtime.num_workers > 0,
+                              worker_init_fn=seed_loader_worker if cfg.runtime.num_workers > 0 else None)
+    val_loader = _loader(MultiTaskDataset(val, tasks), 256, False, cfg)
+    weights = []
+    for t, task in enumerate(tasks):
+        if task.multi_label:
+            weights.append(None)
+        else:
+            weights.append(class_weights(train_ds.targets[t][:, :len(task.class_names)].argmax(1), len(task.class_names)))
+    module = MultiTaskModule(model, tasks, weights, lr=sc.lr, weight_decay=sc.weight_decay, label_smoothing=sc.label_smoothing)
+    resume = resume_file(output, stage_key)
+    trainer = make_trainer(cfg.runtime, sc.epochs, None, progress, log_dir=_log_dir(output), resume_file=resume,
+                           stage="supervised")
+    fit_resumable(trainer, module, train_loader, val_loader, resume_file=resume)
+    module.load_best()
+    pre = train[0].preprocessing
+    history = [{"stage": "supervised", "multitask": True, "images": sum(len(c) for c in train),
+                "sites": sorted({r.site for c in train for r in c.records}), "epochs": module.history,
+                "tasks": [{"name": t.name, "class_names": t.class_names, "positive_index": t.positive_index,
+                           "multi_label": t.multi_label, "weight": t.weight, "train_images": len(c), "val_images": len(v),
+                           "channels": c.preprocessing.channels, **t.info} for t, c, v in zip(tasks, train, val)]}]
+    meta = {**backbone_meta(cfg.with_preprocessing(pre), pre, history), "stage_key": stage_key}
+    if trainer.is_global_zero:
+        save_checkpoint(output, model.backbone.state_dict(), meta)
+        best = max(module.history, key=lambda h: h["val_auroc"] if h["val_auroc"] == h["val_auroc"] else -1, default=None)
+        if best:
+            log.info("multi-task upstream: best mean val AUROC %.3f (%s) -> %s", best["val_auroc"],
+                     ", ".join(f"{k} {v['val_auroc']:.3f}" for k, v in best["tasks"].items()), output)
+    trainer.strategy.barrier("multi-task backbone saved")
+    return Path(output)
