@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub)
     from remedis.data.cli import register as register_data
 
-    register_data(sub)
+    data_commands = register_data(sub)
+    from remedis.commands.split import register as register_split
+
+    register_split(data_commands)
     from remedis.commands.evaluate import register as register_evaluate
 
     register_evaluate(sub)

@@ -29,8 +29,11 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, model: str, bentoml_home: str | Path, config: str | Path | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 180.0, target: str = "serving.service:RemedisService"):
-        self.model, self.config, self.target = model, config, target
+                 env: dict[str, str] | None = None, startup_timeout: float = 180.0, target: str = "serving.service:RemedisService",
+                 fail_on: tuple[str, ...] = ()):
+        """fail_on: log texts that mean the service will never be ready (its workers keep restarting):
+        `start` raises as soon as one appears instead of waiting `startup_timeout`."""
+        self.model, self.config, self.target, self.fail_on = model, config, target, fail_on
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
@@ -51,6 +54,9 @@ class LocalServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
+            if self.fail_on and any(text in self.log_text() for text in self.fail_on):
+                self.stop()
+                raise RuntimeError(f"service failed to start:\n{self.log_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
                     if r.status == 200:

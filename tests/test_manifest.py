@@ -130,3 +130,42 @@ def test_multi_label_manifest(tmp_path):
     assert {lab for r in sub for lab in r.labels} == {"a", "b"}
     split = assign_splits(recs, seed=0)
     assert {r.split for r in split if r.label == "a|b"} == {"train", "val", "test"}
+
+
+def _kit(root, name, site, n, label_of):
+    rows = ["image,label,site,patient_id,device"]
+    for i in range(n):
+        make_png(root / name / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{label_of(i)},{site},{site}-p{i // 2},dev-{name}")
+    (root / name / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / name / "manifest.csv"
+
+
+def test_data_split_freezes_the_splits_run_would_draw_and_merge_keeps_them(tmp_path, capsys):
+    """`remedis data split` writes the splits `prepare_records` draws (label map and all) with the original
+    labels, so the same config applies again; `remedis data merge` keeps splits and metadata and refuses
+    a site that two manifests share."""
+    from remedis.cli import main
+    from remedis.config import RunConfig
+    from remedis.stages import prepare_records
+
+    a = _kit(tmp_path, "a", "site-a", 40, lambda i: ["benign", "malignant", "normal"][i % 3])
+    b = _kit(tmp_path, "b", "site-b", 30, lambda i: ["no", "yes"][i % 2])
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("seed: 3\ndata: {label_map: {benign: other, normal: other}, positive_label: malignant}\n")
+    assert main(["data", "split", str(a), "--config", str(cfg), "-o", str(tmp_path / "a-split.csv")]) == 0
+    frozen = read_manifest(tmp_path / "a-split.csv")
+    drawn = prepare_records(read_manifest(a), RunConfig.from_yaml(cfg).data, 3)
+    assert {r.image: r.split for r in frozen.records} == {r.image: r.split for r in drawn.records}
+    assert sorted({r.label for r in frozen.records}) == ["benign", "malignant", "normal"]  # original labels
+    again = prepare_records(frozen, RunConfig.from_yaml(cfg).data, seed=99)  # splits kept whatever the seed
+    assert {r.image: r.split for r in again.records} == {r.image: r.split for r in drawn.records}
+
+    assert main(["data", "merge", str(tmp_path / "a-split.csv"), str(b), "-o", str(tmp_path / "all" / "all.csv")]) == 0
+    merged = read_manifest(tmp_path / "all" / "all.csv")
+    assert merged.sites() == ["site-a", "site-b"] and len(merged) == 70
+    assert {r.image: r.split for r in merged.records if r.site == "site-a"} == {r.image: r.split for r in frozen.records}
+    assert all(r.meta["device"] == "dev-b" for r in merged.records if r.site == "site-b")
+    capsys.readouterr()
+    assert main(["data", "merge", str(a), str(tmp_path / "a-split.csv"), "-o", str(tmp_path / "bad.csv")]) == 2
+    assert "site 'site-a' is also in" in capsys.readouterr().err and not (tmp_path / "bad.csv").exists()

@@ -455,7 +455,7 @@ def test_corrupt_model_fails_readiness_with_a_clear_log_line(svc, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-64] ^= 0xFF
     weights.write_bytes(bytes(data))
-    server = LocalServer(svc["tag"], home, startup_timeout=45)
+    server = LocalServer(svc["tag"], home, startup_timeout=45, fail_on=("hash does not match",))
     with pytest.raises(RuntimeError) as failure:
         server.start()
     server.stop()

@@ -1,4 +1,4 @@
-"""`remedis data ...` sub-commands: synth, index, inspect, shard."""
+"""`remedis data ...` sub-commands: synth, index, inspect, shard, merge (split: `remedis.commands.split`)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,18 @@ def cmd_shard(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def cmd_merge(args) -> int:
+    from remedis.data.manifest import merge_manifests
+
+    merged = merge_manifests(args.manifests, args.output)
+    splits = {s: len(merged.select(split=s)) for s in ("train", "val", "test")}
+    print(f"manifest: {args.output} ({len(merged)} images, sites {', '.join(merged.sites())}; "
+          f"train {splits['train']}, val {splits['val']}, test {splits['test']}, "
+          f"no split {len(merged) - sum(splits.values())})")
+    return 0
+
+
+def register(sub):
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write the synthetic multi-site dataset and its manifest")
@@ -132,3 +143,9 @@ def register(sub) -> None:
     h.add_argument("--salt-file", help="patient pseudonym secret (as for `data index`); default: a random one per write")
     h.add_argument("--overwrite", action="store_true", help="replace other shards found in --output")
     h.set_defaults(func=cmd_shard)
+
+    g = dsub.add_parser("merge", help="several manifests as one (e.g. every kit's images as one SimCLR corpus)")
+    g.add_argument("manifests", nargs="+")
+    g.add_argument("--output", "-o", required=True, help="merged manifest CSV")
+    g.set_defaults(func=cmd_merge)
+    return dsub

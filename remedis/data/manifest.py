@@ -200,3 +200,34 @@ def write_manifest(manifest: Manifest | list[Record], path: str | Path) -> Path:
             writer.writerow([image, r.label, r.site, r.patient_id, r.split or "", *(r.meta.get(k, "") for k in extra)])
     tmp.replace(path)
     return path
+
+
+def merge_manifests(paths: list[str | Path], output: str | Path) -> Manifest:
+    """Several manifests as one CSV (image paths absolute or relative to `output`'s folder; splits and
+    extra columns kept), e.g. every kit's train images as one SimCLR corpus.
+
+    Each site must come from one manifest only (two kits that both call a site "site-A" would
+    silently become one site), and an image may appear once.
+
+    Example:
+        >>> merge_manifests(["bus/manifest.csv", "cxr/manifest.csv"], "runs/all.csv").sites()
+
+    Raises:
+        ManifestError: a site in two manifests, or an image listed by two of them.
+    """
+    records: list[Record] = []
+    owner: dict[str, Path] = {}
+    images: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        m = read_manifest(path)
+        for site in m.sites():
+            if site in owner:
+                raise ManifestError(f"{path}: site {site!r} is also in {owner[site]}; rename one of them")
+            owner[site] = path
+        for r in m.records:
+            if r.image in images:
+                raise ManifestError(f"{path}: image {r.image.name} is also listed by {images[r.image]}")
+            images[r.image] = path
+        records.extend(m.records)
+    write_manifest(records, output)
+    return read_manifest(output)
