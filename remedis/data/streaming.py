@@ -61,7 +61,11 @@ class ShardDataset(StreamingDataset):
                  preprocessing: Preprocessing | None = None, drop_last: bool | None = None):
         self.shards = open_shards(folder)
         quiet_litdata()
-        super().__init__(str(self.shards.folder), shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # batch_decode=0: deserialize only the requested sample. litdata's default decodes aligned windows
+        # (32 samples of a 224 px image) and keeps one, which pays off for its windowed shuffle, but with the
+        # full in-chunk shuffle below every sample re-decoded its window: 200k 224 px samples streamed at
+        # a fraction of the 2k-sample rate (benchmarks/README.md).
+        super().__init__(str(self.shards.folder), shuffle=shuffle, seed=seed, drop_last=drop_last, batch_decode=0)
         self.preprocessing = preprocessing or self.shards.preprocessing
         stored, wanted = self.shards.preprocessing, self.preprocessing
         if (wanted.image_size, wanted.channels) != (stored.image_size, stored.channels):
