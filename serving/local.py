@@ -55,7 +55,7 @@ class LocalServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
             if self.fail_on and any(text in self.log_text() for text in self.fail_on):
-                self.stop()
+                self.stop(kill=True)
                 raise RuntimeError(f"service failed to start:\n{self.log_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
@@ -70,7 +70,8 @@ class LocalServer:
     def log_text(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (a graceful shutdown, up to 20 s), or SIGKILL at once with `kill` (a server that failed)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         import psutil
@@ -80,14 +81,14 @@ class LocalServer:
         except psutil.Error:
             children = []
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         except ProcessLookupError:
             pass
-        _, alive = psutil.wait_procs(children, timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=0 if kill else 10)
         for p in alive:
             try:
                 p.kill()
