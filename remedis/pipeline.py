@@ -135,6 +135,9 @@ def reusable(folder: Path, key: str) -> bool:
 
 
 def run_pipeline(cfg: RunConfig, output: str | Path, progress: bool = True, build: bool | None = None) -> RunResult:
+    if cfg.pretrain.supervised.tasks:
+        raise ConfigError("pretrain.supervised.tasks: the multi-task upstream runs with `remedis pretrain supervised "
+                          "--config` (docs/cluster.md); `remedis run` trains the upstream on data.source_site")
     start = time.time()
     output = check_output_folder(output)
     setup_runtime(cfg.runtime, cfg.seed)

@@ -252,3 +252,12 @@ def test_foundation_config_names_every_kit_and_keeps_the_targets_out(shared_data
         sites = {r.site for r in prepared.records}
         assert not sites & held_out, (t.name, sites)
         assert prepared.task.positive_class == t.positive_label and len(prepared.task.class_names) >= 2
+
+
+def test_remedis_run_refuses_tasks_instead_of_ignoring_them(tmp_path, capsys):
+    from remedis.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain: {supervised: {tasks: [{name: a, manifest: a.csv}]}}\n")
+    assert main(["run", str(cfg), "-o", str(tmp_path / "out"), "--no-build"]) == 2
+    assert "remedis pretrain supervised" in capsys.readouterr().err
