@@ -5,8 +5,7 @@ upstream never sees labeled), the target's own splits are prepared with its kit'
 patient-level splits, seed), and a linear probe (`remedis.evaluate.probe`: standardised embeddings,
 balanced logistic regression) is fitted on the target's train split and scored on its test split, for
 every backbone given. A cheap yardstick before any fine-tuning: how much of the new site's task the
-frozen embedding already carries. Patient-bootstrap CIs are not computed here (fine-tuned adaptation
-with CIs is `remedis adapt`); the test split sizes are reported.
+frozen embedding already carries, with a 95% patient-bootstrap CI (500 resamples).
 
     .venv/bin/python benchmarks/foundation_probe.py --backbone foundation=runs/foundation/backbones/supervised \\
         --backbone random=random:resnet18 --out benchmarks/results/foundation-probe-64px-cpu.json
@@ -67,7 +66,8 @@ def target_sets(target: str, size: int, in_chans: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from remedis.evaluate.probe import linear_probe_auroc
+    from remedis.evaluate.probe import linear_probe_scores
+    from remedis.metrics import auroc, patient_bootstrap_ci
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", action="append", required=True, metavar="NAME=FOLDER|random:ARCH")
@@ -87,10 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             if in_chans not in sets:
                 sets[in_chans] = target_sets(target, args.size, in_chans, args.seed)
             train, test, task = sets[in_chans]
-            score = linear_probe_auroc(net.eval(), train, test, task.class_names, task.positive_index)
-            results[target][name] = {"linear_probe_auroc": round(score, 4), "train_images": len(train), "test_images": len(test),
+            y, probs = linear_probe_scores(net.eval(), train, test, task.class_names)
+            metric = lambda t, p, k=task.positive_index: auroc(t, p, k)  # noqa: E731
+            score = metric(y, probs)
+            ci = patient_bootstrap_ci(y, probs, [r.patient_id for r in test.records], metric, n_boot=500, seed=args.seed)
+            results[target][name] = {"linear_probe_auroc": round(score, 4), "ci95": [round(v, 4) for v in ci if v is not None],
+                                     "train_images": len(train), "test_images": len(test),
                                      "positive_class": task.positive_class, "in_chans": in_chans}
-            print(f"{target:10s} {name:14s} linear-probe AUROC {score:.3f} ({len(train)} train / {len(test)} test)", flush=True)
+            print(f"{target:10s} {name:22s} linear-probe AUROC {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                  f"({len(train)} train / {len(test)} test)", flush=True)
     out = {"config": {"size": args.size, "seed": args.seed, "backbones": backbones}, "results": results,
            "environment": environment(), "seconds": round(time.time() - start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

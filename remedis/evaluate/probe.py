@@ -21,8 +21,9 @@ from remedis.metrics import auroc
 from remedis.pretrain.monitor import embed_cache
 
 
-def linear_probe_auroc(backbone: torch.nn.Module, train: ImageCache, test: ImageCache, class_names: list[str],
-                       positive_index: int, c: float = 0.1) -> float:
+def linear_probe_scores(backbone: torch.nn.Module, train: ImageCache, test: ImageCache, class_names: list[str],
+                        c: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(test class indices, (N, classes) test probabilities) of a linear probe fitted on `train`'s embeddings."""
     index = {name: i for i, name in enumerate(class_names)}
     y_train = np.array([index[r.label] for r in train.records])
     y_test = np.array([index[r.label] for r in test.records])
@@ -33,4 +34,10 @@ def linear_probe_auroc(backbone: torch.nn.Module, train: ImageCache, test: Image
     scores = probe.predict_proba(embed_cache(backbone, test).numpy())
     full = np.zeros((len(y_test), len(class_names)))
     full[:, probe.classes_] = scores
-    return auroc(y_test, full, positive_index)
+    return y_test, full
+
+
+def linear_probe_auroc(backbone: torch.nn.Module, train: ImageCache, test: ImageCache, class_names: list[str],
+                       positive_index: int, c: float = 0.1) -> float:
+    y_test, probs = linear_probe_scores(backbone, train, test, class_names, c)
+    return auroc(y_test, probs, positive_index)
