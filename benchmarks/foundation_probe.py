@@ -60,7 +60,9 @@ def target_sets(target: str, size: int, in_chans: int, seed: int):
     cfg.data.manifest = str(SHARED / Path(cfg.data.manifest).relative_to("../shared/data"))
     cfg.data.image_size, cfg.seed = size, seed
     prepared = stages.prepare_records(read_manifest(cfg.data.manifest), cfg.data, seed, sites=[target])
-    cfg = stages.resolve_channels(replace(cfg, model=replace(cfg.model, in_chans=in_chans)), prepared.records)
+    # a grey (1-channel) backbone sees a colour target as luminance, as `remedis adapt` would feed it
+    data = replace(cfg.data, channels=1) if in_chans == 1 else cfg.data
+    cfg = stages.resolve_channels(replace(cfg, data=data, model=replace(cfg.model, in_chans=in_chans)), prepared.records)
     cache = stages.load_prepared(prepared, stages.preprocessing_for(cfg))
     return stages.part(cache, split="train"), stages.part(cache, split="test"), prepared.task
 
