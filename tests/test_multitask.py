@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -176,15 +175,22 @@ pretrain:
     tasks:
       - {{name: ward, manifest: {grey}, sites: [ward-1], label_map: {{normal: normal, lesion: lesion}}, positive_label: lesion}}
       - {{name: derm, manifest: {colour}, weight: 2}}
-runtime: {{precision: fp32}}
+runtime: {{precision: fp32, threads: 1}}
 """)
     return cfg
 
 
 def _pretrain(cfg: Path, out: Path, *extra: str) -> int:
+    """The command in this process. The config pins one torch thread, so runs here and in a subprocess do
+    the same arithmetic (a different thread count changes float sums, and the resume test compares bits);
+    this process's thread count is restored afterwards."""
     from remedis.cli import main
 
-    return main(["pretrain", "supervised", "--config", str(cfg), "-o", str(out), "--quiet", *extra])
+    threads = torch.get_num_threads()
+    try:
+        return main(["pretrain", "supervised", "--config", str(cfg), "-o", str(out), "--quiet", *extra])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -218,21 +224,52 @@ def test_pretrain_command_trains_on_every_task_and_records_them(reference, tmp_p
     assert "give no MANIFEST" in capsys.readouterr().err
 
 
-def test_killed_multitask_stage_resumes_to_identical_weights(reference, tmp_path):
+KILL_AT_EPOCH = """
+import os, signal, sys
+
+import lightning as L
+
+import remedis.training as training
+
+make_trainer = training.make_trainer
+
+
+class Die(L.Callback):  # SIGKILL at the start of the third epoch: the second's resume state is on disk
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dying_trainer(*args, **kwargs):
+    trainer = make_trainer(*args, **kwargs)
+    trainer.callbacks.append(Die())
+    return trainer
+
+
+training.make_trainer = dying_trainer  # before remedis.pretrain.jobs imports it
+from remedis.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_multitask_stage_resumes_to_identical_weights(reference, tmp_path, caplog):
+    """SIGKILLed mid-stage (the process kills itself at a fixed epoch, so the test does not race a fast,
+    or a slowed-down, training loop), then rerun: the same weights, bit for bit."""
     cfg, ref = reference
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "remedis.cli", "pretrain", "supervised", "--config", str(cfg), "-o", str(resumed), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    backbones, deadline = resumed / "backbones", time.time() + 300
-    while not (backbones.is_dir() and any(backbones.glob(".supervised-*.resume.ckpt"))):
-        assert proc.poll() is None, f"the stage ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (backbones / "supervised" / "model.safetensors").exists()
-    assert _pretrain(cfg, resumed) == 0
+    script = tmp_path / "die.py"
+    script.write_text(KILL_AT_EPOCH)
+    killed = subprocess.run([sys.executable, str(script), "pretrain", "supervised", "--config", str(cfg), "-o", str(resumed),
+                             "--quiet"], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    backbones = resumed / "backbones"
+    assert list(backbones.glob(".supervised-*.resume.ckpt")) and not (backbones / "supervised" / "model.safetensors").exists()
+    with caplog.at_level("INFO"):
+        assert _pretrain(cfg, resumed) == 0
+    assert any("resuming from" in r.getMessage() for r in caplog.records)  # it resumed, not started over
     assert _digest(resumed) == _digest(ref)
+    assert not list(backbones.glob(".supervised-*.resume.ckpt"))  # removed once the stage finished
 
 
 def test_foundation_config_names_every_kit_and_keeps_the_targets_out(shared_data):

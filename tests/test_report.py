@@ -45,11 +45,11 @@ def run(tmp_path_factory):
     (out / "data" / "images").mkdir(parents=True)
     sets = [_images("site-B", "train", 24, 1), _images("site-B", "val", 16, 2), _images("site-A", "test", 16, 3, -0.1),
             _images("site-B", "test", 20, 4), _images("site-C", "test", 16, 5, 0.25)]
-    lines = ["image,label,site,patient_id,split,device"]
+    lines = ["image,label,site,patient_id,split,device,birads"]  # birads: a column no row fills
     for pix, rows in sets:
         for img, row in zip(pix, rows):
             Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(out / "data" / row[0])
-            lines.append(",".join(row))
+            lines.append(",".join(row) + ",")
     (out / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
     # Another "modality" for far-OOD: stripes, in its own kit folder with its own manifest.
     (out / "xray" / "img").mkdir(parents=True)
@@ -83,7 +83,7 @@ def run(tmp_path_factory):
             clf.head.bias[:] = torch.tensor([-w[-1] * 2, w[-1] * 2], dtype=torch.float32)
         folders.append(model.save(out / "adapted" / f"{backbone}@{fraction:g}"))
     args = ["evaluate", "--manifest", str(out / "data" / "manifest.csv"), "--output", str(out), "--source-site", "site-A",
-            "--subgroup", "device", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}",
+            "--subgroup", "device", "--subgroup", "birads", "--backbone", f"remedis={ckpt}", "--backbone", f"supervised={ckpt}",
             "--bootstrap", "20", "--noise-images", "16",
             "--far-ood", str(out / "xray" / "manifest.csv")]
     for f in folders:
@@ -104,6 +104,7 @@ def test_report_json_schema_v2(run):
     assert met["threshold"] == m["operating_point"]["threshold"]
     assert {"calibration", "calibration_uncalibrated"} <= set(met) and met["calibration"]["brier"] is not None
     assert set(m["subgroups"]["device"]["site-B"]) == {"scanner-A", "scanner-B"}
+    assert "birads" not in m["subgroups"]  # a column no test image fills is skipped with a warning, not an error
     ood = m["ood"]
     assert set(ood["sets"]) == {"site-A", "site-C", "synthetic-noise", "xray"}
     assert ood["sets"]["site-C"]["kind"] == "near" and ood["sets"]["site-A"]["kind"] == "near"

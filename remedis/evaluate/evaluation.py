@@ -144,8 +144,9 @@ def evaluate_adapted(model: AdaptedModel, inputs: EvalInputs, n_boot: int = 200,
     subgroups: dict[str, dict[str, dict[str, dict]]] = {}
     for column in inputs.subgroups:
         values = np.array([r.meta.get(column, "") for r in test.records])
-        if not (values != "").any():
-            raise ValueError(f"subgroup column {column!r}: no test image has a value in this column")
+        if not (values != "").any():  # e.g. a protocol config's column that only another site's manifest fills
+            log.warning("subgroup column %r: no test image has a value in this column; not reported", column)
+            continue
         subgroups[column] = {s: {v: metrics((sites == s) & (values == v)) for v in sorted(set(values[sites == s]) - {""})}
                              for s in site_names if (sites == s).any()}
 
