@@ -27,10 +27,12 @@ from remedis.training import fit_resumable, make_trainer
 log = logging.getLogger("remedis")
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: bool = False) -> DataLoader:
-    # Training loaders shuffle with EpochSampler: order and augmentations are functions of (seed, epoch),
-    # which is what makes a resumed stage equal an uninterrupted one.
-    sampler = EpochSampler(len(dataset), cfg.seed) if shuffle else None
+def _loader(dataset, batch_size: int, shuffle: bool, cfg: RunConfig, drop_last: bool = False,
+            sampler: EpochSampler | None = None) -> DataLoader:
+    # Training loaders shuffle with EpochSampler (or a subclass, `sampler`): order and augmentations are
+    # functions of (seed, epoch), which is what makes a resumed stage equal an uninterrupted one.
+    if sampler is None and shuffle:
+        sampler = EpochSampler(len(dataset), cfg.seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=cfg.runtime.num_workers,
                       persistent_workers=cfg.runtime.num_workers > 0,
@@ -234,9 +236,7 @@ def train_multitask(cfg: RunConfig, tasks: list, train: list[ImageCache], val: l
     train_ds = MultiTaskDataset(train, tasks, augments)
     length = sc.max_steps_per_epoch * sc.batch_size if sc.max_steps_per_epoch else None
     sampler = TaskMixSampler(train_ds.sizes, [t.weight for t in tasks], cfg.seed, length)
-    train_loader = DataLoader(train_ds, batch_size=sc.batch_size, sampler=sampler, drop_last=len(sampler) > sc.batch_size,
-                              num_workers=cfg.runtime.num_workers, persistent_workers=cfg.runtime.num_workers > 0,
-                              worker_init_fn=seed_loader_worker if cfg.runtime.num_workers > 0 else None)
+    train_loader = _loader(train_ds, sc.batch_size, True, cfg, drop_last=len(sampler) > sc.batch_size, sampler=sampler)
     val_loader = _loader(MultiTaskDataset(val, tasks), 256, False, cfg)
     weights = []
     for t, task in enumerate(tasks):
