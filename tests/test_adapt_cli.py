@@ -62,3 +62,42 @@ def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):
     assert code == 2
     assert "adapt.mode: expected full, partial, linear or lp-ft, got 'deep'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_adapt_rerun_reuses_finished_budgets(tmp_path, monkeypatch, capsys):
+    """A killed or repeated sweep does not retrain the budgets that finished with the same inputs; a changed
+    recipe retrains."""
+    from remedis import stages
+
+    manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=20, max_images_per_patient=2, image_size=32))
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
+                      "adapt: {epochs: 1, min_steps: 0, batch_size: 16, wise_ft: false}\nevaluate: {bootstrap: 20}\n")
+    cfg = RunConfig.from_yaml(config)
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", 1)
+    save_checkpoint(tmp_path / "backbone", backbone.state_dict(), backbone_meta(cfg, Preprocessing(32, 1), []))
+    trained: list[str] = []
+    original = stages.adapt_budget
+
+    def counting(*args, **kwargs):
+        trained.append(args[5].name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "adapt_budget", counting)
+
+    def adapt(budget: str, *extra: str) -> dict:
+        code = main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",
+                     "--budget", budget, "--output", str(tmp_path / "out"), "--config", str(config), "--quiet", *extra])
+        assert code == 0
+        return {m["name"]: m["sites"]["site-B"]["auroc"] for m in json.loads((tmp_path / "out" / "report.json").read_text())["models"]}
+
+    first = adapt("50%")
+    assert trained == ["backbone@50pct"]
+    weights = (tmp_path / "out" / "adapted" / "backbone@50pct" / "model.safetensors").read_bytes()
+    second = adapt("50%,100%")  # the sweep grows: only the new budget trains
+    assert trained == ["backbone@50pct", "backbone@100pct"]
+    assert second["backbone@50%"] == first["backbone@50%"]
+    assert (tmp_path / "out" / "adapted" / "backbone@50pct" / "model.safetensors").read_bytes() == weights
+    adapt("50%,100%", "--set", "adapt.lr=0.001")  # another recipe is another model
+    assert trained[2:] == ["backbone@50pct", "backbone@100pct"]

@@ -9,7 +9,8 @@ A thin face over `remedis.stages`, the code `remedis run` uses: prepares the sit
 patient-level splits, a validation split carved from train when the manifest has none), takes the nested
 label budget(s), adapts (sweep, soup, WiSE-FT, calibration, operating point, OOD detector, input
 contract) and writes one complete model folder per budget, then evaluates them all once and writes
-`report.json` / `report.html` with the site's test metrics.
+`report.json` / `report.html` with the site's test metrics. A rerun with the same inputs reuses every
+budget that finished, so a killed sweep resumes at the first unfinished budget.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def cmd_adapt(args) -> int:
     from remedis.data.preprocess import Preprocessing
     from remedis.evaluate.evaluation import load_backbone_before
     from remedis.models.checkpoint import read_meta
+    from remedis.pipeline import reusable, stage_key
     from remedis.training import setup_runtime
 
     budgets = parse_budgets(args.budget)  # fail before any work
@@ -95,11 +97,17 @@ def cmd_adapt(args) -> int:
         budget_train = stages.budget_images(train, budget, cfg.seed)
         name = f"{name_of_backbone}@{text}"
         folder = output / "adapted" / name.replace("%", "pct")
-        log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
-        stages.adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
-                            provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
-                                        "validation": prepared.validation.get(site)},
-                            ablation_test=test)
+        # everything that determines the model: a rerun reuses the budgets that finished (a killed sweep resumes)
+        key = stage_key("adapt", manifest.sha256, site, cfg.data, cfg.adapt, cfg.evaluate.ood_method,
+                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, meta.get("weights_sha256"))
+        if reusable(folder, key):
+            log.info("adapt %s: finished earlier with the same inputs, reused (%s)", name, folder)
+        else:
+            log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
+            stages.adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
+                                provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
+                                            "validation": prepared.validation.get(site), "stage_key": key},
+                                ablation_test=test)
         fraction = stages.budget_fraction(budget, len(train))
         to_evaluate.append(stages.ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train),
                                                   train=budget_train, backbone_before=before))
