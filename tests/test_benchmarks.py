@@ -142,3 +142,28 @@ def test_reference_protocol_script_runs_on_remedis_splits(shared_data):
     assert result["busi_test_images"] == sum(r.split == "test" for r in busi)
     assert set(result["busi_test_auroc"]) == {"random@1", "supervised@1", "remedis@1"}
     assert all(0.0 <= v <= 1.0 for v in result["busi_test_auroc"].values())
+
+
+def test_foundation_adapt_claim_is_the_smallest_budget_reaching_the_best_baseline():
+    """Issue 20's claim logic (benchmarks/foundation_adapt.py) on hand-made rows: the best baseline at 100%,
+    the smallest foundation-REMEDIS budget at or above its AUROC (point) and above its CI's lower end."""
+    from benchmarks import foundation_adapt as fa
+
+    def row(backbone, seed, aurocs, width=0.05):
+        return {"target": "BUSI", "backbone": backbone, "seed": seed, "exit": 0,
+                "budgets": [{"name": n, "fraction": f, "images": int(f * 400), "auroc": a, "auroc_ci": [a - width, a + width]}
+                            for (n, f), a in zip([("1%", .01), ("10%", .1), ("100%", 1.0)], aurocs)]}
+
+    rows = [row("foundation-remedis", 0, [0.70, 0.79, 0.85]), row("foundation-supervised", 0, [0.65, 0.75, 0.80]),
+            row("random", 0, [0.55, 0.70, 0.82]), row("kit-remedis", 0, [0.60, 0.72, 0.78]),
+            row("foundation-remedis", 1, [0.72, 0.83, 0.87]), row("random", 1, [0.50, 0.66, 0.84])]
+    c = fa.claim(rows, "BUSI", 0)
+    assert c["best_baseline"] == "random" and c["baseline_auroc"] == 0.82
+    assert c["reached_point"]["budget"] == "100%"  # 0.79 at 10% is below 0.82
+    assert c["reached_within_ci"]["budget"] == "10%"  # but above 0.77, the CI's lower end
+    s = fa.summary(rows)["BUSI"]
+    cell = s["table"]["foundation-remedis"]["10%"]
+    assert cell["seeds"] == 2 and math.isclose(cell["mean"], 0.81) and math.isclose(cell["sd"], math.sqrt(0.0008))
+    assert s["claim"]["best_baseline"] == "random" and math.isclose(s["claim"]["baseline_mean"], 0.83)
+    assert s["claim"]["reached_point"] == "100%" and s["claim"]["reached_within_ci"] == "10%"
+    assert math.isclose(s["foundation_minus_kit"]["1%"], 0.71 - 0.60)
