@@ -122,6 +122,8 @@ def test_grey_and_colour_tasks_train_one_backbone_with_per_task_metrics(tmp_path
     (stage,) = meta["stage_history"]
     assert stage["multitask"] and [t["name"] for t in stage["tasks"]] == ["grey", "colour", "multi"]
     assert [t["channels"] for t in stage["tasks"]] == [1, 3, 1]
+    # a site adapting it decodes colour (the first task is grey: the backbone must not record grey decoding)
+    assert meta["preprocessing"]["channels"] == 3 and meta["preprocessing"]["in_chans"] == 3
     assert [t["weight"] for t in stage["tasks"]] == [1.0, 2.0, 1.0]
     epochs = stage["epochs"]
     assert len(epochs) == 4 and all(set(e["tasks"]) == {"grey", "colour", "multi"} for e in epochs)
@@ -222,6 +224,7 @@ def test_pretrain_command_trains_on_every_task_and_records_them(reference, tmp_p
     tasks = {t["name"]: t for t in meta["stage_history"][0]["tasks"]}
     assert tasks["ward"]["sites"] == ["ward-1"] and tasks["derm"]["sites"] == ["derm-1"]  # ward-2 was not given
     assert tasks["ward"]["channels"] == 1 and tasks["derm"]["channels"] == 3 and meta["in_chans"] == 3
+    assert meta["preprocessing"]["channels"] == 3  # `remedis adapt` from it keeps a colour site's colour
     assert tasks["ward"]["manifest_sha256"] == hashlib.sha256((root / "grey" / "manifest.csv").read_bytes()).hexdigest()
     assert tasks["derm"]["class_names"] == ["blue", "green", "red"] and tasks["derm"]["weight"] == 2.0
     assert tasks["ward"]["train_images"] + tasks["ward"]["val_images"] < 60  # its test split is held out

@@ -99,7 +99,7 @@ def cmd_adapt(args) -> int:
         folder = output / "adapted" / name.replace("%", "pct")
         # everything that determines the model: a rerun reuses the budgets that finished (a killed sweep resumes)
         key = stage_key("adapt", manifest.sha256, site, cfg.data, cfg.adapt, cfg.evaluate.ood_method,
-                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, meta.get("weights_sha256"))
+                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, meta.get("weights_sha256"), pre.to_dict())
         if reusable(folder, key):
             log.info("adapt %s: finished earlier with the same inputs, reused (%s)", name, folder)
         else:

@@ -250,7 +250,9 @@ def train_multitask(cfg: RunConfig, tasks: list, train: list[ImageCache], val: l
                            stage="supervised")
     fit_resumable(trainer, module, train_loader, val_loader, resume_file=resume)
     module.load_best()
-    pre = train[0].preprocessing
+    # What a site adapting this backbone decodes its images with: colour when any task was colour (a grey
+    # image decoded for 3 channels is the grey image repeated, as the grey tasks were seen), else grey.
+    pre = max((c.preprocessing for c in train), key=lambda p: p.channels)
     history = [{"stage": "supervised", "multitask": True, "images": sum(len(c) for c in train),
                 "sites": sorted({r.site for c in train for r in c.records}), "epochs": module.history,
                 "tasks": [{"name": t.name, "class_names": t.class_names, "positive_index": t.positive_index,
