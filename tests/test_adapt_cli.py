@@ -16,17 +16,23 @@ from remedis.models.checkpoint import read_meta, save_checkpoint
 from remedis.pretrain.jobs import backbone_meta
 
 
+def _config_and_backbone(tmp_path, sections: str):
+    """tmp_path/c.yaml (32 px grey resnet18 plus `sections`) and a seed-0 random backbone at tmp_path/backbone."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n" + sections)
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", 1)
+    save_checkpoint(tmp_path / "backbone", backbone.state_dict(),
+                    backbone_meta(RunConfig.from_yaml(config), Preprocessing(32, 1), []))
+    return config
+
+
 def test_adapt_sweep_with_distillation(tmp_path, capsys):
     manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=30, max_images_per_patient=2, image_size=40))
     # The usual layout of a public dataset: train and test splits, no val (one is carved from train by patient).
     manifest.write_text(manifest.read_text().replace(",val,", ",train,"))
-    config = tmp_path / "c.yaml"
-    config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
-                      "adapt: {epochs: 1, min_steps: 0, batch_size: 16, distill_epochs: 1}\nserve: {model: remedis@1.0, build: false}\n")
-    cfg = RunConfig.from_yaml(config)
-    torch.manual_seed(0)
-    backbone = create_backbone("resnet18", 1)
-    save_checkpoint(tmp_path / "backbone", backbone.state_dict(), backbone_meta(cfg, Preprocessing(32, 1), []))
+    config = _config_and_backbone(tmp_path, "adapt: {epochs: 1, min_steps: 0, batch_size: 16, distill_epochs: 1}\n"
+                                            "serve: {model: remedis@1.0, build: false}\n")
 
     code = main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",
                  "--budget", "25%,100%", "--output", str(tmp_path / "out"), "--config", str(config), "--distill", "resnet18",
@@ -64,19 +70,14 @@ def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
-def test_adapt_rerun_reuses_finished_budgets(tmp_path, monkeypatch, capsys):
+def test_adapt_rerun_reuses_finished_budgets(tmp_path, monkeypatch):
     """A killed or repeated sweep does not retrain the budgets that finished with the same inputs; a changed
     recipe retrains."""
     from remedis import stages
 
     manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=20, max_images_per_patient=2, image_size=32))
-    config = tmp_path / "c.yaml"
-    config.write_text("data: {image_size: 32}\nmodel: {backbone: resnet18}\n"
-                      "adapt: {epochs: 1, min_steps: 0, batch_size: 16, wise_ft: false}\nevaluate: {bootstrap: 20}\n")
-    cfg = RunConfig.from_yaml(config)
-    torch.manual_seed(0)
-    backbone = create_backbone("resnet18", 1)
-    save_checkpoint(tmp_path / "backbone", backbone.state_dict(), backbone_meta(cfg, Preprocessing(32, 1), []))
+    config = _config_and_backbone(tmp_path, "adapt: {epochs: 1, min_steps: 0, batch_size: 16, wise_ft: false}\n"
+                                            "evaluate: {bootstrap: 20}\n")
     trained: list[str] = []
     original = stages.adapt_budget
 
