@@ -3,7 +3,7 @@
 #   chain A: the foundation upstream (configs/foundation.yaml), the targets' frozen splits, and SimCLR + MICLe
 #            on the train images of every site (docs/cluster.md's recipe);
 #   chain B: each target's own kit on the same upstream schedule (400 steps of 64), then SimCLR + MICLe on
-#            that kit's train images: today's single-domain REMEDIS backbones.
+#            that kit's train images: today's single-domain REMEDIS backbones (dermoscopy also in grey).
 # The two chains run side by side, one thread each. Rerunning reuses every finished stage.
 #   bash benchmarks/foundation_backbones.sh runs/ev20 [simclr_epochs]
 set -euo pipefail
@@ -23,8 +23,8 @@ chain_a() {
   $REMEDIS pretrain simclr "$R/simclr.csv" --init "$R/foundation" -o "$R/foundation" --config configs/foundation.yaml \
       --set pretrain.simclr.epochs="$EPOCHS" "${T[@]}"
 }
-kit() {  # folder manifest config upstream-site simclr-sites
-  local P=(--set data.image_size=64 --set pretrain.supervised.epochs=8 --set pretrain.supervised.max_steps_per_epoch=50)
+kit() {  # folder manifest config upstream-site simclr-sites [--set ...]
+  local P=(--set data.image_size=64 --set pretrain.supervised.epochs=8 --set pretrain.supervised.max_steps_per_epoch=50 "${@:6}")
   $REMEDIS pretrain supervised "$2" --config "$3" --site "$4" -o "$R/$1" "${P[@]}" "${T[@]}"
   $REMEDIS pretrain simclr "$2" --config "$3" --site "$5" --init "$R/$1" -o "$R/$1" "${P[@]}" \
       --set pretrain.simclr.epochs="$EPOCHS" "${T[@]}"
@@ -33,6 +33,9 @@ chain_b() {
   kit bus $S/breast-ultrasound/manifest.csv configs/breast_ultrasound.yaml BUS-BRA BUS-BRA,BUSI
   kit cxr $S/chest-xray/manifest.csv configs/chest_xray.yaml GUANGZHOU-28px GUANGZHOU-28px,NIH
   kit derm $S/dermoscopy/manifest.csv configs/dermoscopy.yaml vidir_modern rosendahl,vidir_modern,vidir_molemax,vienna_dias
+  # issue 18's colour-against-grey table: the same dermoscopy backbones decoded as luminance
+  kit derm-grey $S/dermoscopy/manifest.csv configs/dermoscopy.yaml vidir_modern rosendahl,vidir_modern,vidir_molemax,vienna_dias \
+      --set data.channels=1
 }
 chain_a > "$R/chain_a.log" 2>&1 & a=$!
 chain_b > "$R/chain_b.log" 2>&1 & b=$!

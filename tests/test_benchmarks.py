@@ -167,3 +167,21 @@ def test_foundation_adapt_claim_is_the_smallest_budget_reaching_the_best_baselin
     assert s["claim"]["best_baseline"] == "random" and math.isclose(s["claim"]["baseline_mean"], 0.83)
     assert s["claim"]["reached_point"] == "100%" and s["claim"]["reached_within_ci"] == "10%"
     assert math.isclose(s["foundation_minus_kit"]["1%"], 0.71 - 0.60)
+    # the kit study (issue 18's colour-against-grey table): another backbone is `ours`, the rest are baselines
+    k = fa.claim(rows, "BUSI", 0, ours="kit-remedis", baselines=("foundation-supervised", "random"))
+    assert k["best_baseline"] == "random" and k["reached_point"] is None and k["reached_within_ci"]["budget"] == "100%"
+    kc = fa.summary(rows, "kit-remedis", ("foundation-supervised",))["BUSI"]["claim"]
+    assert kc["ours"] == "kit-remedis" and kc["reached_point"] is None and kc["reached_within_ci"] == "100%"
+
+
+def test_foundation_adapt_grey_target_has_its_own_backbones_and_decoding(tmp_path):
+    """rosendahl-grey adapts the kit's grey backbones and a grey random network on luminance, to the same split."""
+    from benchmarks import foundation_adapt as fa
+
+    grey, colour = fa.TARGETS["rosendahl-grey"], fa.TARGETS["rosendahl"]
+    assert grey.manifest == colour.manifest and grey.site == colour.site and grey.sets == ["data.channels=1"]
+    assert colour.sets == []
+    assert fa.backbone_folder(tmp_path, "kit-supervised", "rosendahl-grey") == tmp_path / "derm-grey/backbones/supervised"
+    assert fa.backbone_folder(tmp_path, "random", "rosendahl-grey") == tmp_path / "random-grey/backbones/random"
+    assert fa.backbone_folder(tmp_path, "random", "rosendahl") == tmp_path / "random/backbones/random"
+    assert fa.backbone_folder(tmp_path, "foundation-remedis", "NIH") == tmp_path / "foundation/backbones/remedis"
