@@ -197,7 +197,7 @@ def write_shards(records: Iterable[Record], preprocessing: Preprocessing, output
     logs = tmp / ".logs"
     logs.mkdir(parents=True)
     try:
-        encoder = _Encoder(preprocessing, options, str(logs), groups, [(str(r.image), r.label) for r in records], classes)
+        encoder = _Encoder(preprocessing, options, str(logs), groups, [(Path(r.image), r.label) for r in records], classes)
         _optimize(encoder, len(groups), tmp, num_workers, progress, logs)
         result = _collect(logs, len(records))
         if not result["groups"]:
@@ -227,7 +227,7 @@ class _Encoder:
     to a per-process log."""
 
     def __init__(self, preprocessing: Preprocessing, read_options: dict[str, Any], log_dir: str, groups: list[tuple],
-                 records: list[tuple[str, str]], classes: list[str]):
+                 records: list[tuple[Path, str]], classes: list[str]):
         self.preprocessing, self.read_options, self.log_dir = preprocessing, read_options, log_dir
         self.groups, self.records = groups, records  # groups[g] = (site, pseudonym, [record index]); records[i] = (path, label)
         self.classes = {c: i for i, c in enumerate(classes)}
@@ -244,22 +244,22 @@ class _Encoder:
         arrays, labels, hashes, lines, deep = [], [], [], [], False
         for index in indices:
             path, label = self.records[index]
-            x, bits_or_reason, digest = self._one(Path(path))
+            x, bits_or_reason, digest = self._one(path)
             lines.append(f"I {index} {digest or '-'} {'ok' if x is not None else bits_or_reason}")
             if x is not None:
                 arrays.append(x)
                 labels.append(label)
                 hashes.append(digest)
                 deep = deep or bits_or_reason > 8
-        dtype = np.uint16 if deep else np.uint8
-        lines.insert(0, f"G {group} {len(arrays)} {np.dtype(dtype).name}")
+        dtype, name = (np.uint16, "uint16") if deep else (np.uint8, "uint8")
+        lines.insert(0, f"G {group} {len(arrays)} {name}")
         if self._log_fd is None:
             self._log_fd = os.open(os.path.join(self.log_dir, f"{os.getpid()}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(self._log_fd, ("\n".join(lines) + "\n").encode())
         if not arrays:
             return
         pixels = np.empty((len(arrays), *arrays[0].shape), dtype=dtype)
-        scale = SCALES[np.dtype(dtype).name]
+        scale = SCALES[name]
         for k, x in enumerate(arrays):  # in place on the decoded float32 tensor: no extra copy
             np.rint(np.multiply(x, scale, out=x), out=x)
             pixels[k] = x
