@@ -102,3 +102,27 @@ def test_adapt_rerun_reuses_finished_budgets(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "adapted" / "backbone@50pct" / "model.safetensors").read_bytes() == weights
     adapt("50%,100%", "--set", "adapt.lr=0.001")  # another recipe is another model
     assert trained[2:] == ["backbone@50pct", "backbone@100pct"]
+
+
+def test_adapt_random_backbone_is_the_configs_network_from_random_init(tmp_path):
+    """`--backbone random`: the baseline a site compares its pretrained backbone against, on the same splits and
+    budgets; the config names the network, the site's images its channels, and WiSE-FT does not apply."""
+    manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=20, max_images_per_patient=2, image_size=32))
+    config = _config_and_backbone(tmp_path, "adapt: {epochs: 1, min_steps: 0, batch_size: 16}\nevaluate: {bootstrap: 20}\n")
+
+    def adapt(backbone: str, out: str) -> dict:
+        code = main(["adapt", "--backbone", backbone, "--manifest", str(manifest), "--site", "site-B", "--budget", "50%",
+                     "--output", str(tmp_path / out), "--config", str(config), "--quiet"])
+        assert code == 0
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    report = adapt("random", "random")
+    assert [m["name"] for m in report["models"]] == ["random@50%"]
+    meta = read_meta(tmp_path / "random" / "adapted" / "random@50pct")
+    assert meta["architecture"] == "resnet18" and int(meta["in_chans"]) == 1  # the config's network, grey images
+    assert meta["provenance"]["backbone_init"] == "random" and meta["provenance"]["backbone_sha256"] is None
+    assert meta["provenance"]["wise_ft"]["alpha"] == 1.0 and meta["provenance"]["wise_ft"]["val_auroc_by_alpha"] == {}
+    assert 0.0 <= report["models"][0]["sites"]["site-B"]["auroc"] <= 1.0
+    pretrained = adapt(str(tmp_path / "backbone"), "pretrained")  # same split and budget: the same training images
+    assert pretrained["models"][0]["train_images"] == report["models"][0]["train_images"]
+    assert (tmp_path / "random" / "manifest.csv").read_text() == (tmp_path / "pretrained" / "manifest.csv").read_text()

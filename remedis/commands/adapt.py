@@ -4,6 +4,7 @@
     remedis adapt --backbone ... --manifest site.csv --budget 1%,5%,10%,25%,100% --output runs/site-x   # a sweep
     remedis adapt --backbone ... --manifest site.csv --budget sweep --output runs/site-x   # the same (SWEEP)
     remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft             # overrides
+    remedis adapt --backbone random --config configs/breast_ultrasound.yaml ...   # the random-init baseline
 
 A thin face over `remedis.stages`, the code `remedis run` uses: prepares the site's records (label map,
 patient-level splits, a validation split carved from train when the manifest has none), takes the nested
@@ -11,6 +12,10 @@ label budget(s), adapts (sweep, soup, WiSE-FT, calibration, operating point, OOD
 contract) and writes one complete model folder per budget, then evaluates them all once and writes
 `report.json` / `report.html` with the site's test metrics. A rerun with the same inputs reuses every
 budget that finished, so a killed sweep resumes at the first unfinished budget.
+
+`--backbone random` adapts the config's `model.backbone` from random initialisation (channels and image
+size from the config and the site's images): the baseline that tells a site how much pretraining saves
+it, on the same splits, budgets and recipe (WiSE-FT does not apply: there is no pretrained end point).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+
+RANDOM = "random"  # --backbone value for the random-initialisation baseline
 
 log = logging.getLogger("remedis")
 
@@ -69,12 +76,16 @@ def cmd_adapt(args) -> int:
 
     budgets = parse_budgets(args.budget)  # fail before any work
     cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
-    meta = read_meta(args.backbone)
-    if meta.get("kind") != "backbone":
-        raise ConfigError(f"{args.backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
-    pre = Preprocessing.from_dict(meta["preprocessing"])
-    cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
-    cfg.data = replace(cfg.data, image_size=pre.image_size)
+    random_init = args.backbone == RANDOM
+    backbone: Path | None = None if random_init else Path(args.backbone)
+    meta: dict = {}
+    if backbone is not None:
+        meta = read_meta(backbone)
+        if meta.get("kind") != "backbone":
+            raise ConfigError(f"{backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+        cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
+        cfg.data = replace(cfg.data, image_size=pre.image_size)
     setup_runtime(cfg.runtime, cfg.seed)
 
     manifest = read_manifest(args.manifest)
@@ -83,14 +94,19 @@ def cmd_adapt(args) -> int:
         raise ConfigError(f"{args.manifest}: several sites ({', '.join(manifest.sites())}); choose one with --site")
     if site not in manifest.sites():
         raise ConfigError(f"--site {site!r} is not in {args.manifest} (sites: {', '.join(manifest.sites())})")
+    if backbone is None:  # the network the config names, decoding as the config and the site's images say
+        cfg = stages.resolve_channels(cfg, [r for r in manifest.records if r.site == site])
+        pre = stages.preprocessing_for(cfg)
     output = stages.check_output_folder(args.output)
     prepared = stages.prepare_records(manifest, cfg.data, cfg.seed, sites=[site])
     write_manifest(prepared.manifest, output / "manifest.csv")
     task = prepared.task
     cache = stages.load_prepared(prepared, pre)
     train, val, test = (stages.part(cache, site, split) for split in ("train", "val", "test"))
-    name_of_backbone = Path(args.backbone).name
-    before = load_backbone_before(Path(args.backbone), cfg.model.backbone, cfg.model.in_chans)
+    name_of_backbone = RANDOM if backbone is None else backbone.name
+    before = None if backbone is None else load_backbone_before(backbone, cfg.model.backbone, cfg.model.in_chans)
+    # what the adaptation starts from: the backbone's weights, or (random init) the network and its seed
+    start = (RANDOM, cfg.model.backbone, cfg.model.in_chans) if backbone is None else meta.get("weights_sha256")
     student_arch = args.distill or cfg.adapt.distill_student
     to_evaluate: list[stages.ModelToEvaluate] = []
     for text, budget in budgets:
@@ -99,12 +115,12 @@ def cmd_adapt(args) -> int:
         folder = output / "adapted" / name.replace("%", "pct")
         # everything that determines the model: a rerun reuses the budgets that finished (a killed sweep resumes)
         key = stage_key("adapt", manifest.sha256, site, cfg.data, cfg.adapt, cfg.evaluate.ood_method,
-                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, meta.get("weights_sha256"), pre.to_dict())
+                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, start, pre.to_dict())
         if reusable(folder, key):
             log.info("adapt %s: finished earlier with the same inputs, reused (%s)", name, folder)
         else:
             log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
-            stages.adapt_budget(cfg, Path(args.backbone), budget_train, val, task, folder, progress=not args.quiet,
+            stages.adapt_budget(cfg, backbone, budget_train, val, task, folder, progress=not args.quiet,
                                 provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
                                             "validation": prepared.validation.get(site), "stage_key": key},
                                 ablation_test=test)
@@ -138,7 +154,9 @@ def cmd_adapt(args) -> int:
 
 def register(sub) -> None:
     a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets")
-    a.add_argument("--backbone", required=True, help="backbone checkpoint folder (from pretrain)")
+    a.add_argument("--backbone", required=True,
+                   help=f"backbone checkpoint folder (from pretrain), or '{RANDOM}': the config's model.backbone "
+                        "from random initialisation (the baseline)")
     a.add_argument("--manifest", required=True, help="the site's manifest CSV")
     a.add_argument("--budget", default="100%",
                    help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep, "
