@@ -76,8 +76,7 @@ def cmd_adapt(args) -> int:
 
     budgets = parse_budgets(args.budget)  # fail before any work
     cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
-    random_init = args.backbone == RANDOM
-    backbone: Path | None = None if random_init else Path(args.backbone)
+    backbone: Path | None = None if args.backbone == RANDOM else Path(args.backbone)
     meta: dict = {}
     if backbone is not None:
         meta = read_meta(backbone)
@@ -105,7 +104,7 @@ def cmd_adapt(args) -> int:
     train, val, test = (stages.part(cache, site, split) for split in ("train", "val", "test"))
     name_of_backbone = RANDOM if backbone is None else backbone.name
     before = None if backbone is None else load_backbone_before(backbone, cfg.model.backbone, cfg.model.in_chans)
-    # what the adaptation starts from: the backbone's weights, or (random init) the network and its seed
+    # what the adaptation starts from: the backbone's weights, or (random init) the network (the seed is keyed below)
     start = (RANDOM, cfg.model.backbone, cfg.model.in_chans) if backbone is None else meta.get("weights_sha256")
     student_arch = args.distill or cfg.adapt.distill_student
     to_evaluate: list[stages.ModelToEvaluate] = []
