@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from remedis.files import atomic_write_text
+
 TIMEOUT_ENV = "REMEDIS_PRIMARY_TIMEOUT"
 DEFAULT_TIMEOUT = 4 * 3600.0  # seconds the other ranks wait for the primary's data preparation
 
@@ -122,16 +124,6 @@ def is_primary() -> bool:
     return rank() == 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _mtime(path: Path) -> int | None:
     try:
         return path.stat().st_mtime_ns
@@ -210,7 +202,7 @@ def primary_first(marker: str | Path, timeout: float | None = None, poll: float 
     try:
         yield True
     except BaseException as exc:
-        _write_atomic(failed, f"{type(exc).__name__}: {exc}")
+        atomic_write_text(failed, f"{type(exc).__name__}: {exc}")
         raise
-    _write_atomic(marker, json.dumps({"rank": rank(), "host": socket.gethostname(), "pid": os.getpid(),
+    atomic_write_text(marker, json.dumps({"rank": rank(), "host": socket.gethostname(), "pid": os.getpid(),
                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from remedis.config import RuntimeConfig
+from remedis.files import atomic_replace
 from remedis.models.layout import fast_bf16
 
 log = logging.getLogger("remedis")
@@ -74,12 +75,10 @@ class EpochCheckpoint(Checkpoint):
 
     def _save(self, trainer: L.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(self.path.name + ".tmp")  # one name on every rank: rank 0 writes it
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_replace(tmp, self.path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from remedis.files import atomic_write, atomic_write_text
 
 METHODS = ("msp", "max_logit", "energy", "mahalanobis", "knn")
 LOGIT_METHODS = ("msp", "max_logit", "energy")
@@ -114,32 +114,19 @@ class OODDetector:
     def save(self, model_folder: str | Path) -> None:
         """Write `ood.safetensors` then `ood.json` (each via a temporary file + rename; the JSON,
         written last, records the weights hash, so a reader never pairs it with other weights)."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         folder = Path(model_folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: adapted model folder not found")
         tensors = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "k" else np.float32) for k, v in self.state.items()}
-        fd, tmp = tempfile.mkstemp(prefix=".ood.", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a service running as another user must read it
-            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-            os.replace(tmp, folder / OOD_WEIGHTS)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        data = save(tensors)
+        # 0644: a service running as another user must read them
+        atomic_write(folder / OOD_WEIGHTS, data, durable=False, mode=0o644)
         meta = {"format_version": FORMAT_VERSION, "method": self.method, "threshold": float(self.threshold),
                 "accept_rate": float(self.accept_rate), "score": "higher = more out-of-distribution; OOD when score > threshold",
-                "weights_sha256": digest}
-        fd, tmp = tempfile.mkstemp(prefix=".ood.", suffix=".json", dir=folder)
-        os.close(fd)
-        try:
-            Path(tmp).write_text(json.dumps(meta, indent=2))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, folder / OOD_JSON)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                "weights_sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_text(folder / OOD_JSON, json.dumps(meta, indent=2), durable=False, mode=0o644)
 
     @classmethod
     def load(cls, model_folder: str | Path) -> OODDetector | None:

@@ -34,6 +34,7 @@ import torch
 
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, read_image, read_image_bytes
+from remedis.files import atomic_replace
 
 CACHE_FORMAT = 2
 
@@ -157,7 +158,7 @@ class DiskCache:
             tmp = self.folder / f".tmp-{name}"
             with open(tmp, "wb") as fh:
                 np.save(fh, np.stack(new_images), allow_pickle=False)
-            os.replace(tmp, self.folder / name)
+            atomic_replace(tmp, self.folder / name, durable=False)
         _append(self.entries_log, entry_lines)
         _append(self.paths_log, path_lines)
 

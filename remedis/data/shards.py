@@ -58,6 +58,7 @@ import numpy as np
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, is_dicom_bytes, read_image, read_image_bytes
+from remedis.files import atomic_write_text, file_sha256
 
 log = logging.getLogger("remedis")
 
@@ -532,14 +533,11 @@ def _stat(path: Path) -> list:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's hash, or "" when it cannot be read (a file that vanished counts as changed)."""
     try:
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        return file_sha256(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def _content_key(config_key: str, hashes: list[str], rows: list[list[str]]) -> str:
@@ -562,9 +560,4 @@ def _reason(exc: Any, path: Path) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))

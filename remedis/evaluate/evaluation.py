@@ -278,7 +278,8 @@ def evaluate_folder(folder, inputs: EvalInputs, n_boot: int = 200, seed: int = 0
     from pathlib import Path
 
     from remedis.adapt.ood import OOD_WEIGHTS, fit_model_detector
-    from remedis.models.checkpoint import file_sha256, read_meta
+    from remedis.files import file_sha256
+    from remedis.models.checkpoint import read_meta
 
     folder = Path(folder)
     model = AdaptedModel.load(folder)

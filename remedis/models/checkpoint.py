@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from remedis.files import file_sha256
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -46,14 +47,6 @@ def library_versions() -> dict[str, str]:
         "timm": timm.__version__, "monai": monai.__version__, "lightning": lightning.__version__,
         "pydicom": pydicom.__version__,
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(folder: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from remedis.files import atomic_write, fsync_dir
+
 STAGES = ("incoming", "work", "outbox", "results", "failed")
 COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors")
 
@@ -38,32 +40,6 @@ COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "se
 def uid_key(uid: str) -> str:
     """A short, stable, file-system-safe name for a UID (UIDs are public, but keep paths uniform)."""
     return hashlib.sha256(uid.encode()).hexdigest()[:24]
-
-
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` so a reader sees either nothing or the whole file, also after a crash
-    (`durable`: fsync'd, so also after a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -141,7 +117,7 @@ class Spool:
                 shutil.rmtree(series_dir, ignore_errors=True)
             else:
                 os.replace(series_dir, target)
-            _fsync_dir(self.dir("work"))
+            fsync_dir(self.dir("work"))
             return target
 
     def pending_batches(self) -> list[Path]:
@@ -164,7 +140,7 @@ class Spool:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 os.replace(tmp, out)
-                _fsync_dir(self.dir("outbox"))
+                fsync_dir(self.dir("outbox"))
         shutil.rmtree(batch, ignore_errors=True)
         return out
 
@@ -191,7 +167,7 @@ class Spool:
             shutil.rmtree(out, ignore_errors=True)
         else:
             os.replace(out, target)
-        _fsync_dir(self.dir("results"))
+        fsync_dir(self.dir("results"))
 
     def recover(self) -> None:
         """After a crash: drop half-written temporaries. Claimed batches stay in work/ and are processed
