@@ -116,7 +116,7 @@ def measure_stream(shards, batch: int, workers: int, size: int, in_chans: int, t
     from dataclasses import replace
 
     from remedis.data.streaming import ShardDataset, ShardLoader, StreamingTwoView, sample_pixels
-    from remedis.pretrain.transforms import SimCLRAugment
+    from remedis.training.transforms import SimCLRAugment
 
     class Pixels(ShardDataset):
         def item(self, sample, epoch):

@@ -16,7 +16,7 @@ from remedis.config import RunConfig
 from remedis.data.dataset import load_images
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
-from remedis.pretrain.transforms import FineTuneAugment, RandColourJitter, RandGrayscale, SimCLRAugment
+from remedis.training.transforms import FineTuneAugment, RandColourJitter, RandGrayscale, SimCLRAugment
 
 # Red and green of (almost) equal luminance: a grey reader cannot tell them apart, a colour one can.
 RED, GREEN = (196, 0, 0), (0, 100, 0)

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from remedis.data import Preprocessing
 from remedis.data.dataset import ImageCache, TwoViewDataset, seed_loader_worker
-from remedis.pretrain.transforms import SimCLRAugment
+from remedis.training.transforms import SimCLRAugment
 
 
 def _views(seed: int, workers: int = 2) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from remedis.data import Preprocessing, Record
 from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, seed_loader_worker
-from remedis.pretrain.transforms import FineTuneAugment
+from remedis.training.transforms import FineTuneAugment
 
 # The smoke config made smaller (resume is about state, not learning), with more pretraining epochs to kill.
 ARGS = ["--no-build", "--quiet", "--set", "pretrain.supervised.epochs=6", "--set", "pretrain.simclr.epochs=6",

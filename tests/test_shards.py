@@ -19,7 +19,7 @@ from remedis.data.readers import read_image
 from remedis.data.shards import SIDECAR, ShardError, open_shards, source_bits, write_shards
 from remedis.data.streaming import ShardDataset, ShardLoader, StreamingLabeled, StreamingTwoView, sample_pixels
 from remedis.data.synthetic import SyntheticSpec, generate_synthetic
-from remedis.pretrain.transforms import SimCLRAugment
+from remedis.training.transforms import SimCLRAugment
 
 PRE = Preprocessing(24)
 

@@ -7,7 +7,7 @@ from remedis.config import ConfigError, RunConfig
 from remedis.models.backbones import create_backbone
 from remedis.pretrain.heads import ProjectionHead
 from remedis.pretrain.simclr import SimCLRModule, lars
-from remedis.pretrain.transforms import SimCLRAugment
+from remedis.training.transforms import SimCLRAugment
 
 
 def test_projection_head_depth():
@@ -63,7 +63,7 @@ def test_simclr_options_are_validated(tmp_path):
 
 
 def test_fine_tune_augment_strength_scales_the_distortion():
-    from remedis.pretrain.transforms import FineTuneAugment
+    from remedis.training.transforms import FineTuneAugment
 
     x = torch.linspace(0.1, 0.6, 48 * 48).view(1, 48, 48)
     flips = [FineTuneAugment(48, seed=s, strength=0)(x) for s in range(8)]

@@ -23,8 +23,8 @@ from remedis.data.dataset import ImageCache, LabeledDataset
 from remedis.metrics import threshold_for_sensitivity
 from remedis.models.classifier import Classifier
 from remedis.models.layout import memory_format
-from remedis.pretrain.transforms import FineTuneAugment
 from remedis.training import make_trainer
+from remedis.training.transforms import FineTuneAugment
 
 
 class _SoftTargets(Dataset):

@@ -44,9 +44,9 @@ from remedis.metrics import auroc, threshold_for_sensitivity
 from remedis.models.backbones import backbone_blocks
 from remedis.models.checkpoint import load_checkpoint, load_matching
 from remedis.models.classifier import Classifier
-from remedis.pretrain.supervised import ClassifierModule, class_weights
-from remedis.pretrain.transforms import FineTuneAugment
 from remedis.training import make_trainer
+from remedis.training.classifier import ClassifierModule, class_weights
+from remedis.training.transforms import FineTuneAugment
 
 log = logging.getLogger("remedis")
 

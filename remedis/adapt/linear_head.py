@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from remedis.data.dataset import ImageCache
 from remedis.metrics import auroc
 from remedis.models.classifier import Classifier
-from remedis.pretrain.monitor import embed_cache
+from remedis.models.inference import embed_cache
 
 C_GRID = (0.01, 0.1, 1.0)  # inverse L2 strength; few labels favour the stronger end
 

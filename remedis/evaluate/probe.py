@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from remedis.data.dataset import ImageCache
 from remedis.metrics import auroc
-from remedis.pretrain.monitor import embed_cache
+from remedis.models.inference import embed_cache
 
 
 def linear_probe_scores(backbone: torch.nn.Module, train: ImageCache, test: ImageCache, class_names: list[str],

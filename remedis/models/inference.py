@@ -42,3 +42,15 @@ def run_batches(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tens
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type in ("cpu", "cuda")):
             out.append(fn(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.inference_mode()
+def embed_cache(backbone: torch.nn.Module, cache, batch_size: int = 256) -> torch.Tensor:
+    """Pooled embeddings of `cache` (the shared inference loop, in eval mode; training mode restored)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        return run_batches(backbone, lambda x: backbone.forward_head(backbone.forward_features(x)), cache.pixels,
+                           cache.preprocessing, batch_size)
+    finally:
+        backbone.train(was_training)

@@ -20,9 +20,9 @@ from remedis.models.external import load_external_weights
 from remedis.pretrain.micle import MICLeDataset
 from remedis.pretrain.monitor import KNNMonitor
 from remedis.pretrain.simclr import SimCLRModule
-from remedis.pretrain.supervised import ClassifierModule, class_weights
-from remedis.pretrain.transforms import FineTuneAugment, SimCLRAugment
 from remedis.training import fit_resumable, make_trainer
+from remedis.training.classifier import ClassifierModule, class_weights
+from remedis.training.transforms import FineTuneAugment, SimCLRAugment
 
 log = logging.getLogger("remedis")
 

@@ -18,19 +18,7 @@ import torch.nn.functional as F
 
 from remedis.data.dataset import ImageCache
 from remedis.metrics import auroc
-from remedis.models.inference import run_batches
-
-
-@torch.inference_mode()
-def embed_cache(backbone: torch.nn.Module, cache: ImageCache, batch_size: int = 256) -> torch.Tensor:
-    """Pooled embeddings of `cache` (the shared inference loop, in eval mode; training mode restored)."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        return run_batches(backbone, lambda x: backbone.forward_head(backbone.forward_features(x)), cache.pixels,
-                           cache.preprocessing, batch_size)
-    finally:
-        backbone.train(was_training)
+from remedis.models.inference import embed_cache
 
 
 def knn_scores(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Tensor, num_classes: int,
