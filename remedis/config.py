@@ -159,7 +159,7 @@ class EvaluateConfig:
     bootstrap: int = 200  # bootstrap resamples for 95% confidence intervals (patient level)
     # The OOD detector stored with every adapted model. A fixed choice, never picked on OOD test data
     # (that would leak); Mahalanobis on embeddings also catches far-OOD inputs that get confident logits.
-    ood_method: str = "mahalanobis"  # msp, max_logit, energy, mahalanobis or knn
+    ood_method: str = "mahalanobis"  # a registered OOD score: msp, max_logit, energy, mahalanobis or knn
     ood_accept_rate: float = 0.95  # share of in-distribution validation images the threshold accepts
     subgroups: list[str] = field(default_factory=list)  # manifest columns reported per value, e.g. [device]
     far_ood_manifests: list[str] = field(default_factory=list)  # other-modality manifests (far-OOD sets)
@@ -167,7 +167,9 @@ class EvaluateConfig:
     cka_images: int = 256  # test images used for CKA
 
     def __post_init__(self) -> None:  # checked at load time, not after hours of training
-        methods = ("msp", "max_logit", "energy", "mahalanobis", "knn")
+        from remedis.ood_scores import score_names  # the registry; imported here, config loads first
+
+        methods = score_names()
         if self.ood_method not in methods:
             raise ConfigError(f"evaluate.ood_method: expected one of {', '.join(methods)}, got {self.ood_method!r}")
         if not 0.0 < self.ood_accept_rate < 1.0:

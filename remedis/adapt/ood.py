@@ -9,6 +9,8 @@ Scores (higher = more OOD):
                  shared (Ledoit-Wolf shrunk) covariance (Lee et al. 2018, on the pooled embedding)
     knn          distance to the k-th nearest L2-normalised train embedding (Sun et al. 2022)
 
+Each score is one registered class in `remedis.ood_scores` (a new score: one file there).
+
 The threshold is set so that `accept_rate` (95%) of in-distribution *validation* images are accepted
 (score <= threshold); the test split is never used to choose anything. The service loads the detector
 from the adapted model folder (`ood.json` + `ood.safetensors`).
@@ -30,85 +32,44 @@ from pathlib import Path
 import numpy as np
 
 from remedis.files import atomic_write, atomic_write_text
+from remedis.ood_scores import get_score, score_names
+from remedis.ood_scores.arrays import as_2d
 
-METHODS = ("msp", "max_logit", "energy", "mahalanobis", "knn")
-LOGIT_METHODS = ("msp", "max_logit", "energy")
+METHODS = score_names()  # every registered score (remedis.ood_scores), in report order
 OOD_JSON = "ood.json"
 OOD_WEIGHTS = "ood.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_K = 10  # kNN neighbour rank; Sun et al. use 50 on ImageNet-size banks, site train sets are small
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(1, keepdims=True)))[:, 0]
-
-
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _as2d(name: str, x, n: int | None = None) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (N, D), got shape {x.shape}")
-    if n is not None and len(x) != n:
-        raise ValueError(f"{name}: has {len(x)} rows, expected {n}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return x
-
-
-def logit_score(method: str, logits: np.ndarray) -> np.ndarray:
-    """The three scores that need only logits."""
-    logits = _as2d("logits", logits)
-    if method == "msp":
-        z = logits - logits.max(1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        return -p.max(1)
-    if method == "max_logit":
-        return -logits.max(1)
-    if method == "energy":
-        return -_logsumexp(logits)
-    raise ValueError(f"OOD method {method!r} is not a logit score ({', '.join(LOGIT_METHODS)})")
-
-
 @dataclass
 class OODDetector:
-    method: str  # "msp" | "max_logit" | "energy" | "mahalanobis" | "knn"
-    threshold: float  # score above threshold => OOD; 95% of in-distribution validation images accepted
-    state: dict[str, np.ndarray] = field(default_factory=dict)  # mahalanobis: means, precision; knn: bank, k
+    """A fitted OOD score and its threshold: what an adapted model folder stores and the service applies.
+
+    Args:
+        method: a registered score (`remedis.ood_scores`: msp, max_logit, energy, mahalanobis, knn).
+        threshold: score above threshold => OOD; set to accept `accept_rate` of in-distribution validation images.
+        state: the score's fitted arrays (mahalanobis: means, precision; knn: bank, k).
+        accept_rate: share of in-distribution validation images the threshold accepts.
+    """
+
+    method: str
+    threshold: float
+    state: dict[str, np.ndarray] = field(default_factory=dict)
     accept_rate: float = 0.95
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"OOD method {self.method!r} is unknown (choose one of {', '.join(METHODS)})")
-        need = {"mahalanobis": ("means", "precision"), "knn": ("bank", "k")}.get(self.method, ())
-        missing = [k for k in need if k not in self.state]
+        missing = [k for k in get_score(self.method).state_keys if k not in self.state]
         if missing:
             raise ValueError(f"OOD detector {self.method!r}: state is missing {missing}")
 
     def score(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
         """(N,) scores, higher = more OOD. `logits` are uncalibrated (temperature does not change
         the ranking of max_logit/energy, and MSP is defined on the raw softmax)."""
-        if self.method in LOGIT_METHODS:
-            return logit_score(self.method, logits)
-        emb = _as2d("embeddings", embeddings)
-        if self.method == "mahalanobis":
-            means, prec = self.state["means"].astype(np.float64), self.state["precision"].astype(np.float64)
-            if emb.shape[1] != means.shape[1]:
-                raise ValueError(f"embeddings: dimension {emb.shape[1]} does not match the detector's {means.shape[1]}")
-            d = emb[:, None, :] - means[None, :, :]  # (N, C, D)
-            return np.einsum("ncd,de,nce->nc", d, prec, d).min(1)
-        bank = self.state["bank"].astype(np.float64)
-        if emb.shape[1] != bank.shape[1]:
-            raise ValueError(f"embeddings: dimension {emb.shape[1]} does not match the detector's {bank.shape[1]}")
-        k = int(self.state["k"].reshape(-1)[0])
-        sim = _l2n(emb) @ bank.T  # cosine similarity; distance^2 = 2 - 2 sim on the unit sphere
-        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
-        return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+        return get_score(self.method).score(self.state, logits, embeddings)
 
     def is_ood(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """(N,) True where the score is above the threshold."""
         return self.score(logits, embeddings) > self.threshold
 
     def save(self, model_folder: str | Path) -> None:
@@ -159,30 +120,13 @@ def remove_detector(model_folder: str | Path) -> None:
 
 def fit_state(method: str, train_embeddings, train_targets, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
     """What a method needs from the in-distribution training set (nothing for logit scores)."""
-    if method not in METHODS:
-        raise ValueError(f"OOD method {method!r} is unknown (choose one of {', '.join(METHODS)})")
-    if method in LOGIT_METHODS:
+    score = get_score(method)
+    if not score.state_keys:
         return {}
-    emb = _as2d("train_embeddings", train_embeddings)
+    emb = as_2d("train_embeddings", train_embeddings)
     if len(emb) < 2:
         raise ValueError(f"train_embeddings: {method} needs at least 2 training images, got {len(emb)}")
-    if method == "knn":
-        return {"bank": _l2n(emb).astype(np.float32), "k": np.array([min(k, len(emb))], dtype=np.int64)}
-    from sklearn.covariance import LedoitWolf
-
-    y = np.asarray(train_targets)
-    if len(y) != len(emb):
-        raise ValueError(f"train_targets: has {len(y)} entries, train_embeddings has {len(emb)} rows")
-    classes = np.unique(y)
-    means = np.stack([emb[y == c].mean(0) for c in classes])
-    centred = emb - means[np.searchsorted(classes, y)]
-    # Shrinkage: site train sets have far fewer images than embedding dimensions (singular covariance).
-    cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
-    try:  # shrinkage makes it positive definite unless every embedding is identical
-        precision = np.linalg.inv(cov)
-    except np.linalg.LinAlgError:
-        precision = np.linalg.pinv(cov, hermitian=True)
-    return {"means": means.astype(np.float32), "precision": precision.astype(np.float32)}
+    return score.fit(emb, train_targets, k)
 
 
 def fit_ood_detector(method: str, train_embeddings, train_targets, val_logits, val_embeddings,
