@@ -20,16 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from remedis.data.contract import ImageTooLargeError, SourceInfo, describe_bytes
+from remedis.data.formats import format_of, sniff_kind
 from remedis.data.readers import ImageReadError, read_image_bytes
 from serving.settings import LimitSettings
 
-MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "tiff": (b"II*\x00", b"MM\x00*")}
 DECLARED = {  # declared media type -> the format it promises
     "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/pjpeg": "jpeg",
     "image/tiff": "tiff", "application/dicom": "dicom", "image/dicom": "dicom", "application/x-dicom": "dicom",
 }
 UNTYPED = {"", "application/octet-stream", "binary/octet-stream"}  # no promise: the bytes decide
-ZIP_TYPES = {"application/zip", "application/x-zip-compressed", "application/x-zip"}
 
 
 class UploadError(ValueError):
@@ -66,14 +65,11 @@ class Upload:
 
 
 def sniff(data: bytes) -> str | None:
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
+    """What the leading bytes prove: an image kind of the format registry ("dicom", "png", "jpeg", "tiff"),
+    "zip" (a batch archive), or None."""
     if data[:4] == b"PK\x03\x04":
         return "zip"
-    for fmt, heads in MAGIC.items():
-        if any(data.startswith(h) for h in heads):
-            return fmt
-    return None
+    return sniff_kind(data[:132])
 
 
 def _media(declared: str | None) -> str:
@@ -88,7 +84,7 @@ def check_upload(data: bytes, declared: str | None, limits: LimitSettings, filen
         raise UploadError(413, f"upload is {len(data)} bytes, above this service's limit of {limits.max_upload_bytes}")
     media = _media(declared)
     fmt = sniff(data)
-    if fmt is None and (DECLARED.get(media) == "dicom" or (filename or "").lower().endswith((".dcm", ".dicom"))):
+    if fmt is None and (DECLARED.get(media) == "dicom" or format_of(filename or "", b"").name == "dicom"):
         fmt = "dicom"  # a DICOM dataset without the Part-10 preamble: only on the client's word, the reader checks it
     if fmt is None or fmt == "zip":
         got = "a zip archive (use predict_batch)" if fmt == "zip" else "not DICOM, PNG, JPEG or TIFF (unrecognised leading bytes)"

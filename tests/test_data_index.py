@@ -21,7 +21,7 @@ def main(argv):
     """`remedis data ...` through the data stage's own parser (the full CLI imports every stage)."""
     import argparse
 
-    from remedis.data.cli import register
+    from remedis.commands.data import register
 
     parser = argparse.ArgumentParser(prog="remedis")
     register(parser.add_subparsers(dest="command", required=True))
@@ -65,7 +65,8 @@ def test_index_dicom_folder_sites_labels_and_pseudonyms(dicom_folder):
     assert by_name["CONTRAST_1_z"].patient_id != by_name["CONTRAST_1_x.dcm"].patient_id
     assert all("MRN" not in r.patient_id for r in res.records)
     assert pseudonym("MRN-0001", b"another-secret-another-secret!!") != pseudonym("MRN-0001", SALT)
-    assert dict(res.skipped) == {"b/notes.bin": "not an image (DICOM, PNG, JPEG or TIFF)", "b/report.dcm": "DICOM file has no pixel data"}
+    assert dict(res.skipped) == {"b/notes.bin": "not a readable image (DICOM, PNG, JPEG, TIFF or NIfTI)",
+                                 "b/report.dcm": "DICOM file has no pixel data"}
     assert by_name["CONTRAST_1_x.dcm"].meta == {"modality": "US", "rows": "16", "columns": "20"}
     # A label from a header tag, and a site from another tag.
     res = index_folder(dicom_folder, SALT, label_tag="BodyPartExamined", site_tag="Modality")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from remedis.data.preprocess import Preprocessing
-from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, read_image, read_image_bytes
+from remedis.data.readers import ImageReadError, read_image, read_image_bytes
 from remedis.files import atomic_replace
 
 CACHE_FORMAT = 2
@@ -45,7 +45,7 @@ def decode(path: Path, preprocessing: Preprocessing, data: bytes | None = None, 
     """Read + resize one image to (C, S, S) float16 (the uncached path, shared with `load_images`);
     C is `preprocessing.channels`."""
     read_options = {**preprocessing.read_options(), **read_options}
-    if path.name.lower().endswith(NIFTI_SUFFIXES) or data is None:
+    if data is None:
         arr = read_image(path, **read_options)
     else:
         arr = read_image_bytes(data, name=str(path), **read_options)

@@ -31,10 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import io
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from remedis.data.formats import GREY, ImageReadError, ImageTooLargeError, SourceInfo, format_of, format_of_file
 from remedis.data.preprocess import LUMA
-from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, is_dicom_bytes
 
 __all__ = ["SourceInfo", "InputContract", "ImageTooLargeError", "describe_file", "describe_bytes", "image_statistics"]
 
-GREY = ("MONOCHROME1", "MONOCHROME2")
 SIZE_FACTOR = 2.0  # a size is a mismatch only when more than this many times outside the training range
 MARGIN = 0.5  # intensity ranges: the training percentiles widened by this fraction of their span ...
 FENCE = 3.0  # ... or Tukey's far-out fences (quartiles -/+ FENCE x IQR), whichever is wider
@@ -61,51 +56,6 @@ COARSE = 32  # the coarse statistics are computed at this size, so they do not d
 RANGE_STATS = ("mean", "std", "p05", "p50", "p95")
 PROFILE_STATS = ("mean", "std", "p05", "p50", "p95", "skew", "entropy", "border", "centre_border", "top_bottom",
                  "symmetry", "gradient", "gradient_rel", "laplacian", "laplacian_rel")
-_CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # a DICOM code string (CS); anything else is never echoed
-
-
-class ImageTooLargeError(ImageReadError):
-    """The header declares more pixels than the decoder's bomb guard allows."""
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """Header facts of one source image: no pixels, never an identifier.
-
-    Args:
-        format: "dicom", "png", "jpeg", "tiff", "nifti", ... (PIL's format name, lower case).
-        modality: DICOM Modality (0008,0060), or for other files the manifest's `modality` column; None: unknown.
-        photometric: DICOM PhotometricInterpretation, or derived from the PIL mode ("MONOCHROME2" for
-            grey, "RGB" for colour, "PALETTE COLOR" for a colour palette); None: unknown.
-        channels: 1 grey, 3 colour (samples per pixel; RGBA counts 3, a colour palette 3).
-        rows: image height in pixels (one frame).
-        columns: image width in pixels.
-        frames: frames (multi-frame DICOM/TIFF) or slices (NIfTI) in the file.
-
-    Example:
-        >>> describe_file("scan.dcm")
-        SourceInfo(format='dicom', modality='US', photometric='MONOCHROME2', channels=1, rows=96, columns=96, frames=1)
-    """
-
-    format: str
-    modality: str | None = None
-    photometric: str | None = None
-    channels: int = 1
-    rows: int = 0
-    columns: int = 0
-    frames: int = 1
-
-    @property
-    def colour(self) -> bool:
-        return self.channels >= 3 or (self.photometric is not None and self.photometric not in GREY)
-
-
-def _code(value: Any) -> str | None:
-    """A header code string upper-cased, or None when absent or not a plain code string."""
-    if value is None:
-        return None
-    text = str(value).strip().upper()
-    return text if _CODE.fullmatch(text) else None
 
 
 def describe_file(path: str | Path, modality_hint: str | None = None) -> SourceInfo:
@@ -123,20 +73,8 @@ def describe_file(path: str | Path, modality_hint: str | None = None) -> SourceI
         'US'
     """
     path = Path(path)
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
-        return _describe_nifti(str(path), modality_hint, path=path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    if is_dicom_bytes(head) or path.suffix.lower() in (".dcm", ".dicom"):
-        return _describe_dicom(str(path), str(path), modality_hint)
-    try:
-        with open(path, "rb") as fh:
-            return _describe_pil(fh, str(path), modality_hint)
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    fmt, _ = format_of_file(path)
+    return fmt.describe(path, str(path), modality_hint)
 
 
 def detect_channels(records, sample: int = 64) -> int:
@@ -160,7 +98,7 @@ def detect_channels(records, sample: int = 64) -> int:
 
 
 def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | None = None) -> SourceInfo:
-    """`describe_file` for bytes (an upload): DICOM by its preamble or a .dcm name, NIfTI by name, else PIL.
+    """`describe_file` for bytes (an upload): the format from the bytes and the name (`remedis.data.formats`).
 
     Args:
         data: the file's bytes.
@@ -173,90 +111,7 @@ def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | Non
     """
     if not data:
         raise ImageReadError(f"{name}: empty file")
-    lower = name.lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        return _describe_nifti(name, modality_hint, data=data)
-    if is_dicom_bytes(data[:132]) or Path(lower).suffix in (".dcm", ".dicom"):
-        return _describe_dicom(io.BytesIO(data), name, modality_hint)
-    return _describe_pil(io.BytesIO(data), name, modality_hint)
-
-
-def _describe_dicom(source, name: str, hint: str | None) -> SourceInfo:
-    import pydicom
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
-            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            samples = int(ds.get("SamplesPerPixel", 1) or 1)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            modality, photometric = _code(ds.get("Modality")), _code(ds.get("PhotometricInterpretation"))
-    except Exception as exc:  # pydicom's own words can quote tag values: only the type is kept
-        raise ImageReadError(f"{name}: not a readable DICOM header ({type(exc).__name__})") from None
-    if rows < 1 or cols < 1:
-        raise ImageReadError(f"{name}: DICOM header has no image size (Rows/Columns missing)")
-    colour = samples >= 3 or (photometric is not None and photometric not in GREY)
-    return SourceInfo("dicom", modality or _code(hint), photometric, 3 if colour else 1, rows, cols, max(frames, 1))
-
-
-def _pil_colour(img) -> tuple[str, int]:
-    """(photometric, channels) from a PIL image's mode, without decoding pixels."""
-    mode = img.mode
-    if mode in ("P", "PA"):
-        pal = img.palette
-        raw = bytes(pal.palette) if pal is not None else b""
-        stride = len(pal.mode) if pal is not None and pal.mode else 3
-        rgb = np.frombuffer(raw[: len(raw) // stride * stride], np.uint8).reshape(-1, stride)[:, :3]
-        grey = len(rgb) > 0 and bool((rgb == rgb[:, :1]).all())
-        return ("MONOCHROME2", 1) if grey else ("PALETTE COLOR", 3)
-    if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16"):
-        return "MONOCHROME2", 1
-    if mode == "YCbCr":
-        return "YBR_FULL", 3
-    return "RGB", 3  # RGB, RGBA, RGBX, CMYK, LAB, HSV
-
-
-def _describe_pil(fh, name: str, hint: str | None) -> SourceInfo:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(fh) as img:  # lazy: reads the header, decodes nothing
-                cols, rows = img.size
-                photometric, channels = _pil_colour(img)
-                fmt = (img.format or "unknown").lower()
-                frames = int(getattr(img, "n_frames", 1) or 1)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: image too large ({' '.join(str(exc).split())[:120]})") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not a readable image (DICOM, PNG, JPEG, TIFF or NIfTI)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{name}: corrupt or truncated image header ({type(exc).__name__})") from None
-    return SourceInfo(fmt, _code(hint), photometric, channels, int(rows), int(cols), frames)
-
-
-def _describe_nifti(name: str, hint: str | None, path: Path | None = None, data: bytes | None = None) -> SourceInfo:
-    try:
-        import nibabel as nib
-
-        if path is not None:
-            img = nib.load(str(path))
-        else:
-            raw = gzip.decompress(data) if name.lower().endswith(".gz") else data
-            try:
-                img = nib.Nifti1Image.from_bytes(raw)
-            except Exception:
-                img = nib.Nifti2Image.from_bytes(raw)
-        shape = tuple(int(s) for s in img.header.get_data_shape())
-        rgb = img.header.get_data_dtype().names is not None  # RGB24 / RGBA32 voxels are structured
-    except Exception as exc:
-        raise ImageReadError(f"{name}: not a readable NIfTI header ({type(exc).__name__})") from None
-    if len(shape) < 2 or min(shape[:2]) < 1:
-        raise ImageReadError(f"{name}: NIfTI header has no 2-D image (shape {shape})")
-    frames = shape[2] if len(shape) > 2 else 1
-    return SourceInfo("nifti", _code(hint), "RGB" if rgb else "MONOCHROME2", 3 if rgb else 1, shape[0], shape[1], frames)
+    return format_of(name, data[:132]).describe(data, name, modality_hint)
 
 
 # ---- statistics of the resized pixels -------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from remedis.data.cache import DiskCache, decode
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
-from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError
+from remedis.data.readers import ImageReadError
 from remedis.progress import track
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class _Loader(Dataset):
             key, content, (x, reason) = self._disk.compute(path)
             return i, x, reason, key, content
         try:
-            data = None if path.name.lower().endswith(NIFTI_SUFFIXES) else path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             return i, None, f"cannot read file ({exc.strerror or exc})", None, None
         try:

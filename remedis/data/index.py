@@ -20,15 +20,12 @@ import hmac
 import os
 import re
 import secrets
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remedis.data.formats import ImageReadError, format_of_file
 from remedis.data.manifest import Record
-from remedis.data.readers import is_dicom_bytes
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 DEFAULT_SALT_FILE = Path(os.environ.get("REMEDIS_SALT_FILE", "~/.config/remedis/patient-salt")).expanduser()
 
 
@@ -71,42 +68,18 @@ class Probe:
 
 
 def probe(path: Path, tags: tuple[str, ...] = ()) -> Probe:
-    """Header of one file; ValueError with a one-line reason when it is not an image."""
+    """Header of one file, whatever its registered format (`remedis.data.formats`); ValueError with a one-line
+    reason when it is not an image. `modality`: the DICOM Modality (OT when absent), else the format's name."""
     try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        raise ValueError(f"cannot read file ({exc.strerror or exc})") from None
-    if not head:
-        raise ValueError("empty file")
-    if is_dicom_bytes(head) or path.suffix.lower() in DICOM_SUFFIXES:
-        import pydicom
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # defer_size: large values (the pixels) stay on disk; their tags are still listed.
-                ds = pydicom.dcmread(path, force=True, defer_size=4096)
-                if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-                    raise ValueError("DICOM file has no pixel data")
-                rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-                frames = int(ds.get("NumberOfFrames", 1) or 1)
-                values = {t: " ".join(str(ds.get(t, "") or "").split()) for t in tags}
-                modality = str(ds.get("Modality", "") or "OT")
-        except ValueError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"not a readable DICOM file ({type(exc).__name__})") from None
-        if rows <= 0 or cols <= 0:
-            raise ValueError("DICOM Rows/Columns missing or zero")
-        return Probe("dicom", modality, rows, cols, frames, values)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return Probe(img.format or "image", img.format or "image", img.size[1], img.size[0], int(getattr(img, "n_frames", 1) or 1))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ValueError("not an image (DICOM, PNG, JPEG or TIFF)") from None
+        fmt, head = format_of_file(path)
+        if not head:
+            raise ValueError("empty file")
+        info = fmt.describe(path, path.name, tags=tags, require_pixels=True)
+    except ImageReadError as exc:
+        raise ValueError(str(exc).split(": ", 1)[-1]) from None
+    kind = info.format
+    modality = info.modality or ("OT" if kind == "dicom" else kind.upper())
+    return Probe(kind, modality, info.rows, info.columns, info.frames, dict(info.tags))
 
 
 @dataclass

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import logging
 import multiprocessing
@@ -55,9 +54,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from remedis.data.formats import format_of
 from remedis.data.manifest import Record
 from remedis.data.preprocess import Preprocessing
-from remedis.data.readers import NIFTI_SUFFIXES, ImageReadError, is_dicom_bytes, read_image, read_image_bytes
+from remedis.data.readers import ImageReadError, read_image_bytes
 from remedis.files import atomic_write_text, file_sha256
 
 log = logging.getLogger("remedis")
@@ -277,10 +277,7 @@ class _Encoder:
         digest = hashlib.sha256(data).hexdigest()
         try:
             bits = source_bits(data, path.name)
-            if path.name.lower().endswith(NIFTI_SUFFIXES):
-                arr = read_image(path, **self.read_options)
-            else:
-                arr = read_image_bytes(data, name=str(path), **self.read_options)
+            arr = read_image_bytes(data, name=str(path), **self.read_options)
             x = self.preprocessing.resize(arr).numpy()  # float32: the float16 `decode` loses 16-bit depth
         except ImageReadError as exc:
             return None, _reason(exc, path), digest
@@ -289,11 +286,8 @@ class _Encoder:
         return x, bits, digest
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def source_bits(data: bytes, name: str) -> int:
-    """8 or 16: the bit depth a file's pixels are stored with (from its header; 8 when it cannot tell).
+    """8 or 16: the bit depth a file's pixels are stored with (its format's `bits`; 8 when the header cannot tell).
 
     DICOM: BitsStored (else BitsAllocated) > 8 -> 16; PNG/TIFF in PIL mode I;16 / I / F -> 16;
     NIfTI -> 16; everything else (JPEG, 8-bit PNG, RGB) -> 8.
@@ -302,42 +296,10 @@ def source_bits(data: bytes, name: str) -> int:
         >>> source_bits(open("ct.dcm", "rb").read(), "ct.dcm")
         16
     """
-    lower = name.lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        return 16
-    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
-        return 16 if data[24] > 8 else 8  # IHDR bit depth per sample
-    if data[:3] == b"\xff\xd8\xff":
-        return 8  # JPEG (12-bit JPEG is not read by PIL)
     try:
-        if is_dicom_bytes(data[:132]) or Path(lower).suffix in (".dcm", ".dicom"):
-            bits = _dicom_bits_stored(data)
-            if bits is not None:
-                return 16 if bits > 8 else 8
-            import pydicom
-
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                 specific_tags=["BitsStored", "BitsAllocated"])
-            bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 8) or 8)
-            return 16 if bits > 8 else 8
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as img:  # lazy: the header only
-            return 16 if img.mode in ("I", "F") or img.mode.startswith("I;16") else 8
+        return format_of(name, data[:132]).bits(data, name)
     except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say why
         return 8
-
-
-def _dicom_bits_stored(data: bytes) -> int | None:
-    """BitsStored (0028,0101) read straight from little-endian bytes, explicit or implicit VR, when it directly
-    follows BitsAllocated (0028,0100) as in every file written in tag order; None: let pydicom parse (0.6 ms)."""
-    i = data.find(b"\x28\x00\x01\x01", 132 if is_dicom_bytes(data[:132]) else 0, 1 << 20)
-    if i < 10 or data[i - 10:i - 6] != b"\x28\x00\x00\x01":
-        return None
-    if data[i + 4:i + 8] in (b"US\x02\x00", b"\x02\x00\x00\x00"):
-        bits = int.from_bytes(data[i + 8:i + 10], "little")
-        return bits if 1 <= bits <= 32 else None
-    return None
 
 
 def _groups(records: list[Record], group_size: int, seed: int, secret: bytes) -> list[tuple[str, str, list[int]]]:
