@@ -151,22 +151,3 @@ def build_bento(model_tag: str, bentofile: Path = BENTOFILE) -> str:
         raise FileNotFoundError(f"{bentofile}: BentoML build file not found (is the `serving` package installed?)")
     bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(bentofile.parent.parent), args={"model": model_tag})
     return str(bento.tag)
-
-
-def cmd_export(args) -> int:
-    tag = export_model(args.model, args.name, args.report, Path(args.model).name, allow_no_ood=args.allow_no_ood)
-    print(f"model: {tag}")
-    if args.build:
-        print(f"bento: {build_bento(tag)}")
-    return 0
-
-
-def register(sub) -> None:
-    e = sub.add_parser("export", help="put an adapted model folder in the BentoML store")
-    e.add_argument("--model", required=True, help="adapted model folder")
-    e.add_argument("--name", required=True, help="BentoML model name")
-    e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")
-    e.add_argument("--build", action="store_true", help="also `bentoml build` the service around it")
-    e.add_argument("--allow-no-ood", action="store_true",
-                   help="export a folder without an OOD detector or input contract (the service then answers ood: null)")
-    e.set_defaults(func=cmd_export)

@@ -192,6 +192,11 @@ def test_linear_head_reproduces_the_sklearn_probe(classes):
     assert np.allclose(ours, probe.predict_proba(scaler.transform(x)), atol=1e-10)
 
 
+def _sections(cfg):
+    """The config sections `fine_tune` takes."""
+    return cfg.adapt, cfg.runtime, cfg.model.backbone, cfg.seed
+
+
 def bright_dark(n, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
@@ -211,7 +216,7 @@ def test_sweep_is_the_grid_of_lr_weight_decay_and_augmentation():
     cfg.adapt.min_steps = 0
     cfg.adapt.sweep_weight_decays, cfg.adapt.sweep_augment_strengths = [0.05], [3.0]
     cfg.adapt.soup = "uniform"
-    adapted, _, variants = fine_tune(cfg, None, bright_dark(24), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+    adapted, _, variants = fine_tune(*_sections(cfg), None, bright_dark(24), bright_dark(12, seed=1), ["benign", "malignant"], 1,
                                      progress=False)
     sweep = adapted.provenance["sweep"]
     lr = 3 * cfg.adapt.lr  # random init takes the larger step
@@ -232,13 +237,13 @@ def test_min_steps_gives_small_budgets_more_epochs():
     cfg.model.backbone = "resnet18"
     cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = 2, 8, "fp32"
     cfg.adapt.min_steps = 10  # 25 images in batches of 8: 3 steps per epoch (the 1-image batch dropped)
-    adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+    adapted, history, _ = fine_tune(*_sections(cfg), None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
                                     progress=False)
     # 10 steps need 4 epochs: the 2-epoch schedule stretched by 2, still validated twice
     assert adapted.provenance["epochs"] == 4 and adapted.provenance["steps"] == 12
     assert [h["epoch"] for h in history] == [1, 3]
     cfg.adapt.min_steps = 0
-    adapted, history, _ = fine_tune(cfg, None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
+    adapted, history, _ = fine_tune(*_sections(cfg), None, bright_dark(25), bright_dark(12, seed=1), ["benign", "malignant"], 1,
                                     progress=False)
     assert adapted.provenance["epochs"] == 2 and [h["epoch"] for h in history] == [0, 1]
 
@@ -263,7 +268,7 @@ def test_lp_ft_starts_from_the_probe_and_keeps_it_as_a_member():
     cfg.model.backbone = "resnet18"
     cfg.adapt.mode, cfg.adapt.epochs, cfg.adapt.batch_size, cfg.runtime.precision = "lp-ft", 1, 8, "fp32"
     cfg.adapt.min_steps = 0
-    adapted, _, variants = fine_tune(cfg, None, train, val, ["benign", "malignant"], 1, progress=False)
+    adapted, _, variants = fine_tune(*_sections(cfg), None, train, val, ["benign", "malignant"], 1, progress=False)
     prov = adapted.provenance
     assert prov["mode"] == "lp-ft" and prov["linear_probe"]["val_auroc"] == 1.0
     assert prov["sweep"][0]["lr"] == 0.0 and len(prov["sweep"]) == 2  # the probe + one fine-tuned member

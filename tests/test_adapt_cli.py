@@ -73,19 +73,19 @@ def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):
 def test_adapt_rerun_reuses_finished_budgets(tmp_path, monkeypatch):
     """A killed or repeated sweep does not retrain the budgets that finished with the same inputs; a changed
     recipe retrains."""
-    from remedis import stages
+    from remedis.stages import adapt as adapt_stage
 
     manifest = generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=20, max_images_per_patient=2, image_size=32))
     config = _config_and_backbone(tmp_path, "adapt: {epochs: 1, min_steps: 0, batch_size: 16, wise_ft: false}\n"
                                             "evaluate: {bootstrap: 20}\n")
     trained: list[str] = []
-    original = stages.adapt_budget
+    original = adapt_stage.adapt_budget
 
     def counting(*args, **kwargs):
         trained.append(args[5].name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "adapt_budget", counting)
+    monkeypatch.setattr(adapt_stage, "adapt_budget", counting)
 
     def adapt(budget: str, *extra: str) -> dict:
         code = main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",

@@ -221,7 +221,7 @@ def test_tiny_simclr_then_fine_tune_then_serve_on_colour(tmp_path):
     sc.epochs, sc.batch_size, sc.max_steps_per_epoch = 1, 8, 2
     backbone = train_simclr(cfg, cache, None, tmp_path / "simclr", None, progress=False)
     cfg.adapt.epochs, cfg.adapt.batch_size, cfg.adapt.min_steps, cfg.adapt.soup = 1, 8, 0, "best"
-    model, _, _ = fine_tune(cfg, backbone, train, val, CLASSES, 1, progress=False)
+    model, _, _ = fine_tune(cfg.adapt, cfg.runtime, cfg.model.backbone, cfg.seed, backbone, train, val, CLASSES, 1, progress=False)
     assert model.preprocessing.channels == 3 and model.preprocessing.in_chans == 3
 
     model.input_contract = fit_input_contract(train)
@@ -254,13 +254,13 @@ def test_tiny_simclr_then_fine_tune_then_serve_on_colour(tmp_path):
 def test_dermoscopy_config_loads_and_its_manifest_resolves(tmp_path, shared_data):
     from conftest import ROOT
 
-    from remedis.pipeline import prepare_data
+    from remedis.stages import prepare_run_data
 
     cfg = RunConfig.from_yaml(ROOT / "configs" / "dermoscopy.yaml")
     assert (cfg.data.channels, cfg.model.in_chans, cfg.data.image_size) == (3, None, 64)
     assert cfg.adapt.fractions == [0.01, 0.05, 0.1, 0.25, 1.0]
     cfg.data.manifest = str(shared_data / "dermoscopy" / "manifest.csv")  # independent of the working directory
-    prepared = prepare_data(cfg, tmp_path)
+    prepared = prepare_run_data(cfg.data, cfg.seed, tmp_path)
     assert prepared.task.class_names == ["melanoma", "not_melanoma"] and prepared.task.positive_index == 0
     target = [r for r in prepared.manifest.records if r.site == cfg.data.target_site and r.split == "test"]
     assert sum(r.label == "melanoma" for r in target) >= 30  # enough positives for a test AUROC with a CI

@@ -222,7 +222,7 @@ def test_labeled_stream_checks_classes_and_gives_targets(synth, singles):
 def test_cli_shard_writes_then_reuses(synth, tmp_path, capsys):
     import argparse
 
-    from remedis.data.cli import register
+    from remedis.commands.data import register
     from remedis.data.manifest import write_manifest
 
     manifest = write_manifest(synth[:6], tmp_path / "m.csv")

@@ -18,7 +18,8 @@ under LP-FT, the best single sweep member, the soup before WiSE-FT), so a caller
 test split what each step adds; nothing there is used for any choice.
 
 Example:
-    >>> model, history, variants = fine_tune(cfg, Path("runs/x/backbones/remedis"), train, val, ["benign", "malignant"], 1)
+    >>> model, history, variants = fine_tune(cfg.adapt, cfg.runtime, "resnetv2_50x1_bit", 0, Path("runs/x/backbones/remedis"),
+    ...                                      train, val, ["benign", "malignant"], 1)
     >>> model.save("runs/x/adapted/remedis@0.1")
 """
 
@@ -38,8 +39,9 @@ from remedis.adapt.calibration import fit_temperature
 from remedis.adapt.linear_head import fit_linear_head
 from remedis.adapt.model import AdaptedModel
 from remedis.adapt.weights import greedy_soup, uniform_soup, wise_ft
-from remedis.config import RunConfig
+from remedis.config import AdaptConfig, RuntimeConfig
 from remedis.data.dataset import EpochSampler, ImageCache, LabeledDataset, seed_loader_worker
+from remedis.data.preprocess import Preprocessing
 from remedis.metrics import auroc, threshold_for_sensitivity
 from remedis.models.backbones import backbone_blocks
 from remedis.models.checkpoint import load_checkpoint, load_matching
@@ -123,19 +125,32 @@ class Schedule:
         return cls(batch, drop_last, steps, val_every, ac.epochs * val_every)
 
 
-def _initial_model(cfg: RunConfig, n_classes: int, init_state, backbone) -> Classifier:
-    model = Classifier(cfg.model.backbone, n_classes, cfg.model.in_chans)
+@dataclass(frozen=True)
+class _Setup:
+    """What every step of the recipe reads: the `adapt` and `runtime` sections, the network, the seed and
+    the preprocessing of the training images (their size and channels)."""
+
+    recipe: AdaptConfig
+    runtime: RuntimeConfig
+    architecture: str
+    seed: int
+    preprocessing: Preprocessing
+
+
+def _initial_model(setup: _Setup, n_classes: int, init_state, backbone) -> Classifier:
+    """The network with its initial backbone weights (none: random initialisation) and a new head."""
+    model = Classifier(setup.architecture, n_classes, setup.preprocessing.in_chans)
     if init_state is not None:
         load_matching(model.backbone, init_state, str(backbone))
     return model
 
 
-def _probe(cfg: RunConfig, init_state, backbone, train: ImageCache, val: ImageCache, class_names: list[str],
+def _probe(setup: _Setup, init_state, backbone, train: ImageCache, val: ImageCache, class_names: list[str],
            positive_index: int) -> tuple[SweepMember, dict[str, torch.Tensor], dict]:
     """LP-FT's first step: the initial backbone (random init included, as a baseline) plus a logistic-regression
     head fitted on frozen embeddings; kept as one more sweep member, its head starts every other member."""
-    L.seed_everything(cfg.seed, verbose=False)
-    model = _initial_model(cfg, len(class_names), init_state, backbone)
+    L.seed_everything(setup.seed, verbose=False)
+    model = _initial_model(setup, len(class_names), init_state, backbone)
     c, probe_auroc = fit_linear_head(model, train, val, class_names, positive_index)
     head_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     log.info("adapt: linear probe head (C=%g) val AUROC %.3f", c, probe_auroc)
@@ -144,11 +159,11 @@ def _probe(cfg: RunConfig, init_state, backbone, train: ImageCache, val: ImageCa
     return member, head_state, {"C": c, "val_auroc": probe_auroc}
 
 
-def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, class_names: list[str],
+def _sweep(setup: _Setup, init_state, backbone, train: ImageCache, val_loader, class_names: list[str],
            positive_index: int, head_state, schedule: Schedule, progress: bool) -> list[SweepMember]:
     """Step 1: one fine-tuning per point of the grid learning rate x weight decay x augmentation strength,
     each with early selection on validation AUROC; every member starts from the same head and data order."""
-    ac = cfg.adapt
+    ac, pre = setup.recipe, setup.preprocessing
     train_ds = LabeledDataset(train, class_names)
     weights = class_weights(train_ds.targets, len(class_names))
     grid = itertools.product([ac.lr, *ac.sweep_lrs], [ac.weight_decay, *ac.sweep_weight_decays],
@@ -157,8 +172,8 @@ def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, 
     for lr, weight_decay, strength in grid:
         if init_state is None:
             lr = lr * 3  # random init needs a larger step (the reference protocol uses 1e-3 vs 3e-4)
-        L.seed_everything(cfg.seed, verbose=False)
-        model = _initial_model(cfg, len(class_names), init_state, backbone)
+        L.seed_everything(setup.seed, verbose=False)
+        model = _initial_model(setup, len(class_names), init_state, backbone)
         if head_state is not None:
             model.head.load_state_dict(head_state)
         frozen = _freeze(model, ac.mode, ac.fine_tune_after_block)
@@ -168,10 +183,10 @@ def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, 
         module = ClassifierModule(model, lr=lr, weight_decay=weight_decay, class_weights=weights,
                                   label_smoothing=ac.label_smoothing, positive_index=positive_index,
                                   param_groups=groups, frozen=frozen)
-        workers = cfg.runtime.num_workers
-        member_ds = LabeledDataset(train, class_names, FineTuneAugment(cfg.data.image_size, seed=cfg.seed, strength=strength,
-                                                                       channels=cfg.data.channels))
-        train_loader = DataLoader(member_ds, batch_size=schedule.batch, sampler=EpochSampler(len(train_ds), cfg.seed),
+        workers = setup.runtime.num_workers
+        member_ds = LabeledDataset(train, class_names, FineTuneAugment(pre.image_size, seed=setup.seed, strength=strength,
+                                                                       channels=pre.channels))
+        train_loader = DataLoader(member_ds, batch_size=schedule.batch, sampler=EpochSampler(len(train_ds), setup.seed),
                                   drop_last=schedule.drop_last,
                                   num_workers=workers, persistent_workers=workers > 0,
                                   worker_init_fn=seed_loader_worker if workers > 0 else None)
@@ -180,7 +195,7 @@ def _sweep(cfg: RunConfig, init_state, backbone, train: ImageCache, val_loader, 
             from lightning.pytorch.callbacks import EarlyStopping
 
             callbacks.append(EarlyStopping("val_auroc", mode="max", patience=ac.patience))
-        make_trainer(cfg.runtime, schedule.epochs, ac.max_steps_per_epoch, progress, callbacks,
+        make_trainer(setup.runtime, schedule.epochs, ac.max_steps_per_epoch, progress, callbacks,
                      val_every=schedule.val_every, stage="adapt").fit(module, train_loader, val_loader)
         module.load_best()
         members.append(SweepMember(lr, {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -216,20 +231,38 @@ def _calibrate(model: AdaptedModel, val_loader, val_targets: torch.Tensor, sensi
     model.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
 
 
-def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: ImageCache,
-              class_names: list[str], positive_index: int, progress: bool = True,
+def fine_tune(recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, seed: int, backbone: Path | None,
+              train: ImageCache, val: ImageCache, class_names: list[str], positive_index: int, progress: bool = True,
               provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
-    """The adaptation recipe (module docstring) on one label budget: returns the adapted model, the
-    training history of its first soup member and the recipe's intermediate weights (`variants`)."""
-    ac = cfg.adapt
-    cfg = cfg.with_preprocessing(train.preprocessing)
+    """The adaptation recipe (module docstring) on one label budget.
+
+    Args:
+        recipe: the `adapt` section (sweep grid, schedule, soup, WiSE-FT, operating sensitivity).
+        runtime: the `runtime` section (devices, precision, loader workers).
+        architecture: the network (`model.backbone`); a backbone folder must hold the same.
+        seed: seeds every member's initial head, data order and augmentation.
+        backbone: backbone checkpoint folder, or None for random initialisation.
+        train: the budget's labeled images; their preprocessing gives the input size and channels.
+        val: the site's labeled validation images (every choice is made on them).
+        class_names: the classes, in order.
+        positive_index: the positive class of binary AUROC and of the operating point.
+        progress: show progress bars.
+        provenance: recorded in the model, besides what the recipe adds.
+
+    Returns:
+        the adapted model, the training history of its first soup member and the recipe's intermediate
+        weights (`variants`).
+    """
+    ac = recipe
+    setup = _Setup(recipe, runtime, architecture, seed, train.preprocessing)
+    in_chans = train.preprocessing.in_chans
     check_adaptation_data(train, val, class_names, "adapt")
     init_state, backbone_hash = None, None
     if backbone is not None:
         init_state, meta = load_checkpoint(backbone)
-        if meta.get("architecture") != cfg.model.backbone or meta.get("in_chans", cfg.model.in_chans) != cfg.model.in_chans:
+        if meta.get("architecture") != architecture or meta.get("in_chans", in_chans) != in_chans:
             raise ValueError(f"{backbone}: backbone is {meta.get('architecture')!r} with {meta.get('in_chans')} input "
-                             f"channel(s) but the config asks for {cfg.model.backbone!r} with {cfg.model.in_chans}")
+                             f"channel(s) but the config asks for {architecture!r} with {in_chans}")
         backbone_hash = meta.get("weights_sha256")
     val_ds = LabeledDataset(val, class_names)
     val_loader = DataLoader(val_ds, batch_size=256)
@@ -241,12 +274,12 @@ def fine_tune(cfg: RunConfig, backbone: Path | None, train: ImageCache, val: Ima
     members: list[SweepMember] = []
     head_state, probe = None, {}
     if ac.mode == "lp-ft":
-        member, head_state, probe = _probe(cfg, init_state, backbone, train, val, class_names, positive_index)
+        member, head_state, probe = _probe(setup, init_state, backbone, train, val, class_names, positive_index)
         members.append(member)
-    members += _sweep(cfg, init_state, backbone, train, val_loader, class_names, positive_index, head_state, schedule,
+    members += _sweep(setup, init_state, backbone, train, val_loader, class_names, positive_index, head_state, schedule,
                       progress)
 
-    adapted = AdaptedModel(Classifier(cfg.model.backbone, len(class_names), cfg.model.in_chans), class_names,
+    adapted = AdaptedModel(Classifier(architecture, len(class_names), in_chans), class_names,
                            train.preprocessing, positive_index=positive_index)
 
     def metric(state):

@@ -1,17 +1,11 @@
 """`remedis adapt`: the job a hospital runs.
 
-    remedis adapt --backbone runs/x/backbones/remedis --manifest site.csv --budget 10% --output runs/site-x
-    remedis adapt --backbone ... --manifest site.csv --budget 1%,5%,10%,25%,100% --output runs/site-x   # a sweep
-    remedis adapt --backbone ... --manifest site.csv --budget sweep --output runs/site-x   # the same (SWEEP)
-    remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft             # overrides
-    remedis adapt --backbone random --config configs/breast_ultrasound.yaml ...   # the random-init baseline
-
 A thin face over `remedis.stages`, the code `remedis run` uses: prepares the site's records (label map,
 patient-level splits, a validation split carved from train when the manifest has none), takes the nested
 label budget(s), adapts (sweep, soup, WiSE-FT, calibration, operating point, OOD detector, input
 contract) and writes one complete model folder per budget, then evaluates them all once and writes
 `report.json` / `report.html` with the site's test metrics. A rerun with the same inputs reuses every
-budget that finished, so a killed sweep resumes at the first unfinished budget.
+budget (and student) that finished, so a killed sweep resumes at the first unfinished budget.
 
 `--backbone random` adapts the config's `model.backbone` from random initialisation (channels and image
 size from the config and the site's images): the baseline that tells a site how much pretraining saves
@@ -20,19 +14,35 @@ it, on the same splits, budgets and recipe (WiSE-FT does not apply: there is no 
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
 
-RANDOM = "random"  # --backbone value for the random-initialisation baseline
+from remedis.stages import RANDOM  # --backbone value for the random-initialisation baseline
 
 log = logging.getLogger("remedis")
 
 SWEEP = "1%,5%,10%,25%,100%"  # `--budget sweep`: the data-efficiency curve of the REMEDIS paper
 
+EXAMPLES = """examples:
+  remedis adapt --backbone runs/x/backbones/remedis --manifest site.csv --budget 10% --output runs/site-x
+  remedis adapt --backbone runs/x/backbones/remedis --manifest site.csv --budget sweep -o runs/site-x  # 1%..100%
+  remedis adapt --backbone random --manifest site.csv --budget sweep -o runs/site-x-random             # the baseline
+  remedis adapt ... --config configs/breast_ultrasound.yaml --set adapt.mode=lp-ft                     # overrides
+
+Recommended: --budget sweep once, to see how many labels the site needs (the report's data-efficiency
+curve); the same sweep with --backbone random, to see what pretraining saves. The defaults of the adapt
+section (a 3-point lr sweep, greedy soup, WiSE-FT, operating sensitivity 0.9) suit 20-2,000 labels."""
+
 
 def parse_budgets(text: str) -> list[tuple[str, float | int]]:
-    """'10%,25%' -> [('10%', 0.1), ('25%', 0.25)]; 'sweep' -> the default sweep (SWEEP)."""
+    """'10%,25%' -> [('10%', 0.1), ('25%', 0.25)]; 'sweep' -> the default sweep (SWEEP).
+
+    Example:
+        >>> parse_budgets("10%,50")
+        [('10%', 0.1), ('50', 50)]
+    """
     if text.strip().lower() == "sweep":
         text = SWEEP
     budgets = [(t.strip(), parse_budget(t)) for t in text.split(",")]
@@ -46,13 +56,8 @@ def parse_budget(text: str) -> float | int:
     """'10%' -> 0.1, '0.1' -> 0.1, '50' -> 50 images."""
     t = text.strip()
     try:
-        if t.endswith("%"):
-            value = float(t[:-1]) / 100
-            if not 0 < value <= 1:
-                raise ValueError
-            return value
-        if "." in t:
-            value = float(t)
+        if t.endswith("%") or "." in t:
+            value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
             if not 0 < value <= 1:
                 raise ValueError
             return value
@@ -64,35 +69,49 @@ def parse_budget(text: str) -> float | int:
         raise ValueError(f"--budget: {text!r} is not a percentage (10%), a fraction in (0, 1] or an image count >= 1") from None
 
 
-def cmd_adapt(args) -> int:
-    from remedis import stages
+def _config_for_backbone(args):
+    """The run config with the backbone's architecture, channels and image size (random: the config's own)."""
     from remedis.config import ConfigError, RunConfig
-    from remedis.data.manifest import read_manifest, write_manifest
     from remedis.data.preprocess import Preprocessing
-    from remedis.evaluate.evaluation import load_backbone_before
     from remedis.models.checkpoint import read_meta
-    from remedis.pipeline import reusable, stage_key
+
+    cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
+    if args.backbone == RANDOM:
+        return cfg, None, None
+    backbone = Path(args.backbone)
+    meta = read_meta(backbone)
+    if meta.get("kind") != "backbone":
+        raise ConfigError(f"{backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
+    cfg.data = replace(cfg.data, image_size=pre.image_size)
+    return cfg, backbone, pre
+
+
+def _site_of(manifest, chosen: str | None, path: str) -> str:
+    """--site, or the manifest's only site."""
+    from remedis.config import ConfigError
+
+    site = chosen or (manifest.sites()[0] if len(manifest.sites()) == 1 else None)
+    if site is None:
+        raise ConfigError(f"{path}: several sites ({', '.join(manifest.sites())}); choose one with --site")
+    if site not in manifest.sites():
+        raise ConfigError(f"--site {site!r} is not in {path} (sites: {', '.join(manifest.sites())})")
+    return site
+
+
+def cmd_adapt(args) -> int:
+    """`remedis adapt`: prepare the site, adapt at every budget (reusing finished ones), evaluate, report."""
+    from remedis import resume, stages
+    from remedis.data.manifest import read_manifest, write_manifest
+    from remedis.evaluate.evaluation import load_backbone_before
     from remedis.training import setup_runtime
 
     budgets = parse_budgets(args.budget)  # fail before any work
-    cfg = RunConfig.from_yaml(args.config, args.set)  # no --config: the defaults, with any --set applied
-    backbone: Path | None = None if args.backbone == RANDOM else Path(args.backbone)
-    meta: dict = {}
-    if backbone is not None:
-        meta = read_meta(backbone)
-        if meta.get("kind") != "backbone":
-            raise ConfigError(f"{backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
-        pre = Preprocessing.from_dict(meta["preprocessing"])
-        cfg.model = replace(cfg.model, backbone=meta["architecture"], in_chans=int(meta["in_chans"]))
-        cfg.data = replace(cfg.data, image_size=pre.image_size)
+    cfg, backbone, pre = _config_for_backbone(args)
     setup_runtime(cfg.runtime, cfg.seed)
-
     manifest = read_manifest(args.manifest)
-    site = args.site or (manifest.sites()[0] if len(manifest.sites()) == 1 else None)
-    if site is None:
-        raise ConfigError(f"{args.manifest}: several sites ({', '.join(manifest.sites())}); choose one with --site")
-    if site not in manifest.sites():
-        raise ConfigError(f"--site {site!r} is not in {args.manifest} (sites: {', '.join(manifest.sites())})")
+    site = _site_of(manifest, args.site, args.manifest)
     if backbone is None:  # the network the config names, decoding as the config and the site's images say
         cfg = stages.resolve_channels(cfg, [r for r in manifest.records if r.site == site])
         pre = stages.preprocessing_for(cfg)
@@ -101,71 +120,51 @@ def cmd_adapt(args) -> int:
     write_manifest(prepared.manifest, output / "manifest.csv")
     task = prepared.task
     cache = stages.load_prepared(prepared, pre)
-    train, val, test = (stages.part(cache, site, split) for split in ("train", "val", "test"))
-    name_of_backbone = RANDOM if backbone is None else backbone.name
+    images = stages.SiteImages.of(cache, site, prepared.validation.get(site))
+    name = RANDOM if backbone is None else backbone.name
+    specs = [stages.BudgetSpec(f"{name}@{text}", f"{name}@{text}".replace("%", "pct"), b) for text, b in budgets]
     before = None if backbone is None else load_backbone_before(backbone, cfg.model.backbone, cfg.model.in_chans)
-    # what the adaptation starts from: the backbone's weights, or (random init) the network (the seed is keyed below)
-    start = (RANDOM, cfg.model.backbone, cfg.model.in_chans) if backbone is None else meta.get("weights_sha256")
-    student_arch = args.distill or cfg.adapt.distill_student
-    to_evaluate: list[stages.ModelToEvaluate] = []
-    for text, budget in budgets:
-        budget_train = stages.budget_images(train, budget, cfg.seed)
-        name = f"{name_of_backbone}@{text}"
-        folder = output / "adapted" / name.replace("%", "pct")
-        # everything that determines the model: a rerun reuses the budgets that finished (a killed sweep resumes)
-        key = stage_key("adapt", manifest.sha256, site, cfg.data, cfg.adapt, cfg.evaluate.ood_method,
-                        cfg.evaluate.ood_accept_rate, cfg.seed, budget, start, pre.to_dict())
-        if reusable(folder, key):
-            log.info("adapt %s: finished earlier with the same inputs, reused (%s)", name, folder)
-        else:
-            log.info("adapt %s: %d labeled images of %s", name, len(budget_train), site)
-            stages.adapt_budget(cfg, backbone, budget_train, val, task, folder, progress=not args.quiet,
-                                provenance={"manifest_sha256": manifest.sha256, "target_site": site, "budget": budget,
-                                            "validation": prepared.validation.get(site), "stage_key": key},
-                                ablation_test=test)
-        fraction = stages.budget_fraction(budget, len(train))
-        to_evaluate.append(stages.ModelToEvaluate(folder, name, name_of_backbone, fraction, len(budget_train),
-                                                  train=budget_train, backbone_before=before))
-        if student_arch:  # the site's train images, labeled or not, teach a small serving model
-            site_images = stages.part(cache, site, "train", labeled=None)
-            student_folder = output / "adapted" / f"{name.replace('%', 'pct')}-student-{student_arch}"
-            stages.distill_budget(cfg, folder, student_arch, site_images, val, budget_train, student_folder,
-                                  progress=not args.quiet)
-            log.info("%s -> %s student on %d images: %s", name, student_arch, len(site_images), student_folder)
-            to_evaluate.append(stages.ModelToEvaluate(student_folder, f"{name}-student-{student_arch}",
-                                                      f"{name_of_backbone}-student", fraction, len(budget_train),
-                                                      train=budget_train, extra={"distilled": True}))
-
+    made = stages.adapt_budgets(stages.AdaptSettings.from_config(cfg), backbone, name, specs, images, task, output,
+                                manifest.sha256, pre, progress=not args.quiet,
+                                distill=args.distill or cfg.adapt.distill_student, backbone_before=before)
+    # each budget's model, then its student
+    to_evaluate = [m for i, model in enumerate(made.models) for m in [model, *made.students[i:i + 1]]]
     roles = {site: "target"}
-    inputs = stages.eval_inputs(cfg, test, site, roles, val)
+    inputs = stages.eval_inputs(cfg.evaluate, cfg.adapt.operating_sensitivity, images.test, site, roles, images.val)
     entries = stages.evaluate_models(to_evaluate, inputs, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
     for m, e in zip(to_evaluate, entries):
         auc = e["sites"][site]["auroc"]
         print(f"{e['name']}: {e['train_images']} labels, test AUROC {'n/a' if auc is None else f'{auc:.3f}'}, model {m.folder}")
-    provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": meta.get("weights_sha256"), "seed": cfg.seed,
+    provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": resume.weights_of(backbone), "seed": cfg.seed,
                   "class_names": task.class_names, "positive_class": task.positive_class,
                   "skipped_images": len(cache.failures), "validation": prepared.validation}
-    _, html_path = stages.write_site_report(entries, stages.site_table(test, roles), task, site, provenance, output,
+    _, html_path = stages.write_site_report(entries, stages.site_table(images.test, roles), task, site, provenance, output,
                                             title=f"remedis adaptation to {site}")
     print(f"report: {html_path}")
     return 0
 
 
 def register(sub) -> None:
-    a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets")
+    """Add `remedis adapt` to the command line."""
+    a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets",
+                       description="Fine-tune a pretrained backbone (or, with --backbone random, the config's network "
+                                   "from random initialisation) to one site's labeled images at one or more label "
+                                   "budgets: one complete, servable model folder per budget (calibration, operating "
+                                   "point, OOD detector, input contract), then a test report.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--backbone", required=True,
                    help=f"backbone checkpoint folder (from pretrain), or '{RANDOM}': the config's model.backbone "
                         "from random initialisation (the baseline)")
     a.add_argument("--manifest", required=True, help="the site's manifest CSV")
     a.add_argument("--budget", default="100%",
                    help="label budget(s): 10%%, 0.1 or 50 (images); comma-separated for a sweep, "
-                        f"or 'sweep' for {SWEEP.replace('%', '%%')}")
-    a.add_argument("--output", "-o", required=True)
+                        f"or 'sweep' for {SWEEP.replace('%', '%%')} (default: 100%%)")
+    a.add_argument("--output", "-o", required=True, help="output folder: manifest.csv, adapted/<budget>/, report.*")
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
     a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set adapt.mode=lp-ft (repeatable)")
     a.add_argument("--distill", default=None, metavar="ARCH",
                    help="also distil each adapted model into a small student (e.g. resnet18) on all site train images")
-    a.add_argument("--quiet", action="store_true")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_adapt)

@@ -1,13 +1,27 @@
-"""`remedis data ...` sub-commands: synth, index, inspect, shard, merge (split: `remedis.commands.split`)."""
+"""`remedis data ...`: the data stage's commands, thin faces over `remedis.data` and `remedis.stages`.
+
+    synth    the built-in synthetic multi-site dataset and its manifest
+    index    a folder of DICOMs (or class sub-folders of PNG/JPEG/NIfTI) -> a manifest, PatientID pseudonymised
+    inspect  counts, sizes, modalities, unreadable files and split leakage of a manifest
+    split    a manifest's patient-level splits (as `remedis run` / `remedis adapt` draw them) written into a copy
+    shard    a manifest's images once as litdata shards, for streaming pretraining
+    merge    several manifests as one (e.g. every kit's images as one SimCLR corpus)
+
+`split` freezes the splits a config draws, so later jobs share them: a foundation SimCLR corpus may hold a
+target site's train images only if the later adaptation holds out exactly the same test patients.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
 def cmd_synth(args) -> int:
+    """`remedis data synth`: write the synthetic dataset and print its manifest."""
     from remedis.data.synthetic import SyntheticSpec, generate_synthetic
 
     path = generate_synthetic(args.output, SyntheticSpec(patients_per_site=args.patients, image_size=args.image_size), seed=args.seed)
@@ -16,6 +30,7 @@ def cmd_synth(args) -> int:
 
 
 def _label_map(text: str | None) -> dict[str, str] | None:
+    """`--label-map 1=contrast,0=no_contrast` -> {'1': 'contrast', '0': 'no_contrast'}."""
     if not text:
         return None
     out = {}
@@ -28,6 +43,7 @@ def _label_map(text: str | None) -> dict[str, str] | None:
 
 
 def cmd_index(args) -> int:
+    """`remedis data index`: index a folder into a manifest; print what was found and skipped."""
     from remedis.data.index import DEFAULT_SALT_FILE, index_folder, load_salt
     from remedis.data.manifest import write_manifest
 
@@ -60,6 +76,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    """`remedis data inspect`: print a manifest's summary (text or JSON)."""
     from remedis.data.inspect import format_summary, inspect_manifest
 
     summary = inspect_manifest(args.manifest, decode=not args.headers_only)
@@ -67,7 +84,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    """`remedis data split`: write the prepared splits into a copy of the manifest (original labels kept)."""
+    from remedis.commands.pretrain import parse_sites
+    from remedis.config import RunConfig
+    from remedis.data.manifest import read_manifest, write_manifest
+    from remedis.stages import prepare_records
+
+    cfg = RunConfig.from_yaml(args.config, args.set)
+    seed = cfg.seed if args.seed is None else args.seed
+    manifest = read_manifest(args.manifest)
+    prepared = prepare_records(manifest, cfg.data, seed, sites=parse_sites(args.site))
+    split = {r.image: r.split for r in prepared.records}
+    rows = [replace(r, split=split[r.image]) for r in manifest.records if r.image in split]
+    write_manifest(rows, args.output)
+    counts = {s: sum(r.split == s for r in rows) for s in ("train", "val", "test")}
+    print(f"manifest: {args.output} ({len(rows)} images of {', '.join(prepared.manifest.sites())}; "
+          f"train {counts['train']}, val {counts['val']}, test {counts['test']}; seed {seed})")
+    return 0
+
+
 def cmd_shard(args) -> int:
+    """`remedis data shard`: write (or reuse) the shards of a manifest's records."""
     from remedis.data.contract import detect_channels
     from remedis.data.index import load_salt
     from remedis.data.manifest import read_manifest
@@ -89,6 +127,7 @@ def cmd_shard(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    """`remedis data merge`: write several manifests as one."""
     from remedis.data.manifest import merge_manifests
 
     merged = merge_manifests(args.manifests, args.output)
@@ -99,17 +138,37 @@ def cmd_merge(args) -> int:
     return 0
 
 
+EXAMPLES = {
+    "synth": "remedis data synth --output data/synthetic --patients 150",
+    "index": "remedis data index ../shared/data/ct-dicom --output ct.csv --label-regex 'CONTRAST_(\\d)' "
+             "--label-map 1=contrast,0=no_contrast\n  remedis data index images/ --output site.csv --site HOSP-2   "
+             "# images/<label>/*.png",
+    "inspect": "remedis data inspect site.csv\n  remedis data inspect site.csv --headers-only --json",
+    "split": "remedis data split all.csv --config configs/breast_ultrasound.yaml --site BUSI -o targets/busi.csv",
+    "shard": "remedis data shard all.csv --output shards/simclr --image-size 224 --group-size 4 --split train --workers 8",
+    "merge": "remedis data merge busbra.csv busi.csv nih.csv --output foundation.csv",
+}
+
+
+def _parser(dsub, name: str, text: str):
+    """A `remedis data NAME` parser whose --help says what it does and shows a runnable example."""
+    return dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def register(sub):
-    d = sub.add_parser("data", help="data utilities")
+    """Add `remedis data synth|index|inspect|split|shard|merge` to the command line."""
+    d = sub.add_parser("data", help="data utilities: synth, index, inspect, split, shard, merge",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write the synthetic multi-site dataset and its manifest")
-    s.add_argument("--output", "-o", required=True)
+    s = _parser(dsub, "synth", "write the synthetic multi-site dataset and its manifest")
+    s.add_argument("--output", "-o", required=True, help="folder for the images and manifest.csv")
     s.add_argument("--patients", type=int, default=150, help="patients per site")
-    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--image-size", type=int, default=96, help="side of the generated images, pixels")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
-    i = dsub.add_parser("index", help="build a manifest from a folder of DICOMs or class sub-folders of images")
+    i = _parser(dsub, "index", "build a manifest from a folder of DICOMs or class sub-folders of images")
     i.add_argument("folder")
     i.add_argument("--output", "-o", required=True, help="manifest CSV to write")
     i.add_argument("--site", help="site name for every image (default: DICOM --site-tag, else the folder name)")
@@ -123,13 +182,22 @@ def register(sub):
                                        "~/.config/remedis/patient-salt, created on first use)")
     i.set_defaults(func=cmd_index)
 
-    n = dsub.add_parser("inspect", help="counts, sizes, modalities, unreadable files and split leakage of a manifest")
+    n = _parser(dsub, "inspect", "counts, sizes, modalities, unreadable files and split leakage of a manifest")
     n.add_argument("manifest")
     n.add_argument("--json", action="store_true", help="print the summary as JSON")
     n.add_argument("--headers-only", action="store_true", help="read headers only (skip decoding every image)")
     n.set_defaults(func=cmd_inspect)
 
-    h = dsub.add_parser("shard", help="write a manifest's images once as litdata shards, for streaming pretraining")
+    sp = _parser(dsub, "split", "write a manifest's patient-level splits (as run/adapt draw them) into a copy")
+    sp.add_argument("manifest")
+    sp.add_argument("--output", "-o", required=True, help="manifest CSV to write (original labels, split column filled)")
+    sp.add_argument("--config", default=None, help="the run config whose data section draws the splits")
+    sp.add_argument("--site", action="append", default=[], metavar="SITE", help="only these sites (default: all)")
+    sp.add_argument("--seed", type=int, default=None, help="the split seed (default: the config's)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sp.set_defaults(func=cmd_split)
+
+    h = _parser(dsub, "shard", "write a manifest's images once as litdata shards, for streaming pretraining")
     h.add_argument("manifest")
     h.add_argument("--output", "-o", required=True, help="shard folder (reused when it holds these shards already)")
     h.add_argument("--image-size", type=int, default=64, help="Preprocessing.image_size (the run's data.image_size)")
@@ -144,7 +212,7 @@ def register(sub):
     h.add_argument("--overwrite", action="store_true", help="replace other shards found in --output")
     h.set_defaults(func=cmd_shard)
 
-    g = dsub.add_parser("merge", help="several manifests as one (e.g. every kit's images as one SimCLR corpus)")
+    g = _parser(dsub, "merge", "several manifests as one (e.g. every kit's images as one SimCLR corpus)")
     g.add_argument("manifests", nargs="+")
     g.add_argument("--output", "-o", required=True, help="merged manifest CSV")
     g.set_defaults(func=cmd_merge)
