@@ -6,12 +6,13 @@ and so the service stays thin: decode and check here, the network in `serving.ru
 
 Example:
     >>> x, reasons = prepare(check_upload(data, "application/dicom", limits), preprocessing, contract)
-    >>> answers(model_output, class_names, calibration, detector, [reasons], contract is not None)[0]["ood_reasons"]
+    >>> answers(model_output, class_names, calibration, detector, [reasons], contract is not None)[0].ood_reasons
     ['modality CT, model trained on US']
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,56 @@ from remedis.adapt.calibration import Calibration
 from remedis.data.contract import InputContract
 from remedis.data.preprocess import Preprocessing
 from serving.inputs import Upload, UploadError, decode
+
+
+@dataclass
+class Answer:
+    """One image's answer, shared by the service (its JSON) and the gateway (its SR and captures).
+
+    Args:
+        probabilities: calibrated probability per class, in the model's class order.
+        label: the decision: at the stored operating point (binary) or the most probable class.
+        decision: "operating_point" or "argmax", how `label` was chosen.
+        ood: True when the input broke the contract or the detector flagged it, False when checked and
+            neither, None when the model has neither a contract nor a detector.
+        ood_score: the detector's score (higher = more out of distribution), or None.
+        ood_reasons: why it is out of distribution (the contract's reasons, the detector's threshold).
+
+    Example:
+        >>> a = Answer({"benign": 0.3, "malignant": 0.7}, "malignant", "operating_point", False, 1.2, [])
+        >>> Answer.from_dict(a.to_dict()) == a
+        True
+    """
+
+    probabilities: dict[str, float]
+    label: str
+    decision: str = "argmax"
+    ood: bool | None = None
+    ood_score: float | None = None
+    ood_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer's JSON fields (the service's response body for one image)."""
+        return {"probabilities": dict(self.probabilities), "label": self.label, "decision": self.decision,
+                "ood": self.ood, "ood_score": self.ood_score, "ood_reasons": list(self.ood_reasons)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Answer:
+        """An answer from the service's JSON (extra fields such as `format` or `warnings` are ignored)."""
+        return cls({str(k): float(v) for k, v in d["probabilities"].items()}, str(d["label"]), str(d.get("decision", "argmax")),
+                   d.get("ood"), None if d.get("ood_score") is None else float(d["ood_score"]), list(d.get("ood_reasons") or []))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An image the model did not answer: the client's mistake (4xx status) and a reason safe to return."""
+
+    reason: str
+    status: int = 422
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of a refused image in a batch answer."""
+        return {"error": self.reason, "status": self.status}
 
 
 def prepare(up: Upload, preprocessing: Preprocessing, contract: InputContract | None) -> tuple[np.ndarray, list[str]]:
@@ -72,11 +123,12 @@ def modality_warnings(up: Upload, configured: set[str], contract: InputContract 
 
 
 def _num(v: float) -> str:
+    """A score as five significant digits."""
     return f"{v:.5g}"
 
 
 def answers(out: np.ndarray, class_names: list[str], calibration: Calibration, detector=None,
-            contract_reasons: list[list[str]] | None = None, contract: bool = False) -> list[dict[str, Any]]:
+            contract_reasons: list[list[str]] | None = None, contract: bool = False) -> list[Answer]:
     """The answer for each image of a model output.
 
     `ood` is True when the input broke the contract or the detector's score is above its threshold,
@@ -91,7 +143,7 @@ def answers(out: np.ndarray, class_names: list[str], calibration: Calibration, d
         contract: whether the model has an input contract (the inputs were checked against it).
 
     Example:
-        >>> answers(np.array([[0.0, 2.0, 0.5]]), ["benign", "malignant"], Calibration(1.0))[0]["label"]
+        >>> answers(np.array([[0.0, 2.0, 0.5]]), ["benign", "malignant"], Calibration(1.0))[0].label
         'malignant'
     """
     k = len(class_names)
@@ -105,12 +157,12 @@ def answers(out: np.ndarray, class_names: list[str], calibration: Calibration, d
         reasons = list(contract_reasons[i]) if contract_reasons is not None else []
         if scores is not None and scores[i] > detector.threshold:
             reasons.append(f"feature score {_num(scores[i])} above threshold {_num(detector.threshold)}")
-        result.append({
-            "probabilities": {c: float(p) for c, p in zip(class_names, probs[i])},
-            "label": class_names[int(labels[i])],
-            "decision": "operating_point" if calibration.threshold is not None else "argmax",
-            "ood": bool(reasons) if checked else None,
-            "ood_score": None if scores is None else float(scores[i]),
-            "ood_reasons": reasons,
-        })
+        result.append(Answer(
+            probabilities={c: float(p) for c, p in zip(class_names, probs[i])},
+            label=class_names[int(labels[i])],
+            decision="operating_point" if calibration.threshold is not None else "argmax",
+            ood=bool(reasons) if checked else None,
+            ood_score=None if scores is None else float(scores[i]),
+            ood_reasons=reasons,
+        ))
     return result

@@ -39,7 +39,7 @@ from remedis.adapt.calibration import Calibration
 from remedis.data.contract import InputContract
 from remedis.data.preprocess import Preprocessing
 from remedis.models.checkpoint import read_meta
-from serving.answer import answers, modality_warnings, prepare
+from serving.answer import Answer, Refusal, answers, modality_warnings, prepare
 from serving.coalesce import Coalescer
 from serving.guard import RequestGuard
 from serving.hop import call_resending
@@ -239,7 +239,7 @@ class RemedisService:
         outs = await asyncio.gather(*(self._forward(c) for c in chunks))
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
 
-    def _answers(self, out: np.ndarray, contract_reasons: list[list[str]]) -> list[dict[str, Any]]:
+    def _answers(self, out: np.ndarray, contract_reasons: list[list[str]]) -> list[Answer]:
         return answers(out, self.class_names, self.calibration, self.detector, contract_reasons, self.contract is not None)
 
     @property
@@ -277,7 +277,7 @@ class RemedisService:
             return failure
         up, out, warnings, reasons = done
         answer = self._answers(out, [reasons])[0]
-        return {**answer, "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
+        return {**answer.to_dict(), "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
 
     @bentoml.api(input_spec=ImagesInput)
     async def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
@@ -299,7 +299,7 @@ class RemedisService:
         for p in prepared:
             if isinstance(p, BaseException) and not isinstance(p, UploadError):
                 raise p
-        answers: dict[int, dict[str, Any]] = {}
+        answers: dict[int, Answer] = {}
         if good:
             try:
                 out = await self._forward_chunks([prepared[i][1] for i in good])
@@ -309,9 +309,9 @@ class RemedisService:
         results = []
         for i, p in enumerate(prepared):
             if isinstance(p, UploadError):
-                results.append({"index": i, "error": p.reason, "status": p.status})
+                results.append({"index": i, **Refusal(p.reason, p.status).to_dict()})
             else:
-                results.append({"index": i, **answers[i], "format": p[0].format, "modality": p[0].modality,
+                results.append({"index": i, **answers[i].to_dict(), "format": p[0].format, "modality": p[0].modality,
                                 "warnings": p[2]})
         n_bad = len(files) - len(good)
         if n_bad:

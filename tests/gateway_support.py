@@ -121,4 +121,4 @@ def expected_probs(folder: Path, paths: list[Path]) -> np.ndarray:
     from serving.gateway.inference import LocalInference
 
     model = LocalInference(folder)
-    return np.array([[r["probabilities"][c] for c in model.info.class_names] for r in model.predict([p.read_bytes() for p in paths])])
+    return np.array([[r.probabilities[c] for c in model.info.class_names] for r in model.predict([p.read_bytes() for p in paths])])

@@ -237,7 +237,7 @@ def test_tiny_simclr_then_fine_tune_then_serve_on_colour(tmp_path):
         reasons.append(r)
     rt = ModelRuntime(model, "cpu")
     got = answers(rt.forward(np.stack(xs)), model.class_names, model.calibration, None, reasons, contract=True)
-    served = np.array([[a["probabilities"][c] for c in model.class_names] for a in got])
+    served = np.array([[a.probabilities[c] for c in model.class_names] for a in got])
     assert np.abs(served - offline).max() < 1e-5
     assert reasons[0] == [] and reasons[1] == []
     # a grey upload to the colour model is flagged by the header's channel count

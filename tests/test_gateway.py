@@ -73,6 +73,12 @@ def _wait(predicate, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _drained(gw) -> bool:
+    """Nothing left to process or send: no instance queued, no result waiting in the outbox."""
+    s = gw.status()
+    return s["queued"] == 0 and s["results_unsent"] == 0
+
+
 def test_sr_is_tid1500_reproducible_and_parsed_by_dcmtk(tmp_path, model, shared_data):
     from serving.gateway.inference import LocalInference
     from serving.gateway.report import NOT_FOR_DIAGNOSIS, build_sr, read_results
@@ -87,8 +93,8 @@ def test_sr_is_tid1500_reproducible_and_parsed_by_dcmtk(tmp_path, model, shared_
     assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
     assert sr.VerificationFlag == "UNVERIFIED" and "not for diagnostic use" in sr.SeriesDescription
     got = read_results(sr)[src.SOPInstanceUID]
-    assert got["probabilities"] == pytest.approx(answers[0]["probabilities"], abs=1e-9)
-    assert got["label"] == answers[0]["label"] and got["ood"] == answers[0]["ood"]
+    assert got["probabilities"] == pytest.approx(answers[0].probabilities, abs=1e-9)
+    assert got["label"] == answers[0].label and got["ood"] == answers[0].ood
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     assert local.info.weights_sha256.encode() in buf.getvalue() and NOT_FOR_DIAGNOSIS.encode() in buf.getvalue()
@@ -125,9 +131,9 @@ def test_local_inference_equals_the_offline_model(model, shared_data):
     files = ct_files(shared_data, 4)
     got = LocalInference(model).predict([f.read_bytes() for f in files])
     offline = AdaptedModel.load(model).predict_files(files)["probs"]
-    np.testing.assert_allclose([[g["probabilities"][c] for c in ("no_contrast", "contrast")] for g in got], offline, atol=1e-5)
+    np.testing.assert_allclose([[g.probabilities[c] for c in ("no_contrast", "contrast")] for g in got], offline, atol=1e-5)
     bad = LocalInference(model).predict([b"not a dicom file at all"])
-    assert bad[0]["status"] == 415 or 400 <= bad[0]["status"] < 500
+    assert bad[0].status == 415 or 400 <= bad[0].status < 500
 
 
 def test_500_instances_in_one_and_in_parallel_associations_all_get_results(tmp_path, model, shared_data):
@@ -249,14 +255,17 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
     studies = [study_from(ct_files(shared_data, 1)[0], 2, planted=False) for _ in range(2)]
     with Gateway(settings) as gw:
         assert all(gw.accept(to_bytes(ds)) == 0 for study in studies for ds in study)
-        _wait(lambda: gw.status()["send_errors"] >= 4, 30, "failed deliveries")
+        # both studies processed (nothing queued) and their deliveries failing: every result waits in the outbox
+        _wait(lambda: gw.status()["queued"] == 0 and gw.status()["processed"] == 4 and gw.status()["send_errors"] >= 4,
+              30, "both studies processed and failed deliveries")
         assert gw.status()["results_unsent"] == 6  # 2 SRs + 4 captures
         ae = AE(ae_title="DEST")
         ae.supported_contexts = AllStoragePresentationContexts
         server = ae.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         try:
-            _wait(lambda: gw.status()["results_unsent"] == 0, 30, "delivery")
-            time.sleep(1.0)
+            # drained: nothing queued, nothing in the outbox; a duplicate could only come from there, so the
+            # counts below are final
+            _wait(lambda: _drained(gw), 30, "delivery")
         finally:
             server.shutdown()
         # Per study: one SR, and one Secondary Capture per image (the result burned in); each exactly once.

@@ -467,6 +467,7 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
     `predict_batch` with the API key and writes the service's answer into the SR."""
     import pydicom
 
+    from serving.answer import Refusal
     from serving.gateway.app import Gateway
     from serving.gateway.inference import InferenceUnavailable, ServiceInference
     from serving.gateway.report import read_results
@@ -478,9 +479,9 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
     meta = json.loads((svc["folder"] / "meta.json").read_text())
     assert model.info.class_names == ["benign", "malignant"] and model.info.weights_sha256 == meta["weights_sha256"]
     got = model.predict([f.read_bytes() for f in dcms] + [b"not an image"])
-    assert got[-1]["status"] in (415, 422) and "probabilities" not in got[-1]
+    assert isinstance(got[-1], Refusal) and got[-1].status in (415, 422)
     for f, answer in zip(dcms, got):
-        assert answer["probabilities"]["malignant"] == pytest.approx(float(_expected(svc, f)["probs"][1]), abs=1e-5)
+        assert answer.probabilities["malignant"] == pytest.approx(float(_expected(svc, f)["probs"][1]), abs=1e-5)
     monkeypatch.setenv("REMEDIS_TEST_API_KEY", "wrong-key-0123456789")
     with pytest.raises(InferenceUnavailable, match="API key"):
         ServiceInference(svc["url"], "REMEDIS_TEST_API_KEY")

@@ -434,20 +434,20 @@ def test_answer_uses_the_models_calibration_and_combines_contract_and_detector(u
     got = answers(out, model.class_names, cal, energy, [r_png, r_ct], contract=True)
     probs = model.probs_from_logits(torch.from_numpy(logits)).numpy()
     for a, p, label in zip(got, probs, model.decide(probs)):
-        assert np.allclose([a["probabilities"][c] for c in model.class_names], p, atol=1e-6)
-        assert a["label"] == model.class_names[label] and a["decision"] == "operating_point"
-        assert isinstance(a["ood_score"], float)
-    assert got[0]["ood"] is False and got[0]["ood_reasons"] == []
-    assert got[1]["ood"] is True and got[1]["ood_reasons"] == r_ct
+        assert np.allclose([a.probabilities[c] for c in model.class_names], p, atol=1e-6)
+        assert a.label == model.class_names[label] and a.decision == "operating_point"
+        assert isinstance(a.ood_score, float)
+    assert got[0].ood is False and got[0].ood_reasons == []
+    assert got[1].ood is True and got[1].ood_reasons == r_ct
     # The detector's own flag is a reason too; without contract and detector nothing is claimed.
     strict = OODDetector("energy", -1e6)
     flagged = answers(out, model.class_names, cal, strict, [r_png, r_ct], contract=True)
-    assert flagged[0]["ood"] is True and flagged[0]["ood_reasons"][0].startswith("feature score ")
-    assert flagged[0]["ood_reasons"][0].endswith("above threshold -1e+06")
+    assert flagged[0].ood is True and flagged[0].ood_reasons[0].startswith("feature score ")
+    assert flagged[0].ood_reasons[0].endswith("above threshold -1e+06")
     bare = answers(out, model.class_names, cal)
-    assert [a["ood"] for a in bare] == [None, None] and bare[0]["ood_reasons"] == [] and bare[0]["ood_score"] is None
+    assert [a.ood for a in bare] == [None, None] and bare[0].ood_reasons == [] and bare[0].ood_score is None
     contract_only = answers(out, model.class_names, cal, None, [r_png, r_ct], contract=True)
-    assert [a["ood"] for a in contract_only] == [False, True] and contract_only[0]["ood_score"] is None
+    assert [a.ood for a in contract_only] == [False, True] and contract_only[0].ood_score is None
 
 
 def test_expected_modalities_come_from_the_config_else_the_contract(tmp_path, us_contract):

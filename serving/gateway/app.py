@@ -31,12 +31,20 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from remedis.data.readers import ImageReadError, read_image
+from serving.answer import Answer
+from serving.gateway.codes import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_NOT_MATCHING,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    Refused,
+)
 from serving.gateway.inference import Inference, InferenceUnavailable, open_model
-from serving.gateway.report import MANUFACTURER, build_secondary_capture, build_sr
+from serving.gateway.report import MANUFACTURER
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
 from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool, uid_key
+from serving.gateway.writers import DICOM, StudyAnswers, enabled_writers, media_type_of
 
 log = logging.getLogger("remedis.gateway")
 
@@ -44,25 +52,10 @@ log = logging.getLogger("remedis.gateway")
 # PDF/CDA/STL, presentation states, key objects, segmentations, RT structures, raw data.
 NEVER = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.",
          "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.3")
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_NOT_MATCHING = 0xA900  # data set does not match SOP class (here: no pixel data)
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-
-def _encode(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-class Refused(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 def _decodable(ts: str) -> bool:
+    """Whether pydicom has a working decoder for the transfer syntax `ts`."""
     from pydicom.pixels.decoders.base import get_decoder
 
     try:
@@ -114,6 +107,14 @@ def skip_reason(ds: pydicom.Dataset) -> str | None:
 
 
 class Gateway:
+    """The gateway: DICOM and DICOMweb in, the spool, inference per route, result writers, delivery out.
+
+    Args:
+        settings: the gateway's settings (`serving.gateway.settings`).
+        models: route index -> an `Inference` to use instead of opening the route's model (tests, benchmarks).
+        model_wait_s: how long `start` keeps trying a route's service that is not up yet.
+    """
+
     def __init__(self, settings: GatewaySettings, models: dict[int, Inference] | None = None,
                  model_wait_s: float = 0.0):
         logging.getLogger("pydicom").disabled = True  # pydicom can log element values (identifiers)
@@ -134,6 +135,7 @@ class Gateway:
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> "Gateway":
+        """Open the routes' models, recover the spool, listen (DIMSE, and STOW-RS with status), start the workers."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
@@ -168,6 +170,7 @@ class Gateway:
         return self
 
     def stop(self) -> None:
+        """Stop listening and let the workers finish their current step (what is spooled stays)."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
@@ -183,6 +186,7 @@ class Gateway:
         self.stop()
 
     def status(self) -> dict[str, Any]:
+        """Counters, queue sizes, the destination and routes, the last error (no identifier)."""
         return {**self.spool.status(), "destination": self.settings.destination.kind,
                 "routes": [r.name or Path(r.model).name for r in self.settings.routes], "last_error": self.last_error}
 
@@ -193,15 +197,18 @@ class Gateway:
             data = event.encoded_dataset(include_meta=True)
             ds = pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:  # a truncated or malformed data set
-            self.spool.count("refused")
-            log.info("C-STORE refused: cannot read the data set (%s)", type(exc).__name__)
+            self.refused("C-STORE", STATUS_CANNOT_UNDERSTAND, f"cannot read the data set ({type(exc).__name__})")
             return STATUS_CANNOT_UNDERSTAND
         try:
             return self.accept(data, ds)
         except Refused as exc:
-            self.spool.count("refused")
-            log.info("C-STORE refused (0x%04X): %s", exc.status, exc.reason)
+            self.refused("C-STORE", exc.status, exc.reason)
             return exc.status
+
+    def refused(self, via: str, status: int, reason: str) -> None:
+        """Count and log an instance refused on the way in (`via`: C-STORE, STOW-RS part)."""
+        self.spool.count("refused")
+        log.info("%s refused (0x%04X): %s", via, status, reason)
 
     def accept(self, data: bytes, ds: pydicom.Dataset | None = None) -> int:
         """Check one instance and spool it; returns the DICOM status. Raises `Refused` for a bad one."""
@@ -260,10 +267,33 @@ class Gateway:
             self._stop.wait(0.2)
 
     def process(self, batch: Path) -> None:
-        files = sorted(batch.glob("*.dcm"))
-        if not files:
-            self.spool.finish(batch, {})
-            return
+        """One claimed batch: each instance to its route's model, the answers to every enabled result writer,
+        the results to the outbox; instances the model refuses go to failed/ with the reason."""
+        by_route, failed = self._routes_of(sorted(batch.glob("*.dcm")))
+        results: dict[str, bytes] = {}
+        answered = 0
+        for r, items in by_route.items():
+            got = self._answers(batch, r, items)
+            if got is None:
+                return  # the model is unavailable: the batch waits in work/ (back-off)
+            good = [(ds, a) for (_, ds), a in zip(items, got) if isinstance(a, Answer)]
+            failed += [(f, a.reason) for (f, _), a in zip(items, got) if not isinstance(a, Answer)]
+            answered += len(good)
+            results.update(self._write_results(r, items, good))
+        self.model_backoff.succeeded(batch.name)
+        if failed:
+            self.spool.keep_failed(batch.name, failed)
+            for f, reason in failed:
+                log.info("instance %s of batch %s not processed: %s", f.stem[:12], batch.name, reason)
+        self.spool.finish(batch, results)
+        self.spool.count("processed", answered)
+        if failed:
+            self.spool.count("failed", len(failed))
+        log.info("batch %s: %d image(s) answered, %d failed, %d result(s) queued", batch.name, answered, len(failed),
+                 len(results))
+
+    def _routes_of(self, files: list[Path]) -> tuple[dict[int, list[tuple[Path, pydicom.Dataset]]], list[tuple[Path, str]]]:
+        """The batch's instances by route (header only), and those no route takes or that cannot be read."""
         by_route: dict[int, list[tuple[Path, pydicom.Dataset]]] = {}
         skipped = []
         for f in files:
@@ -277,65 +307,46 @@ class Gateway:
                 skipped.append((f, "no route takes it"))
             else:
                 by_route.setdefault(r, []).append((f, ds))
+        return by_route, skipped
+
+    def _answers(self, batch: Path, r: int, items: list[tuple[Path, pydicom.Dataset]]) -> list | None:
+        """The route's model on the instances, `batch_size` at a time; None when it is unavailable now."""
+        answers: list = []
+        step = self.settings.batch_size
+        try:
+            for i in range(0, len(items), step):
+                answers += self.models[r].predict([f.read_bytes() for f, _ in items[i:i + step]])
+        except InferenceUnavailable as exc:
+            wait = self.model_backoff.failed(batch.name)
+            self.last_error = str(exc)
+            log.warning("batch %s waits %.0f s: %s", batch.name, wait, exc)
+            return None
+        return answers
+
+    def _write_results(self, r: int, items: list[tuple[Path, pydicom.Dataset]],
+                       good: list[tuple[pydicom.Dataset, Answer]]) -> dict[str, bytes]:
+        """Every enabled result writer on each study's answers: result name -> bytes."""
+        files_of = {ds.SOPInstanceUID: f for f, ds in items}
+        by_study: dict[str, list[tuple[pydicom.Dataset, Answer]]] = {}
+        for ds, a in good:
+            by_study.setdefault(ds.StudyInstanceUID, []).append((ds, a))
         results: dict[str, bytes] = {}
-        failed = list(skipped)
-        answered = 0
-        for r, items in by_route.items():
-            model = self.models[r]
-            answers: list[dict[str, Any]] = []
-            step = self.settings.batch_size
-            try:
-                for i in range(0, len(items), step):
-                    answers += model.predict([f.read_bytes() for f, _ in items[i:i + step]])
-            except InferenceUnavailable as exc:
-                wait = self.model_backoff.failed(batch.name)
-                self.last_error = str(exc)
-                log.warning("batch %s waits %.0f s: %s", batch.name, wait, exc)
-                return
-            good = [(ds, a) for (_, ds), a in zip(items, answers) if "probabilities" in a]
-            failed += [(f, a.get("error", "no answer")) for (f, _), a in zip(items, answers) if "probabilities" not in a]
-            answered += len(good)
-            by_study: dict[str, list[tuple[pydicom.Dataset, dict]]] = {}
-            for ds, a in good:
-                by_study.setdefault(ds.StudyInstanceUID, []).append((ds, a))
+        for writer in enabled_writers(self.settings):
             for study, pairs in by_study.items():
-                sr = build_sr([p[0] for p in pairs], [p[1] for p in pairs], model.info,
-                              self.settings.institution or None)
-                results[f"sr-{r}-{uid_key(study)}.dcm"] = _encode(sr)
-            if self.settings.secondary_capture:
-                files_of = {ds.SOPInstanceUID: f for f, ds in items}
-                for ds, a in good:
-                    try:
-                        sc = build_secondary_capture(ds, read_image(files_of[ds.SOPInstanceUID]), a, model.info)
-                    except (ValueError, ImageReadError) as exc:  # the SR carries the result anyway
-                        log.info("no secondary capture for an instance of batch %s: %s", batch.name,
-                                 str(exc) if isinstance(exc, ValueError) else type(exc).__name__)
-                        continue
-                    results[f"sc-{r}-{uid_key(ds.SOPInstanceUID)}.dcm"] = _encode(sc)
-        self.model_backoff.succeeded(batch.name)
-        if failed:
-            self.spool.keep_failed(batch.name, failed)
-            for f, reason in failed:
-                log.info("instance %s of batch %s not processed: %s", f.stem[:12], batch.name, reason)
-        self.spool.finish(batch, results)
-        self.spool.count("processed", answered)
-        if failed:
-            self.spool.count("failed", len(failed))
-        log.info("batch %s: %d image(s) answered, %d failed, %d result(s) queued", batch.name, answered, len(failed),
-                 len(results))
+                answers = StudyAnswers(r, study, pairs, files_of, self.models[r].info, self.settings)
+                results.update({res.name: res.data for res in writer.write(answers)})
+        return results
 
     # ---- out -------------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        dest = self.settings.destination
+        """Deliver the outbox with back-off; a batch leaves it only when the destination acknowledged it."""
         while not self._stop.is_set():
             for out in self.spool.outbox():
                 if self._stop.is_set() or not self.backoff.due(out.name):
                     continue
-                files = sorted(out.glob("*.dcm"))
                 try:
-                    if dest.kind != "none" and files:
-                        send([pydicom.dcmread(f) for f in files], dest, self.settings.ae_title)
+                    sent = self._deliver(out)
                 except (SendError, OSError) as exc:
                     wait = self.backoff.failed(out.name)
                     self.last_error = str(exc)
@@ -351,6 +362,20 @@ class Gateway:
                     continue
                 self.backoff.succeeded(out.name)
                 self.spool.delivered(out)
-                if dest.kind != "none":
-                    self.spool.count("sent", len(files))
+                if sent:
+                    self.spool.count("sent", sent)
             self._stop.wait(0.2)
+
+    def _deliver(self, out: Path) -> int:
+        """Send one outbox batch by media type: DICOM results to the destination (C-STORE or STOW-RS); a result
+        the destination does not take stays with the batch in results/. Returns how many were sent."""
+        dest = self.settings.destination
+        files = self.spool.results_of(out)
+        dicom = [f for f in files if media_type_of(f) == DICOM]
+        kept = [f.name for f in files if media_type_of(f) != DICOM]
+        if kept:
+            log.info("results %s: %d result(s) of a media type the destination does not take are kept", out.name, len(kept))
+        if dest.kind == "none" or not dicom:
+            return 0
+        send([pydicom.dcmread(f) for f in dicom], dest, self.settings.ae_title)
+        return len(dicom)

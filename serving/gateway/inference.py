@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from remedis.models.checkpoint import read_meta
+from serving.answer import Answer, Refusal
 
 
 @dataclass
@@ -39,7 +40,9 @@ class ModelInfo:
 class Inference(Protocol):
     info: ModelInfo
 
-    def predict(self, files: list[bytes]) -> list[dict[str, Any]]: ...
+    def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
+        """Per DICOM file, in order, its answer or its refusal."""
+        ...
 
 
 class InferenceUnavailable(RuntimeError):
@@ -68,18 +71,19 @@ class LocalInference:
         self.info = ModelInfo(folder.name, version, str(meta.get("weights_sha256", "")), list(meta["class_names"]),
                               int(meta.get("positive_index", 1)))
 
-    def predict(self, files: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
+        """Per DICOM file, its answer, or the refusal the service would give."""
         from serving.answer import answers, prepare
         from serving.inputs import UploadError, check_upload
 
-        results: list[dict[str, Any] | None] = [None] * len(files)
+        results: list[Answer | Refusal | None] = [None] * len(files)
         xs, reasons, where = [], [], []
         for i, data in enumerate(files):
             try:
                 up = check_upload(data, "application/dicom", self.limits)
                 x, r = prepare(up, self.preprocessing, self.contract)
             except UploadError as exc:
-                results[i] = {"error": exc.reason, "status": exc.status}
+                results[i] = Refusal(exc.reason, exc.status)
                 continue
             xs.append(x)
             reasons.append(r)
@@ -125,7 +129,8 @@ class ServiceInference:
             raise InferenceUnavailable(f"service {self.url} answered {r.status_code}: {r.text[:200]}")
         return r.json()
 
-    def predict(self, files: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
+        """Per DICOM file, the service's answer, or its refusal (an item's `error` and `status`)."""
         parts = [("images", (f"{i}.dcm", data, "application/dicom")) for i, data in enumerate(files)]
         body = self._call("predict_batch", files=parts)
         results = sorted(body["results"], key=lambda r: r["index"])
@@ -133,7 +138,8 @@ class ServiceInference:
             probs = next((r["probabilities"] for r in results if "probabilities" in r), None)
             if probs:
                 self.info.class_names = list(probs)
-        return [{k: v for k, v in r.items() if k != "index"} for r in results]
+        return [Answer.from_dict(r) if "probabilities" in r else Refusal(str(r.get("error", "no answer")), int(r.get("status", 422)))
+                for r in results]
 
 
 def _find(obj: Any, key: str) -> Any:

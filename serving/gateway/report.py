@@ -32,6 +32,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
+from serving.answer import Answer
 from serving.gateway.inference import ModelInfo
 
 SCHEME = "99REMEDIS"
@@ -39,7 +40,6 @@ NOT_FOR_DIAGNOSIS = "remedis AI result: research use, not for diagnostic use"
 SERIES_DESCRIPTION = "remedis AI result - not for diagnostic use"
 MANUFACTURER = "remedis"
 UID_PREFIX = PYDICOM_ROOT_UID  # derived UIDs; an organisation with its own root sets `uid_root` in the config
-PROBABILITY = "probability"
 UNIT_ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 YES = hd.sr.CodedConcept("373066001", "SCT", "Yes")
 NO = hd.sr.CodedConcept("373067005", "SCT", "No")
@@ -83,20 +83,20 @@ def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
-def _group(ds: pydicom.Dataset, answer: dict[str, Any], info: ModelInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     algorithm = hd.sr.AlgorithmIdentification(name=info.name[:64], version=(info.version or "unknown")[:64],
                                               parameters=[f"weights_sha256={info.weights_sha256}"] if info.weights_sha256 else None)
-    probs: dict[str, float] = answer["probabilities"]
+    probs: dict[str, float] = answer.probabilities
     # The algorithm is identified once, on the group (TID 1501); repeating it on every measurement
     # made each group about a third larger and slower to write.
     measurements = [hd.sr.Measurement(name=probability_code(c), value=float(p), unit=UNIT_ONE) for c, p in probs.items()]
-    if answer.get("ood_score") is not None and np.isfinite(answer["ood_score"]):
-        measurements.append(hd.sr.Measurement(name=CODE_OOD_SCORE, value=float(answer["ood_score"]), unit=UNIT_ONE))
-    evaluations = [hd.sr.QualitativeEvaluation(CODE_DECISION, class_code(answer["label"]))]
-    if answer.get("ood") is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(CODE_OOD, YES if answer["ood"] else NO))
-    positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else answer["label"]
-    method = "operating point" if answer.get("decision") == "operating_point" else "argmax"
+    if answer.ood_score is not None and np.isfinite(answer.ood_score):
+        measurements.append(hd.sr.Measurement(name=CODE_OOD_SCORE, value=float(answer.ood_score), unit=UNIT_ONE))
+    evaluations = [hd.sr.QualitativeEvaluation(CODE_DECISION, class_code(answer.label))]
+    if answer.ood is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(CODE_OOD, YES if answer.ood else NO))
+    positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else answer.label
+    method = "operating point" if answer.decision == "operating_point" else "argmax"
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("group", ds.SOPInstanceUID, info.weights_sha256),
                                                      identifier=f"remedis {info.name}"[:64]),
@@ -108,26 +108,26 @@ def _group(ds: pydicom.Dataset, answer: dict[str, Any], info: ModelInfo) -> hd.s
         source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
     )
     content = group[0].ContentSequence
-    for reason in answer.get("ood_reasons") or []:
+    for reason in answer.ood_reasons:
         content.append(hd.sr.TextContentItem(CODE_OOD_REASON, str(reason)[:1024], relationship_type="CONTAINS"))
     content.append(hd.sr.TextContentItem(CODE_COMMENT, NOT_FOR_DIAGNOSIS, relationship_type="CONTAINS"))
     return group
 
 
-def build_sr(sources: list[pydicom.Dataset], answers: list[dict[str, Any]], info: ModelInfo,
+def build_sr(sources: list[pydicom.Dataset], answers: list[Answer], info: ModelInfo,
              institution: str | None = None, root: str | None = None, assemble: bool = True) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 SR for `sources` (headers of one study; pixel data not needed) and their answers.
 
     Args:
         sources: the source instances' datasets, all of one study.
-        answers: the service's answer for each source (same order); entries with `error` are skipped.
+        answers: the model's answer for each source (same order).
         info: the model that answered.
         institution: written as Institution Name when given.
         root: the UID root for the SR's UIDs (default pydicom's).
         assemble: add the measurement groups after highdicom built the document around the first (same
             result, 3.6x faster at 100 images); False: hand highdicom every group (the reference).
     """
-    pairs = [(_complete(ds), a) for ds, a in zip(sources, answers) if "probabilities" in a]
+    pairs = [(_complete(ds), a) for ds, a in zip(sources, answers)]
     if not pairs:
         raise ValueError("no answered image to report")
     studies = {ds.StudyInstanceUID for ds, _ in pairs}
@@ -226,21 +226,21 @@ def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
     return None
 
 
-def result_lines(answer: dict[str, Any], info: ModelInfo) -> list[str]:
+def result_lines(answer: Answer, info: ModelInfo) -> list[str]:
     """The result as short text lines (what the Secondary Capture shows)."""
-    probs = answer["probabilities"]
+    probs = answer.probabilities
     lines = [f"remedis {info.name} {info.version}"[:60],
              "  ".join(f"P({c})={p:.3f}" for c, p in probs.items())[:60],
-             f"decision: {answer['label']} ({'operating point' if answer.get('decision') == 'operating_point' else 'argmax'})"[:60]]
-    if answer.get("ood") is not None:
-        lines.append(f"out of distribution: {'YES' if answer['ood'] else 'no'}"
-                     + (f" (score {answer['ood_score']:.3g})" if answer.get("ood_score") is not None else ""))
-        lines += [f"  {r}"[:60] for r in (answer.get("ood_reasons") or [])[:3]]
+             f"decision: {answer.label} ({'operating point' if answer.decision == 'operating_point' else 'argmax'})"[:60]]
+    if answer.ood is not None:
+        lines.append(f"out of distribution: {'YES' if answer.ood else 'no'}"
+                     + (f" (score {answer.ood_score:.3g})" if answer.ood_score is not None else ""))
+        lines += [f"  {r}"[:60] for r in answer.ood_reasons[:3]]
     lines.append("NOT FOR DIAGNOSTIC USE")
     return lines
 
 
-def build_secondary_capture(source: pydicom.Dataset, image: np.ndarray, answer: dict[str, Any], info: ModelInfo,
+def build_secondary_capture(source: pydicom.Dataset, image: np.ndarray, answer: Answer, info: ModelInfo,
                             root: str | None = None) -> hd.sc.SCImage:
     """A Secondary Capture of `image` (the source's decoded pixels, any range) with the result burned in,
     for viewers that cannot show SR. 8-bit MONOCHROME2, at most 512 px on the long side, text at the top.
@@ -248,7 +248,7 @@ def build_secondary_capture(source: pydicom.Dataset, image: np.ndarray, answer: 
     Args:
         source: the source instance's header (patient and study are copied from it).
         image: its pixels, (H, W) or (H, W, 3), as `remedis.data.readers` decodes them.
-        answer: the service's answer for it.
+        answer: the model's answer for it.
         info: the model that answered.
     """
     from PIL import Image, ImageDraw, ImageFont

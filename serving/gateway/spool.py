@@ -71,11 +71,23 @@ class Spool:
 
     def status(self) -> dict:
         """Counters plus what is waiting in each stage (instances incoming/claimed, results unsent)."""
-        def files(stage: str) -> int:
-            return sum(1 for p in self.dir(stage).glob("*/*.dcm"))
         with self._counter_lock:
             counters = dict(self.counters)
-        return {**counters, "queued": files("incoming") + files("work"), "results_unsent": files("outbox")}
+        return {**counters, "queued": self._files("incoming", ".dcm") + self._files("work", ".dcm"),
+                "results_unsent": self._files("outbox")}
+
+    def _files(self, stage: str, suffix: str = "") -> int:
+        """Files in the stage's batch folders (half-written temporaries left out). Folders move while the
+        workers run (claimed, finished, delivered): one that vanished mid-count counts nothing."""
+        n = 0
+        for d in self.dir(stage).iterdir():
+            if d.name.startswith("."):
+                continue
+            try:
+                n += sum(1 for p in d.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return n
 
     # ---- receive and claim ------------------------------------------------------------------------
 
@@ -156,7 +168,12 @@ class Spool:
         atomic_write(target / "reasons.tsv", ("\n".join(lines) + "\n").encode())
         return target
 
+    def results_of(self, out: Path) -> list[Path]:
+        """The result files of an outbox batch, by name (any media type; temporaries excluded)."""
+        return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+
     def outbox(self) -> list[Path]:
+        """The outbox batches, oldest first."""
         return sorted((d for d in self.dir("outbox").iterdir() if d.is_dir() and not d.name.startswith(".")),
                       key=lambda d: d.stat().st_mtime)
 

@@ -24,7 +24,6 @@ import threading
 import time
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import TYPE_CHECKING
 
 import pydicom
 from starlette.applications import Starlette
@@ -32,8 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-if TYPE_CHECKING:
-    from serving.gateway.app import Gateway
+from serving.gateway.codes import STATUS_CANNOT_UNDERSTAND, Receiver, Refused
 
 log = logging.getLogger("remedis.gateway")
 MAX_BODY = 2 * 1024**3
@@ -80,8 +78,8 @@ def _item(ds: pydicom.Dataset | None, reason: int | None = None) -> dict:
     return item
 
 
-def make_app(gateway: "Gateway") -> Starlette:
-    from serving.gateway.app import Refused
+def make_app(gateway: Receiver) -> Starlette:
+    """The STOW-RS, status and health routes over `gateway` (anything that accepts instances: `Receiver`)."""
 
     async def store(request: Request) -> JSONResponse:
         declared = int(request.headers.get("content-length") or 0)
@@ -100,13 +98,11 @@ def make_app(gateway: "Gateway") -> Starlette:
                 status = await asyncio.to_thread(gateway.accept, data, ds)
                 stored.append(_item(ds)) if status == 0 else failed.append(_item(ds, status))
             except Refused as exc:
-                gateway.spool.count("refused")
-                log.info("STOW-RS part refused (0x%04X): %s", exc.status, exc.reason)
+                gateway.refused("STOW-RS part", exc.status, exc.reason)
                 failed.append(_item(ds, exc.status))
             except Exception as exc:  # an unreadable part
-                gateway.spool.count("refused")
-                log.info("STOW-RS part refused: not a readable DICOM file (%s)", type(exc).__name__)
-                failed.append(_item(None, 0xC000))
+                gateway.refused("STOW-RS part", STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file ({type(exc).__name__})")
+                failed.append(_item(None, STATUS_CANNOT_UNDERSTAND))
         answer: dict = {}
         if stored:
             answer["00081199"] = {"vr": "SQ", "Value": stored}
@@ -132,7 +128,7 @@ def make_app(gateway: "Gateway") -> Starlette:
 class HttpServer:
     """uvicorn in a background thread (loopback by default)."""
 
-    def __init__(self, gateway: "Gateway", host: str, port: int):
+    def __init__(self, gateway: Receiver, host: str, port: int):
         import uvicorn
 
         if port == 0:

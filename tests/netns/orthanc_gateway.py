@@ -90,6 +90,12 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def drained(gw) -> bool:
+    """Nothing left to process or send: no instance queued, no result waiting in the outbox."""
+    s = gw.status()
+    return s["queued"] == 0 and s["results_unsent"] == 0
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from serving.gateway.app import Gateway
@@ -156,7 +162,7 @@ def test_storescu_into_the_gateway_and_an_sr_sent_back_is_skipped(env):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: env["gateway"].status()["ignored"] > before["ignored"], what="the SR to be skipped")
-    time.sleep(1.0)
+    wait_for(lambda: drained(env["gateway"]), what="the gateway to be idle")  # a second SR could only come from there
     assert len(env["orthanc"].srs(study[0].StudyInstanceUID)) == 1
     # A calling AE title not on the allow-list is refused at association.
     proc = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(paths[0])],
@@ -206,8 +212,8 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(env, tmp_path):
         assert gw.status()["results_unsent"] == 3 and gw.status()["sent"] == 0
         pacs.start()
         try:
-            wait_for(lambda: gw.status()["results_unsent"] == 0, timeout=60, what="delivery after the PACS came up")
-            time.sleep(1.5)  # any duplicate would have been sent by now
+            # drained: nothing queued, nothing in the outbox; a duplicate could only come from there
+            wait_for(lambda: drained(gw), timeout=60, what="delivery after the PACS came up")
             for study in studies:
                 assert len(pacs.srs(study[0].StudyInstanceUID)) == 1
             stats = httpx.get(f"{pacs.url}/statistics").json()
