@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/remedis run configs/quickstart.yaml --output runs/quickstart
 
-# Debian packages some tests need, installed here when missing and running as root (never fatal: without
-# them those tests skip with the reason): chromium for the report's browser test; Orthanc with its
-# DICOMweb plugin and dcmtk for the DICOM gateway's tests against a real PACS.
+# Debian packages some tests need, installed here when missing: chromium for the report's browser test;
+# Orthanc with its DICOMweb plugin and dcmtk for the DICOM gateway's tests against a real PACS. As root with
+# apt-get (CI) a failed install fails the run, so those tests never skip there by accident; elsewhere they
+# skip with the reason.
 test: $(STAMP)
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
@@ -29,8 +30,8 @@ test: $(STAMP)
 	command -v dsrdump >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing for the browser and PACS tests"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 \
-		|| echo "could not install$$missing: the tests that need them will be skipped"; fi
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/tmp/remedis-apt.log 2>&1 \
+		|| { tail -20 /tmp/remedis-apt.log; echo "make test: could not install$$missing (apt-get failed; log above)"; exit 1; }; fi
 	$(PY) -m pytest -q
 
 # ruff (pyflakes, pycodestyle, import order), the stage layering (import-linter contracts in
