@@ -55,6 +55,7 @@ def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
 
 
 def accuracy(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Share of rows whose most probable class is the target."""
     return float(np.mean(np.asarray(probs).argmax(1) == np.asarray(targets))) if len(targets) else float("nan")
 
 
@@ -151,6 +152,7 @@ def bootstrap_indices(patients, n_boot: int, seed: int) -> list[np.ndarray]:
 
 
 def percentile_ci(values: list[float], n_boot: int, alpha: float = 0.05) -> list[float | None]:
+    """The (lower, upper) percentile interval of bootstrap values at confidence `level`."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if n_boot <= 0 or len(values) < max(10, n_boot // 4):  # too many degenerate resamples (one class only)
         return [None, None]
@@ -167,6 +169,7 @@ def patient_bootstrap_ci(targets, probs, patients, metric: Callable, n_boot: int
 
 
 def calibration(probs, targets, positive_index: int = 1, bins: int = 15) -> dict:
+    """Expected calibration error, Brier score and the reliability diagram's bins of the positive class."""
     probs = np.asarray(probs, dtype=np.float64)
     return {"ece": _nan_to_none(ece(probs, targets, bins)), "brier": _nan_to_none(brier(probs, targets, positive_index)),
             "reliability": reliability_bins(probs, targets, bins) if len(targets) else None}

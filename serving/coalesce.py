@@ -22,6 +22,9 @@ import numpy as np
 
 
 class Coalescer:
+    """Merges concurrent requests into model batches: at most `max_batch_size` rows per call and `max_in_flight`
+    calls at once; each caller gets its own rows back."""
+
     def __init__(self, call: Callable[[np.ndarray], Awaitable[np.ndarray]], max_batch_size: int = 32,
                  max_in_flight: int = 2):
         if max_batch_size < 1 or max_in_flight < 1:

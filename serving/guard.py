@@ -26,6 +26,7 @@ OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer an ASGI request with a JSON body."""
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
@@ -34,6 +35,8 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
 
 
 class RequestGuard:
+    """ASGI middleware in front of the service: API key, content type and request size checked before the app reads a byte."""
+
     def __init__(self, app, settings: ServeSettings, upload_paths: frozenset[str] | set[str] = frozenset()):
         self.app = app
         self.limit = settings.limits.max_request_bytes
@@ -44,6 +47,7 @@ class RequestGuard:
         self.key = read_api_key(settings.auth).encode() if settings.auth.enabled else None
 
     async def __call__(self, scope, receive, send):
+        """ASGI entry: refuse a request without a valid key, of a wrong content type or too large; else pass it on."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")

@@ -33,6 +33,7 @@ def dropped_connection(exc: BaseException) -> bool:
 
 
 async def call_resending(call: Callable[[], Awaitable[T]], log: logging.Logger, attempts: int = 3) -> T:
+    """Await `call`, sending it again (up to `attempts`) only when the connection dropped before an answer."""
     for attempt in range(1, attempts + 1):
         try:
             return await call()

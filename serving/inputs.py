@@ -57,10 +57,12 @@ class Upload:
 
     @property
     def rows(self) -> int:
+        """Image height from the header (0: unknown)."""
         return self.source.rows if self.source is not None else 0
 
     @property
     def columns(self) -> int:
+        """Image width from the header (0: unknown)."""
         return self.source.columns if self.source is not None else 0
 
 

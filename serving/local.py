@@ -22,12 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class LocalServer:
+    """`bentoml serve` in a subprocess on a free loopback port, started and stopped by the caller (tests, benchmarks)."""
+
     def __init__(self, model: str, bentoml_home: str | Path, config: str | Path | None = None,
                  env: dict[str, str] | None = None, startup_timeout: float = 180.0, target: str = "serving.service:RemedisService",
                  fail_on: tuple[str, ...] = ()):
@@ -43,6 +46,7 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "LocalServer":
+        """Start the server and wait until /readyz answers (or fail with its log)."""
         cmd = [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port),
                "--arg", f"model={self.model}"]
         if self.config:
@@ -68,6 +72,7 @@ class LocalServer:
         raise RuntimeError(f"service not ready after {self.startup_timeout:.0f} s:\n{self.log_text()[-4000:]}")
 
     def log_text(self) -> str:
+        """What the server has logged so far."""
         return Path(self._log.name).read_text(errors="replace")
 
     def stop(self, kill: bool = False) -> None:

@@ -27,6 +27,7 @@ log = logging.getLogger("bentoml.remedis")
 
 
 def pick_device(gpu: int) -> torch.device:
+    """CUDA when GPUs are asked for and visible, else the CPU (with a warning)."""
     if gpu > 0:
         if not torch.cuda.is_available():
             log.warning("resources.gpu=%d but no CUDA device is visible; running on CPU", gpu)
@@ -36,6 +37,8 @@ def pick_device(gpu: int) -> torch.device:
 
 
 class ModelRuntime:
+    """The served model on its device: precision, memory layout, threads; one forward pass gives logits and embeddings."""
+
     def __init__(self, model: AdaptedModel, device: str | torch.device = "cpu", precision: str = "auto",
                  channels_last: bool = True):
         self.model = model
@@ -68,6 +71,7 @@ class ModelRuntime:
     @classmethod
     def load(cls, folder: str | Path, gpu: int = 0, precision: str = "auto", channels_last: bool = True,
              threads: int | None = None) -> "ModelRuntime":
+        """Load an adapted model folder onto the chosen device (GPU when asked and present)."""
         if threads:
             torch.set_num_threads(threads)
         return cls(AdaptedModel.load(folder), pick_device(gpu), precision, channels_last)
@@ -83,6 +87,7 @@ class ModelRuntime:
             return self.model.classifier.logits_and_embedding(x).float().cpu().numpy()
 
     def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split a forward output into logits and embeddings."""
         return out[:, :self.num_classes], out[:, self.num_classes:]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:

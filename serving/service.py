@@ -97,6 +97,7 @@ class RemedisModel:
 
     @bentoml.api
     def device(self) -> dict:
+        """The device the model worker runs on."""
         return {"device": str(self.runtime.device), "precision": str(self.runtime.dtype or "fp32").replace("torch.", "")}
 
 
@@ -127,10 +128,14 @@ class _Uploads(bentoml.IODescriptor):
 
 
 class ImageInput(_Uploads):
+    """One upload in field `image`."""
+
     image: Path
 
 
 class ImagesInput(_Uploads):
+    """Several uploads (or one zip) in field `images`."""
+
     images: list[Path]
 
 
@@ -158,6 +163,9 @@ def _error(ctx: bentoml.Context, status: int, reason: str, field: str | None = N
 
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http={"host": SETTINGS.host})
 class RemedisService:
+    """The BentoML service: loads one adapted model once and answers uploads with calibrated probabilities, the
+    label at the operating point and an OOD flag with reasons."""
+
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
     net = bentoml.depends(RemedisModel)
 

@@ -27,6 +27,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 @dataclass
 class BatchingSettings:
+    """Adaptive batching of the model worker: largest batch and longest wait."""
+
     enabled: bool = True  # false: every request is its own forward pass (max batch size 1)
     max_batch_size: int = 32
     # BentoML sheds (503) a queued request only once it has waited this long; the batch window
@@ -39,12 +41,16 @@ class BatchingSettings:
 
 @dataclass
 class ResourceSettings:
+    """CPU threads and GPUs of the model worker."""
+
     cpu: int = 1  # cores for the model worker (torch intra-op threads)
     gpu: int = 0  # 1: run the model worker on a GPU
 
 
 @dataclass
 class LimitSettings:
+    """Upload limits checked before decoding: bytes, pixels, batch files, zip expansion."""
+
     max_upload_bytes: int = 64 * 1024 * 1024  # one file
     max_request_bytes: int = 512 * 1024 * 1024  # a whole request body (batch uploads, zips)
     max_pixels: int = 40_000_000  # rows x columns (x frames) declared by the header, checked before decoding
@@ -55,6 +61,8 @@ class LimitSettings:
 
 @dataclass
 class AuthSettings:
+    """Who may call the service: API keys from an environment variable or file, and the open paths."""
+
     enabled: bool = False
     header: str = "X-API-Key"
     key_env: str = "REMEDIS_API_KEY"  # the key's environment variable ...
@@ -63,6 +71,8 @@ class AuthSettings:
 
 @dataclass
 class ServeSettings:
+    """The service's settings (serving.yaml): model, devices, precision, batching, limits, authentication, modalities."""
+
     model: str = "remedis-quickstart:latest"  # BentoML store tag
     precision: str = "auto"  # auto: bf16 autocast (CPU, as offline) / AMP on GPU; or bf16, fp16, fp32
     channels_last: bool = True
@@ -78,6 +88,7 @@ class ServeSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
 
     def validate(self) -> "ServeSettings":
+        """Check the settings; a ValueError names the key."""
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         for where, value in (("batching.max_batch_size", self.batching.max_batch_size),
@@ -96,6 +107,7 @@ class ServeSettings:
 
     @property
     def max_batch_size(self) -> int:
+        """The largest model batch."""
         return self.batching.max_batch_size if self.batching.enabled else 1
 
     def public(self) -> dict[str, Any]:
@@ -106,6 +118,7 @@ class ServeSettings:
 
 
 def load_settings(path: str | Path | None = None) -> ServeSettings:
+    """The service settings: a YAML file (default: the packaged serving.yaml) with overrides; ValueError names a bad key."""
     path = Path(path) if path else DEFAULT_FILE
     try:
         raw = yaml.safe_load(path.read_text()) if path.is_file() else None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature minimising validation negative log-likelihood (LBFGS on log T)."""
     logits = logits.detach().double()
     targets = targets.detach().long()
     if len(logits) == 0:
@@ -76,6 +77,7 @@ class Calibration:
         return probs.argmax(1)
 
     def to_dict(self) -> dict[str, Any]:
+        """The calibration as meta.json stores it."""
         return {"temperature": float(self.temperature), "threshold": self.threshold,
                 "operating_point": dict(self.operating_point)}
 

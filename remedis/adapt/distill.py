@@ -40,6 +40,8 @@ class _SoftTargets(Dataset):
 
 
 class DistillModule(L.LightningModule):
+    """Lightning module of distillation: the student matches the teacher's softened probabilities (KL divergence)."""
+
     def __init__(self, student: Classifier, temperature: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4):
         super().__init__()
         self.student, self.temperature, self.lr, self.weight_decay = student, temperature, lr, weight_decay
@@ -48,10 +50,12 @@ class DistillModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
+        """Put the student in the device's memory layout."""
         self.memory_format = memory_format(self.student, self.trainer.strategy.root_device)
         self.student.to(memory_format=self.memory_format)
 
     def training_step(self, batch, batch_idx):
+        """KL divergence between the student's and the teacher's softened probabilities."""
         x, teacher_probs = batch
         logits = self.student(x.contiguous(memory_format=self.memory_format)).float()
         t = self.temperature
@@ -61,6 +65,7 @@ class DistillModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        """AdamW with a cosine schedule."""
         opt = torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.OneCycleLR(
@@ -68,6 +73,7 @@ class DistillModule(L.LightningModule):
 
 
 def teacher_probabilities(teacher: AdaptedModel, cache: ImageCache, temperature: float = 1.0) -> torch.Tensor:
+    """The teacher's softened probabilities (temperature `temperature`) on every cached image."""
     x = teacher.preprocessing.normalize(cache.pixels.float())
     logits = torch.cat([teacher.logits(x[i:i + 256]) for i in range(0, len(x), 256)])
     return (logits / temperature).softmax(1)
@@ -76,6 +82,7 @@ def teacher_probabilities(teacher: AdaptedModel, cache: ImageCache, temperature:
 def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_arch: str, epochs: int = 10,
             lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0, runtime: RuntimeConfig | None = None,
             seed: int = 0, sensitivity: float = 0.9, progress: bool = False) -> AdaptedModel:
+    """Distil `teacher` into a new `student_arch` network on `images` (labels unused), then calibrate it on `val`."""
     if images.preprocessing != teacher.preprocessing:
         raise ValueError("distill: images must be cached with the teacher's preprocessing")
     runtime = runtime or RuntimeConfig()

@@ -55,6 +55,8 @@ log = logging.getLogger("remedis")
 
 @dataclass
 class SweepMember:
+    """One fine-tuned point of the sweep: its hyperparameters, weights, validation AUROC and history."""
+
     lr: float
     state: dict[str, torch.Tensor]
     val_auroc: float
@@ -116,6 +118,7 @@ class Schedule:
 
     @classmethod
     def of(cls, ac, n_train: int) -> "Schedule":
+        """The schedule of `ac` (the adapt section) for `n_train` labeled images."""
         batch = min(ac.batch_size, n_train)
         drop_last = n_train > batch and n_train % batch == 1  # no 1-image batch
         steps = n_train // batch if drop_last else math.ceil(n_train / batch)
@@ -231,6 +234,7 @@ def _calibrate(model: AdaptedModel, val_loader, val_targets: torch.Tensor, sensi
     model.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
 
 
+# Long (71 lines): half of it is the docstring; the recipe's four steps read top to bottom.
 def fine_tune(recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, seed: int, backbone: Path | None,
               train: ImageCache, val: ImageCache, class_names: list[str], positive_index: int, progress: bool = True,
               provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
@@ -297,8 +301,19 @@ def fine_tune(recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, se
     adapted.classifier.load_state_dict(state)
     _calibrate(adapted, val_loader, val_ds.targets, ac.operating_sensitivity)
 
-    adapted.provenance = {
-        **(provenance or {}),
+    adapted.provenance = {**(provenance or {}), **_recipe_record(
+        ac, backbone, backbone_hash, probe, train, val, schedule, members, soup_members, alpha, alpha_scores),
+        "val_auroc": float(metric(state))}
+    history = members[soup_members[0]].history
+    return adapted, history, variants
+
+
+def _recipe_record(ac: AdaptConfig, backbone: Path | None, backbone_hash: str | None, probe: dict, train: ImageCache,
+                   val: ImageCache, schedule: Schedule, members: list[SweepMember], soup_members: list[int], alpha: float,
+                   alpha_scores: dict[float, float]) -> dict:
+    """What the recipe did, for the model's provenance: its start, data, schedule, every sweep member, the soup
+    and WiSE-FT."""
+    return {
         "backbone_sha256": backbone_hash,
         "backbone_init": "random" if backbone is None else str(Path(backbone).name),
         "mode": ac.mode,
@@ -311,7 +326,4 @@ def fine_tune(recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, se
                    "val_auroc": m.val_auroc, "history": m.history} for m in members],
         "soup": {"method": ac.soup if len(members) > 1 else "single", "members": soup_members},
         "wise_ft": {"alpha": alpha, "val_auroc_by_alpha": {str(k): v for k, v in alpha_scores.items()}},
-        "val_auroc": float(metric(state)),
     }
-    history = members[soup_members[0]].history
-    return adapted, history, variants

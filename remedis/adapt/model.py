@@ -33,6 +33,9 @@ from remedis.models.layout import fast_bf16, memory_format
 
 @dataclass
 class AdaptedModel:
+    """A classifier adapted to one site, complete enough to serve on its own: weights, classes, preprocessing,
+    calibration, operating point, OOD detector, input contract and provenance."""
+
     classifier: Classifier
     class_names: list[str]
     preprocessing: Preprocessing
@@ -53,20 +56,24 @@ class AdaptedModel:
 
     @property
     def architecture(self) -> str:
+        """The network's architecture name (timm)."""
         return self.classifier.backbone_name
 
     @property
     def calibration(self) -> Calibration:
+        """The model's `Calibration`: temperature, operating threshold (binary tasks) and positive class."""
         return Calibration(self.temperature, self.threshold if len(self.class_names) == 2 else None,
                            self.positive_index, self.operating_point)
 
     def to(self, device: str | torch.device) -> "AdaptedModel":
+        """Move the model to `device`, in the memory layout and precision that device runs fastest."""
         self.device = torch.device(device)
         self.autocast = fast_bf16(self.device)
         self.classifier.to(self.device, memory_format=memory_format(self.classifier, self.device))
         return self
 
     def save(self, folder: str | Path) -> Path:
+        """Write the model folder (weights, meta.json, OOD detector), atomically; returns the folder."""
         if getattr(self, "folded", False):
             raise ValueError("this AdaptedModel was loaded for inference (weight standardisation folded); save the trained one")
         meta = {
@@ -127,6 +134,7 @@ class AdaptedModel:
         return self._run(x, self.classifier)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings of a normalised batch (N, C, S, S)."""
         return self._run(x, self.classifier.embed)
 
     def infer(self, pixels: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +165,15 @@ class AdaptedModel:
         return self.calibration.decide(probs)
 
     def batch_from_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Preprocess decoded images (H, W[, 3]) in [0, 1] into one normalised batch."""
         return torch.stack([self.preprocessing(img) for img in images])
 
     def predict_images(self, images: list[np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Logits and calibrated probabilities of decoded images, `batch_size` at a time."""
         logits = torch.cat([self.logits(self.batch_from_images(images[i:i + batch_size]))
                             for i in range(0, len(images), batch_size)]) if images else torch.empty(0, len(self.class_names))
         return {"logits": logits.numpy(), "probs": self.probs_from_logits(logits).numpy()}
 
     def predict_files(self, paths: list[str | Path], batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Logits and calibrated probabilities of image files, read as training read them."""
         return self.predict_images([read_image(p, **self.preprocessing.read_options()) for p in paths], batch_size)

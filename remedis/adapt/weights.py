@@ -30,6 +30,7 @@ def _mix(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 def uniform_soup(states: list[State]) -> State:
+    """The mean of several state dicts (a uniform model soup)."""
     if not states:
         raise ValueError("uniform_soup: no members")
     keys = list(states[0])

@@ -14,11 +14,11 @@ it, on the same splits, budgets and recipe (WiSE-FT does not apply: there is no 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+from remedis.commands import add_config_options, command_parser
 from remedis.stages import RANDOM  # --backbone value for the random-initialisation baseline
 
 log = logging.getLogger("remedis")
@@ -146,12 +146,11 @@ def cmd_adapt(args) -> int:
 
 def register(sub) -> None:
     """Add `remedis adapt` to the command line."""
-    a = sub.add_parser("adapt", help="fine-tune a backbone to a site at one or more label budgets",
-                       description="Fine-tune a pretrained backbone (or, with --backbone random, the config's network "
-                                   "from random initialisation) to one site's labeled images at one or more label "
-                                   "budgets: one complete, servable model folder per budget (calibration, operating "
-                                   "point, OOD detector, input contract), then a test report.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = command_parser(sub, "adapt", "fine-tune a backbone to a site at one or more label budgets",
+                       "Fine-tune a pretrained backbone (or, with --backbone random, the config's network from random "
+                       "initialisation) to one site's labeled images at one or more label budgets: one complete, servable "
+                       "model folder per budget (calibration, operating point, OOD detector, input contract), then a test "
+                       "report.", EXAMPLES)
     a.add_argument("--backbone", required=True,
                    help=f"backbone checkpoint folder (from pretrain), or '{RANDOM}': the config's model.backbone "
                         "from random initialisation (the baseline)")
@@ -161,9 +160,7 @@ def register(sub) -> None:
                         f"or 'sweep' for {SWEEP.replace('%', '%%')} (default: 100%%)")
     a.add_argument("--output", "-o", required=True, help="output folder: manifest.csv, adapted/<budget>/, report.*")
     a.add_argument("--site", default=None, help="site to adapt to (when the manifest holds several)")
-    a.add_argument("--config", default=None, help="YAML config for the adapt/data/runtime sections")
-    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set adapt.mode=lp-ft (repeatable)")
+    add_config_options(a, "adapt, data, evaluate, runtime", "adapt.mode=lp-ft")
     a.add_argument("--distill", default=None, metavar="ARCH",
                    help="also distil each adapted model into a small student (e.g. resnet18) on all site train images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -19,6 +19,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from remedis.commands import command_parser
+
 
 def cmd_synth(args) -> int:
     """`remedis data synth`: write the synthetic dataset and print its manifest."""
@@ -152,10 +154,10 @@ EXAMPLES = {
 
 def _parser(dsub, name: str, text: str):
     """A `remedis data NAME` parser whose --help says what it does and shows a runnable example."""
-    return dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    return command_parser(dsub, name, text, text[0].upper() + text[1:] + ".", f"example:\n  {EXAMPLES[name]}")
 
 
+# Long (61 lines): six argparse sub-commands declared option by option.
 def register(sub):
     """Add `remedis data synth|index|inspect|split|shard|merge` to the command line."""
     d = sub.add_parser("data", help="data utilities: synth, index, inspect, split, shard, merge",

@@ -20,10 +20,26 @@ from pathlib import Path
 log = logging.getLogger("remedis")
 
 
+EXAMPLES = """examples:
+  remedis evaluate --model runs/site-b/adapted/remedis@10pct --model runs/site-b/adapted/remedis@100pct \\
+      --manifest runs/site-b/manifest.csv --output runs/site-b/eval --far-ood ct.csv
+  remedis report --from-json runs/site-b/eval/report.json
+
+Recommended: the manifest the models were adapted with (its splits), so no test image was a training image;
+--far-ood with a manifest of another modality, to see the OOD detector refuse it."""
+
+
 def register(sub) -> None:
+    """Add `remedis evaluate` and `remedis report` to the command line."""
+    from remedis.commands import command_parser
+    from remedis.ood_scores import score_names
+
     for name, help_ in (("evaluate", "evaluate adapted models on a manifest and write the report"),
                         ("report", "same as evaluate; with --from-json, re-render report.html from a report.json")):
-        p = sub.add_parser(name, help=help_)
+        p = command_parser(sub, name, help_, "Evaluate adapted model folders on a manifest's test split: per-site and "
+                           "per-subgroup AUROC, AUPRC, sensitivity and specificity at the operating point with patient-"
+                           "bootstrap 95% CIs, calibration, OOD detection, CKA; writes report.json and report.html.",
+                           EXAMPLES)
         p.add_argument("--model", action="append", default=[], help="adapted model folder (repeat for several)")
         p.add_argument("--manifest", help="manifest CSV with sites and splits (the run's manifest.csv)")
         p.add_argument("--output", "-o", help="folder for report.json and report.html")
@@ -34,7 +50,8 @@ def register(sub) -> None:
         p.add_argument("--backbone", action="append", default=[],
                        help="NAME=FOLDER backbone checkpoint a model started from (CKA); default: the run folder's backbones/NAME")
         p.add_argument("--label-map", action="append", default=[], help="FROM=TO manifest label renaming, e.g. normal=benign")
-        p.add_argument("--ood-method", default="mahalanobis", help="detector fitted when a model has none (or with --refit-ood)")
+        p.add_argument("--ood-method", default="mahalanobis", choices=score_names(),
+                       help="detector fitted when a model has none (or with --refit-ood)")
         p.add_argument("--refit-ood", action="store_true", help="refit and overwrite the models' stored OOD detectors")
         p.add_argument("--noise-images", type=int, default=64, help="synthetic noise images (far-OOD set)")
         p.add_argument("--bootstrap", type=int, default=200)
@@ -57,6 +74,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def cmd_evaluate(args) -> int:
+    """`remedis evaluate` / `remedis report`: evaluate folders and write the report, or re-render one from JSON."""
     from remedis.evaluate.report import render_html
 
     if args.from_json:
@@ -94,34 +112,79 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
     preparation (`remedis.stages.prepare_records`: label map, splits, validation carve) and the same
     evaluation as `remedis run` and `remedis adapt`, so the numbers agree for the same model, manifest and seed.
     `data`: the config's `data` section (split fractions, label map); --label-map entries are added to it."""
-    from dataclasses import replace
-
     from remedis import stages
-    from remedis.adapt.model import AdaptedModel
     from remedis.adapt.ood import METHODS
-    from remedis.config import DataConfig
     from remedis.data.manifest import read_manifest
-    from remedis.evaluate.evaluation import EvalInputs, check_subgroups, load_backbone_before, load_far_ood
-    from remedis.models.checkpoint import read_meta
+    from remedis.evaluate.evaluation import EvalInputs, check_subgroups, load_far_ood
 
     if ood_method not in METHODS:
         raise ValueError(f"--ood-method: expected one of {', '.join(METHODS)}, got {ood_method!r}")
     check_subgroups(list(subgroups))
-    folders = [Path(m) for m in models]
-    loaded = [AdaptedModel.load(f) for f in folders]
-    first = loaded[0]
-    for f, m in zip(folders[1:], loaded[1:]):
-        if m.class_names != first.class_names:
-            raise ValueError(f"{f}: classes {m.class_names} differ from {folders[0]}'s {first.class_names}")
-    data = data or DataConfig()
-    if label_map:
-        data = replace(data, label_map={**data.label_map, **label_map})
-    positive = first.class_names[first.positive_index]
-    data = replace(data, positive_label=positive)
+    folders, loaded = _load_models(models)
+    known = loaded[0].class_names
+    data = _data_section(data, label_map, loaded[0])
     manifest = read_manifest(manifest_path)
     if any(r.split is None for r in manifest.records):
         log.warning("%s: rows without a split get one by patient (seed %d); use the manifest the models were "
                     "adapted with, or test images may overlap their training images", manifest_path, seed)
+    target = _target_site(loaded, target_site, manifest, manifest_path, subgroups)
+    prepared = stages.prepare_records(manifest, data, seed, class_names=known)
+    roles = {s: "target" if s == target else "source" if s == source_site else "ood" for s in manifest.sites()}
+    caches: dict = {}  # decoded once per preprocessing (models adapted from different backbones may differ)
+    far_sets: dict = {}
+
+    def images_of(model) -> tuple:
+        key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
+        if key not in caches:
+            caches[key] = stages.load_prepared(prepared, model.preprocessing, labeled_only=True)
+            far_sets[key] = load_far_ood(list(far_ood), model.preprocessing, seed=seed)
+        return caches[key], far_sets[key]
+
+    entries = []
+    for folder, model in zip(folders, loaded):
+        cache, far = images_of(model)
+        m = _model_to_evaluate(folder, model, cache, target, seed, backbones)
+        test = stages.part(cache, split="test", labels=known)
+        if not len(test):
+            raise ValueError(f"{manifest_path}: no test image has one of the labels {known} of {m.folder}")
+        inputs = EvalInputs(test=test, target_site=target, roles=roles, val=stages.part(cache, target, "val", labels=known),
+                            far_ood=far, subgroups=list(subgroups), ood_method=ood_method, noise_images=noise_images)
+        log.info("evaluating %s on %d test images", m.name, len(test))
+        entries += stages.evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
+    test_all = stages.part(caches[next(iter(caches))], split="test", labels=known)
+    provenance = {"manifest_sha256": manifest.sha256, "seed": seed, "models": [f.name for f in folders],
+                  "far_ood_manifests": [read_manifest(p, check_files=False).sha256 for p in far_ood],
+                  "bootstrap": n_boot, "label_map": data.label_map, "validation": prepared.validation}
+    return stages.write_site_report(entries, stages.site_table(test_all, roles), prepared.task, target, provenance,
+                                    output, title=f"remedis report: {target}")
+
+
+def _load_models(models: list) -> tuple[list[Path], list]:
+    """The model folders and their loaded models; every one must have the first one's classes."""
+    from remedis.adapt.model import AdaptedModel
+
+    folders = [Path(m) for m in models]
+    loaded = [AdaptedModel.load(f) for f in folders]
+    for f, m in zip(folders[1:], loaded[1:]):
+        if m.class_names != loaded[0].class_names:
+            raise ValueError(f"{f}: classes {m.class_names} differ from {folders[0]}'s {loaded[0].class_names}")
+    return folders, loaded
+
+
+def _data_section(data, label_map: dict[str, str] | None, model):
+    """The config's data section with --label-map added and the models' positive class."""
+    from dataclasses import replace
+
+    from remedis.config import DataConfig
+
+    data = data or DataConfig()
+    if label_map:
+        data = replace(data, label_map={**data.label_map, **label_map})
+    return replace(data, positive_label=model.class_names[model.positive_index])
+
+
+def _target_site(loaded: list, target_site: str | None, manifest, manifest_path, subgroups) -> str:
+    """--target-site, or the one the models record; it and every --subgroup column must be in the manifest."""
     targets = {m.provenance.get("target_site") for m in loaded} - {None}
     target = target_site or (targets.pop() if len(targets) == 1 else None)
     if target is None:
@@ -132,52 +195,30 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
     for col in subgroups:
         if not any(col in r.meta for r in manifest.records):
             raise ValueError(f"--subgroup: {manifest_path} has no column {col!r}")
-    prepared = stages.prepare_records(manifest, data, seed, class_names=first.class_names)
-    roles = {s: "target" if s == target else "source" if s == source_site else "ood" for s in sites}
-    known = first.class_names
+    return target
 
-    caches: dict = {}
-    to_evaluate: list[stages.ModelToEvaluate] = []
-    for folder, model in zip(folders, loaded):
-        key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
-        if key not in caches:
-            caches[key] = stages.load_prepared(prepared, model.preprocessing, labeled_only=True)
-        cache = caches[key]
-        prov = model.provenance
-        budget = prov.get("budget")
-        t_train = stages.part(cache, target, "train", labels=known)
-        budget_train = stages.budget_images(t_train, budget, seed) if budget is not None and len(t_train) else t_train
-        init = prov.get("backbone_init")
-        before_dir = (backbones or {}).get(init) or (folder.parent.parent / "backbones" / init if init and init != "random" else None)
-        before = None
-        if before_dir is not None and Path(before_dir).is_dir():
-            if prov.get("backbone_sha256") and read_meta(before_dir).get("weights_sha256") != prov["backbone_sha256"]:
-                log.warning("%s: backbone hash differs from the model's provenance; CKA skipped", before_dir)
-            else:
-                before = load_backbone_before(before_dir, model.architecture, model.preprocessing.in_chans)
-        name = folder.name
-        to_evaluate.append(stages.ModelToEvaluate(
-            folder, name, name.partition("@")[0] if "@" in name else (init or name),
-            stages.budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
-            int(prov.get("train_images", len(budget_train))), train=budget_train, backbone_before=before))
 
-    entries, far_sets = [], {}
-    for m, model in zip(to_evaluate, loaded):
-        key = json.dumps(model.preprocessing.to_dict(), sort_keys=True)
-        cache = caches[key]
-        if key not in far_sets:  # decoded once per preprocessing, like the manifest's images
-            far_sets[key] = load_far_ood(list(far_ood), model.preprocessing, seed=seed)
-        test = stages.part(cache, split="test", labels=known)
-        if not len(test):
-            raise ValueError(f"{manifest_path}: no test image has one of the labels {known} of {m.folder}")
-        inputs = EvalInputs(test=test, target_site=target, roles=roles, val=stages.part(cache, target, "val", labels=known),
-                            far_ood=far_sets[key], subgroups=list(subgroups), ood_method=ood_method,
-                            noise_images=noise_images)
-        log.info("evaluating %s on %d test images", m.name, len(test))
-        entries += stages.evaluate_models([m], inputs, n_boot=n_boot, seed=seed, refit_ood=refit_ood)
-    test_all = stages.part(caches[next(iter(caches))], split="test", labels=known)
-    provenance = {"manifest_sha256": manifest.sha256, "seed": seed, "models": [f.name for f in folders],
-                  "far_ood_manifests": [read_manifest(p, check_files=False).sha256 for p in far_ood],
-                  "bootstrap": n_boot, "label_map": data.label_map, "validation": prepared.validation}
-    return stages.write_site_report(entries, stages.site_table(test_all, roles), prepared.task, target, provenance,
-                                    output, title=f"remedis report: {target}")
+def _model_to_evaluate(folder: Path, model, cache, target: str, seed: int, backbones: dict[str, str] | None):
+    """A model folder as the evaluation stage takes it: its budget of the target's train images (OOD state),
+    the backbone it started from when that folder is found with the recorded hash (CKA), its name."""
+    from remedis import stages
+    from remedis.evaluate.evaluation import load_backbone_before
+    from remedis.models.checkpoint import read_meta
+
+    prov = model.provenance
+    budget = prov.get("budget")
+    t_train = stages.part(cache, target, "train", labels=model.class_names)
+    budget_train = stages.budget_images(t_train, budget, seed) if budget is not None and len(t_train) else t_train
+    init = prov.get("backbone_init")
+    before_dir = (backbones or {}).get(init) or (folder.parent.parent / "backbones" / init if init and init != "random" else None)
+    before = None
+    if before_dir is not None and Path(before_dir).is_dir():
+        if prov.get("backbone_sha256") and read_meta(before_dir).get("weights_sha256") != prov["backbone_sha256"]:
+            log.warning("%s: backbone hash differs from the model's provenance; CKA skipped", before_dir)
+        else:
+            before = load_backbone_before(before_dir, model.architecture, model.preprocessing.in_chans)
+    name = folder.name
+    return stages.ModelToEvaluate(
+        folder, name, name.partition("@")[0] if "@" in name else (init or name),
+        stages.budget_fraction(budget, len(t_train)) if budget is not None else 1.0,
+        int(prov.get("train_images", len(budget_train))), train=budget_train, backbone_before=before)

@@ -6,8 +6,9 @@ what is missing; `--allow-no-ood` exports it anyway, and the service then answer
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from remedis.commands import command_parser
 
 EXAMPLES = """examples:
   remedis export --model runs/site-b/adapted/remedis@100pct --name site-b --report runs/site-b/report.json --build
@@ -30,11 +31,10 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add `remedis export` to the command line."""
-    e = sub.add_parser("export", help="put an adapted model folder in the BentoML store",
-                       description="Put an adapted model folder in the BentoML store with a model card (task, operating "
-                                   "point, OOD detector, the report's summary, provenance hashes); --build also builds "
-                                   "the bento (service + pinned dependencies).",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = command_parser(sub, "export", "put an adapted model folder in the BentoML store",
+                       "Put an adapted model folder in the BentoML store with a model card (task, operating point, OOD "
+                       "detector, the report's summary, provenance hashes); --build also builds the bento (service + "
+                       "pinned dependencies).", EXAMPLES)
     e.add_argument("--model", required=True, help="adapted model folder")
     e.add_argument("--name", required=True, help="BentoML model name")
     e.add_argument("--report", default=None, help="report.json whose summary goes into the model card")

@@ -18,12 +18,12 @@ decodes its own copy and trains, and only rank 0 prints the summary.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from remedis.commands import add_config_options, command_parser
 from remedis.config import ConfigError, RunConfig
 
 log = logging.getLogger("remedis")
@@ -183,8 +183,7 @@ def register(sub) -> None:
     kinds = p.add_subparsers(dest="stage", required=True)
     for stage, text in (("supervised", "supervised upstream on the labeled train/val images of the site(s)"),
                         ("simclr", "SimCLR (MICLe) on the train images, labeled or not, of all sites")):
-        s = kinds.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".", epilog=EXAMPLES[stage],
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = command_parser(kinds, stage, text, text[0].upper() + text[1:] + ".", EXAMPLES[stage])
         s.add_argument("manifest", nargs="?" if stage == "supervised" else None,
                        help="manifest CSV" + (" (none with pretrain.supervised.tasks in --config)" if stage == "supervised" else ""))
         s.add_argument("--output", "-o", required=True,
@@ -194,8 +193,6 @@ def register(sub) -> None:
                            help="start from this backbone: a folder, or the output folder of `pretrain supervised`")
         s.add_argument("--site", action="append", default=[], metavar="SITE",
                        help="only these sites (repeatable or comma-separated; default: all)")
-        s.add_argument("--config", default=None, help="YAML config (data, model, pretrain, runtime sections)")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set runtime.devices=8 (repeatable)")
+        add_config_options(s, "data, model, pretrain, runtime", "runtime.devices=8")
         s.add_argument("--quiet", action="store_true", help="no progress bars (log lines every 30 s remain)")
         s.set_defaults(func=cmd_pretrain)

@@ -273,13 +273,12 @@ def cmd_run(args) -> int:
 
 def register(sub) -> None:
     """Add `remedis run` to the command line."""
-    import argparse
+    from remedis.commands import command_parser
 
-    r = sub.add_parser("run", help="run every stage from a config file",
-                       description="Run every stage from one config: data (a manifest, or the built-in synthetic "
-                                   "3-site dataset), supervised upstream, SimCLR + MICLe, adaptation of every backbone "
-                                   "at every budget, the evaluation report, export to BentoML and the bento.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = command_parser(sub, "run", "run every stage from a config file",
+                       "Run every stage from one config: data (a manifest, or the built-in synthetic 3-site dataset), "
+                       "supervised upstream, SimCLR + MICLe, adaptation of every backbone at every budget, the evaluation "
+                       "report, export to BentoML and the bento.", EXAMPLES)
     r.add_argument("config", help="YAML config (configs/quickstart.yaml is the demo)")
     r.add_argument("--output", "-o", required=True, help="run folder (created; a rerun reuses its finished stages)")
     r.add_argument("--seed", type=int, default=None, help="override the config's seed (splits, budgets, training)")

@@ -53,6 +53,9 @@ def decode(path: Path, preprocessing: Preprocessing, data: bytes | None = None, 
 
 
 class DiskCache:
+    """Decoded, resized images on disk, keyed by file content and preprocessing: a second run decodes nothing, a
+    changed file is decoded again."""
+
     def __init__(self, root: str | Path, preprocessing: Preprocessing, read_options: dict[str, Any] | None = None,
                  verify: bool = False):
         self.root = Path(root).expanduser()
@@ -79,6 +82,7 @@ class DiskCache:
 
     @staticmethod
     def path_key(path: Path, st: os.stat_result) -> str:
+        """A key for a path's current version (size, mtime, inode): finds its content hash without reading the file."""
         key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()
         return hashlib.sha256(key).hexdigest()[:32]
 

@@ -408,6 +408,7 @@ class InputContract:
         return d
 
     def to_dict(self) -> dict[str, Any]:
+        """The contract as meta.json stores it."""
         return {"modalities": list(self.modalities), "photometric": list(self.photometric),
                 "channels": [int(c) for c in self.channels], "formats": list(self.formats),
                 "rows": [int(r) for r in self.rows], "columns": [int(c) for c in self.columns],

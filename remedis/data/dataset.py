@@ -74,6 +74,7 @@ class ImageCache:
 
     @property
     def pixels(self) -> torch.Tensor:
+        """The images (N, C, S, S) in [0, 1], float16: a view when this cache is a subset."""
         return self.store if self.index is None else self.store[self.index]
 
     def image(self, i: int) -> torch.Tensor:
@@ -147,6 +148,7 @@ def dataset_key(key) -> tuple[int, int | None]:
 
 
 def augment_item(augment, x: torch.Tensor, epoch: int | None, i: int, view: int = 0) -> torch.Tensor:
+    """Apply `augment` to one cached image (float32), keeping its channels."""
     if epoch is not None and hasattr(augment, "reseed"):
         augment.reseed(item_seed(getattr(augment, "seed", 0), epoch, i, view))
     return augment(x)
@@ -161,6 +163,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch` (each epoch its own order, the same for the same seed)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -41,6 +41,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def parse(data: bytes, stop_before_pixels: bool = False):
+    """Parse DICOM bytes (pixels too unless `stop_before_pixels`); DicomError with the reason, never a value."""
     import pydicom
 
     try:
@@ -119,6 +120,7 @@ def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR")
 
 
 def minmax(arr: np.ndarray) -> np.ndarray:
+    """Min-max scaling to [0, 1] (a constant image becomes zeros)."""
     arr = np.asarray(arr, dtype=np.float32)
     lo, hi = float(arr.min()), float(arr.max())
     if hi - lo < 1e-12:
@@ -150,7 +152,7 @@ def _file_window(ds, frame: dict[str, Any]) -> tuple[float, float, str] | None:
         return None  # malformed window in the header: the caller falls back to the image's range
 
 
-def _grayscale(arr: np.ndarray, ds, index: int, mode, monochrome1: bool) -> np.ndarray:
+def _grayscale(arr: np.ndarray, ds, index: int, mode, monochrome1: bool) -> np.ndarray:  # noqa: C901 - the LUT rules of PS3.3 C.11
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     frame = _frame_transform(ds, index)

@@ -84,11 +84,14 @@ def probe(path: Path, tags: tuple[str, ...] = ()) -> Probe:
 
 @dataclass
 class IndexResult:
+    """What `index_folder` found: the manifest records, the files skipped with their reasons, and warnings."""
+
     records: list[Record]
     skipped: list[tuple[str, str]]  # (file relative to the folder, reason)
     warnings: list[str]
 
 
+# Long (69 lines): one pass over the folder: the site, label and patient rules per file, in the order the docstring gives them.
 def index_folder(
     folder: str | Path,
     salt: bytes,

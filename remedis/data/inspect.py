@@ -92,6 +92,7 @@ def _nested(records) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    """The manifest summary as text for the terminal."""
     lines = [f"manifest: {s['manifest']}  ({s['images']} images, {s['patients']} patients)"]
     lines.append("site / label / split:")
     for site, labels in sorted(s["site_label_split"].items()):

@@ -34,6 +34,8 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
+    """One manifest row: image path, label (empty: unlabeled), site, patient pseudonym, split and free metadata."""
+
     image: Path  # absolute path
     label: str  # "" when unlabeled
     site: str
@@ -49,6 +51,8 @@ class Record:
 
 @dataclass
 class Manifest:
+    """A manifest as read: its records, the file it came from and the hash of its bytes."""
+
     records: list[Record]
     path: Path | None = None
     sha256: str | None = None  # hash of the CSV bytes: provenance for every artifact built from it
@@ -59,9 +63,11 @@ class Manifest:
         return len(self.records)
 
     def sites(self) -> list[str]:
+        """The sites, sorted."""
         return sorted({r.site for r in self.records})
 
     def labels(self) -> list[str]:
+        """The labels that occur, sorted (multi-label rows contribute each label)."""
         return sorted({r.label for r in self.records if r.label != ""})
 
     def classes(self) -> list[str]:
@@ -69,9 +75,11 @@ class Manifest:
         return sorted({lab for r in self.records for lab in r.labels})
 
     def is_multilabel(self) -> bool:
+        """True when any row holds several labels (`a|b`)."""
         return any(len(r.labels) > 1 for r in self.records)
 
     def select(self, site: str | None = None, split: str | None = None, labeled: bool | None = None) -> list[Record]:
+        """The records of one site and/or split (None: any)."""
         out = []
         for r in self.records:
             if site is not None and r.site != site:
@@ -84,6 +92,7 @@ class Manifest:
         return out
 
     def with_records(self, records: list[Record]) -> "Manifest":
+        """The same manifest (path, hash) with other records (after splits or label maps)."""
         return replace(self, records=list(records), row_numbers=[])
 
 
@@ -98,6 +107,47 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     raw = path.read_bytes()
+    reader = _csv_reader(path, raw)
+    allowed = set(labels) if labels is not None else None
+    base = path.parent.resolve()
+    records: list[Record] = []
+    missing_files: list[str] = []
+    unknown: list[str] = []
+    first_row: dict[Path, tuple[int, tuple]] = {}
+    duplicates = 0
+    row_numbers: list[int] = []
+    for row_no, row in _rows(path, reader):
+        record = _record(path, row_no, row, base)
+        parts = record.label.split(LABEL_SEPARATOR) if record.label else []
+        if allowed is not None and any(x not in allowed for x in parts):
+            unknown.append(f"row {row_no}: {record.label!r}")
+        key = (record.label, record.site, record.patient_id, record.split)
+        if record.image in first_row:
+            prev_row, prev_key = first_row[record.image]
+            if prev_key == key:
+                duplicates += 1  # an exact repeat would count one image twice: drop it
+                continue
+            raise ManifestError(f"{path}: row {row_no}: image {row['image']} already listed in row {prev_row} "
+                                "with different label/site/patient/split")
+        first_row[record.image] = (row_no, key)
+        if check_files and not record.image.is_file():
+            missing_files.append(f"row {row_no}: {row['image']}")
+        records.append(record)
+        row_numbers.append(row_no)
+    if unknown:
+        raise ManifestError(f"{path}: {len(unknown)} row(s) with a label not among {sorted(allowed)} ({'; '.join(unknown[:5])})")
+    if missing_files:
+        shown = "; ".join(missing_files[:5])
+        raise ManifestError(f"{path}: {len(missing_files)} image file(s) not found ({shown})")
+    if not records:
+        raise ManifestError(f"{path}: manifest has a header but no rows")
+    if duplicates:
+        log.warning("%s: skipped %d duplicate row(s)", path, duplicates)
+    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest(), duplicates_skipped=duplicates, row_numbers=row_numbers)
+
+
+def _csv_reader(path: Path, raw: bytes) -> csv.DictReader:
+    """A reader over the CSV's rows once its text and header are checked (UTF-8, no NUL, required columns once)."""
     try:
         text = raw.decode("utf-8-sig", errors="strict") if raw else ""
     except UnicodeDecodeError as exc:
@@ -118,67 +168,45 @@ def read_manifest(path: str | Path, check_files: bool = True, labels=None) -> Ma
             f"{path}: missing required column(s) {', '.join(missing)}; a manifest needs "
             f"{','.join(REQUIRED_COLUMNS)}[,split] (found: {','.join(header) or 'no header'})"
         )
-    allowed = set(labels) if labels is not None else None
-    base = path.parent.resolve()
-    records: list[Record] = []
-    missing_files: list[str] = []
-    unknown: list[str] = []
-    first_row: dict[Path, tuple[int, tuple]] = {}
-    duplicates = 0
-    row_numbers: list[int] = []
+    return reader
+
+
+def _rows(path: Path, reader: csv.DictReader):
+    """(row number, stripped row) for every non-blank row; a malformed row stops with its number."""
     rows = iter(enumerate(reader, start=2))  # row 1 is the header
     while True:
         try:
             row_no, row = next(rows)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
             raise ManifestError(f"{path}: malformed CSV near row {reader.line_num} ({exc})") from None
         if None in row:
             raise ManifestError(f"{path}: row {row_no}: more fields than the header has columns")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        if not any(row.values()):
-            continue  # blank line
-        for col in ("image", "site", "patient_id"):
-            if not row.get(col):
-                raise ManifestError(f"{path}: row {row_no}: empty '{col}'")
-        split = row.get("split") or None
-        if split is not None and split not in SPLITS:
-            raise ManifestError(f"{path}: row {row_no}: split {split!r} is not one of {', '.join(SPLITS)}")
-        label = row["label"]
-        if label:
-            parts = [x.strip() for x in label.split(LABEL_SEPARATOR)]
-            if any(not x for x in parts):
-                raise ManifestError(f"{path}: row {row_no}: label {label!r} has an empty part between '{LABEL_SEPARATOR}'")
-            label = LABEL_SEPARATOR.join(parts)
-            if allowed is not None and any(x not in allowed for x in parts):
-                unknown.append(f"row {row_no}: {label!r}")
-        image = Path(row["image"])
-        image = image if image.is_absolute() else base / image
-        key = (label, row["site"], row["patient_id"], split)
-        if image in first_row:
-            prev_row, prev_key = first_row[image]
-            if prev_key == key:
-                duplicates += 1  # an exact repeat would count one image twice: drop it
-                continue
-            raise ManifestError(f"{path}: row {row_no}: image {row['image']} already listed in row {prev_row} "
-                                "with different label/site/patient/split")
-        first_row[image] = (row_no, key)
-        if check_files and not image.is_file():
-            missing_files.append(f"row {row_no}: {row['image']}")
-        meta = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        records.append(Record(image, label, row["site"], row["patient_id"], split, meta))
-        row_numbers.append(row_no)
-    if unknown:
-        raise ManifestError(f"{path}: {len(unknown)} row(s) with a label not among {sorted(allowed)} ({'; '.join(unknown[:5])})")
-    if missing_files:
-        shown = "; ".join(missing_files[:5])
-        raise ManifestError(f"{path}: {len(missing_files)} image file(s) not found ({shown})")
-    if not records:
-        raise ManifestError(f"{path}: manifest has a header but no rows")
-    if duplicates:
-        log.warning("%s: skipped %d duplicate row(s)", path, duplicates)
-    return Manifest(records, path=path, sha256=hashlib.sha256(raw).hexdigest(), duplicates_skipped=duplicates, row_numbers=row_numbers)
+        if any(row.values()):  # else a blank line
+            yield row_no, row
+
+
+def _record(path: Path, row_no: int, row: dict[str, str], base: Path) -> Record:
+    """One row as a `Record`: required fields present, a known split, a well-formed label, the image path
+    resolved against the manifest's folder, the other columns as metadata."""
+    for col in ("image", "site", "patient_id"):
+        if not row.get(col):
+            raise ManifestError(f"{path}: row {row_no}: empty '{col}'")
+    split = row.get("split") or None
+    if split is not None and split not in SPLITS:
+        raise ManifestError(f"{path}: row {row_no}: split {split!r} is not one of {', '.join(SPLITS)}")
+    label = row["label"]
+    if label:
+        parts = [x.strip() for x in label.split(LABEL_SEPARATOR)]
+        if any(not x for x in parts):
+            raise ManifestError(f"{path}: row {row_no}: label {label!r} has an empty part between '{LABEL_SEPARATOR}'")
+        label = LABEL_SEPARATOR.join(parts)
+    image = Path(row["image"])
+    image = image if image.is_absolute() else base / image
+    meta = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
+    return Record(image, label, row["site"], row["patient_id"], split, meta)
 
 
 def write_manifest(manifest: Manifest | list[Record], path: str | Path) -> Path:

@@ -36,6 +36,9 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """How images become network input: reading options, size, channels, aspect handling and normalisation;
+    recorded in every model folder so training, evaluation and serving see the same pixels."""
+
     image_size: int = 64
     in_chans: int = 1
     mean: float = 0.5
@@ -104,13 +107,16 @@ class Preprocessing:
         return x
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """A decoded image (H, W[, 3]) in [0, 1] -> the normalised network input (C, S, S)."""
         return self.normalize(self.resize(image))
 
     def to_dict(self) -> dict[str, Any]:
+        """The form recorded in model folders and resume keys."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        """A `Preprocessing` from its recorded form."""
         return cls(**d)
 
 

@@ -93,18 +93,22 @@ class ShardSet:
 
     @property
     def images(self) -> int:
+        """Images in the shards (samples times their group sizes)."""
         return int(self.meta["images"])
 
     @property
     def preprocessing(self) -> Preprocessing:
+        """The preprocessing the shards were written with."""
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
     @property
     def sites(self) -> list[str]:
+        """The sites of the shards' images."""
         return sorted(self.meta.get("sites", {}))
 
     @property
     def group_size(self) -> int:
+        """Images of one patient per sample (MICLe groups; 1: one image)."""
         return int(self.meta["group_size"])
 
 
@@ -134,6 +138,7 @@ def open_shards(folder: str | Path | ShardSet) -> ShardSet:
     return ShardSet(folder, meta)
 
 
+# Long (74 lines): half of it is the docstring of its eleven options; the steps are helpers.
 def write_shards(records: Iterable[Record], preprocessing: Preprocessing, output: str | Path, *,
                  read_options: dict[str, Any] | None = None, group_size: int = 1, seed: int = 0,
                  num_workers: int = 1, salt: bytes | str | None = None,
@@ -176,18 +181,10 @@ def write_shards(records: Iterable[Record], preprocessing: Preprocessing, output
     config_key = _digest(config)
     rows = [[r.label, r.site, r.patient_id] for r in records]
     stat_key = _digest([config_key, [[*_stat(r.image), *row] for r, row in zip(records, rows)]])
-
     old = _read_meta(output)
-    if old is not None and old.get("config_key") == config_key and (output / "index.json").is_file():
-        if old.get("stat_key") == stat_key:
-            log.info("reusing shards %s (%d samples, %d images)", output, old["samples"], old["images"])
-            return ShardSet(output, old, _failures(records, old), reused=True)
-        hashes = [_file_sha256(r.image) for r in records]  # touched or moved files: compare contents
-        if old.get("content_key") == _content_key(config_key, hashes, rows):
-            old["stat_key"] = stat_key
-            _write_json(output / SIDECAR, old)
-            log.info("reusing shards %s (same file contents; %d samples)", output, old["samples"])
-            return ShardSet(output, old, _failures(records, old), reused=True)
+    reused = _reuse(output, old, records, rows, config_key, stat_key)
+    if reused is not None:
+        return reused
     _check_output(output, old, config, overwrite)
 
     classes = sorted({lab for r in records for lab in r.labels})
@@ -300,6 +297,24 @@ def source_bits(data: bytes, name: str) -> int:
         return format_of(name, data[:132]).bits(data, name)
     except Exception:  # noqa: BLE001 - an unreadable header: the decoder will say why
         return 8
+
+
+def _reuse(output: Path, old: dict | None, records: list[Record], rows: list[list[str]], config_key: str,
+           stat_key: str) -> ShardSet | None:
+    """The shards already in `output` when they were written from these records with this config: by the
+    files' sizes and times, else (touched or moved files) by their contents; None otherwise."""
+    if old is None or old.get("config_key") != config_key or not (output / "index.json").is_file():
+        return None
+    if old.get("stat_key") == stat_key:
+        log.info("reusing shards %s (%d samples, %d images)", output, old["samples"], old["images"])
+        return ShardSet(output, old, _failures(records, old), reused=True)
+    hashes = [_file_sha256(r.image) for r in records]
+    if old.get("content_key") != _content_key(config_key, hashes, rows):
+        return None
+    old["stat_key"] = stat_key
+    _write_json(output / SIDECAR, old)
+    log.info("reusing shards %s (same file contents; %d samples)", output, old["samples"])
+    return ShardSet(output, old, _failures(records, old), reused=True)
 
 
 def _groups(records: list[Record], group_size: int, seed: int, secret: bytes) -> list[tuple[str, str, list[int]]]:

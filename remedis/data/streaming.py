@@ -155,6 +155,7 @@ class StreamingTwoView(ShardDataset):
         return i, i
 
     def item(self, sample: dict[str, Any], epoch: int):
+        """Two augmented views of a shard sample (MICLe: of two images of its patient)."""
         x = sample_pixels(sample)
         group = int(sample["group"])
         i, j = self.pick(group, len(x), epoch)
@@ -197,6 +198,7 @@ class StreamingLabeled(ShardDataset):
         return torch.tensor([self.index[lab] for lab, n in counts.items() for _ in range(int(n))], dtype=torch.long)
 
     def item(self, sample: dict[str, Any], epoch: int):
+        """One (normalised, augmented image, target) pair of a shard sample."""
         x = sample_pixels(sample)[0]
         group = int(sample["group"])
         if self.augment is not None:
@@ -257,14 +259,17 @@ class ShardLoader(StreamingDataLoader):
         return n
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Resume mid-epoch from a saved position."""
         super().load_state_dict(obj)
         self._restored_used = False
 
     def epoch_batches(self) -> int:
+        """Batches per epoch (after `max_batches`)."""
         n = len(self)
         return min(n, self.max_batches) if self.max_batches else n
 
     def state_dict(self) -> dict[str, Any]:
+        """The position in the epoch (kept in the resume state)."""
         state = super().state_dict()
         yielded = int(state.get("num_samples_yielded", 0))
         if yielded and yielded >= self.epoch_batches() * int(self.batch_size or 1):

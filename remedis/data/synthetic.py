@@ -98,9 +98,11 @@ class SyntheticSpec:
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/val/test, by patient
 
     def patients_of(self, site: SiteSpec) -> int:
+        """Patients of one site (its own count, else `patients_per_site`)."""
         return site.patients if site.patients is not None else self.patients_per_site
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: C901 - one independent check per field
+        """Check the spec; a ValueError names the field."""
         if len(self.sites) == 0:
             raise ValueError("SyntheticSpec.sites must contain at least one SiteSpec")
         names = [s.name for s in self.sites]
@@ -209,6 +211,7 @@ def _unit_noise(rng: np.random.Generator, shape: tuple[int, int], sigma) -> np.n
     return (f - f.mean()) / (f.std() + 1e-8)
 
 
+# Long (65 lines): one patient's anatomy drawn step by step (tissue, lesion, speckle, attenuation).
 def _render_patient(rng: np.random.Generator, malignant: bool, size: int) -> np.ndarray:
     """Noise-free echogenicity map of one patient's tissue + lesion.
 
@@ -319,6 +322,7 @@ def _acquire(canvas: np.ndarray, rng: np.random.Generator, view: int, site: Site
 # --------------------------------------------------------------------------- writers
 
 
+# Long (71 lines): one DICOM header written attribute by attribute, in module order.
 def write_dicom(
     path: str | Path,
     pixels_uint16: np.ndarray,

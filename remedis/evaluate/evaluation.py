@@ -42,6 +42,9 @@ IDENTIFYING = {"patient_id", "patientid", "patient", "patientname", "patient_nam
 
 @dataclass
 class EvalInputs:
+    """What every model's evaluation shares: test images and site roles, validation images, far-OOD sets, subgroups
+    and the OOD detector's settings."""
+
     test: ImageCache  # labeled test images of every site
     target_site: str  # the in-distribution site (the model was adapted to it)
     roles: dict[str, str]  # site -> "source" | "target" | "ood"
@@ -58,6 +61,7 @@ class EvalInputs:
 
 
 def check_subgroups(columns: list[str]) -> None:
+    """Refuse subgroup columns that could carry identifiers (patient, image path); ValueError names the column."""
     for c in columns:
         if c.lower().replace(" ", "") in IDENTIFYING:
             raise ValueError(f"subgroup column {c!r} identifies patients and cannot appear in a report")
@@ -224,6 +228,7 @@ def contract_flags(model: AdaptedModel, images: ImageCache) -> np.ndarray | None
 
 
 def detector_summary(detector: OODDetector | None) -> dict | None:
+    """The detector's method, threshold and acceptance rate for the report (None without one)."""
     if detector is None:
         return None
     return {"method": detector.method, "threshold": float(detector.threshold), "accept_rate": detector.accept_rate,

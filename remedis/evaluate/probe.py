@@ -39,5 +39,6 @@ def linear_probe_scores(backbone: torch.nn.Module, train: ImageCache, test: Imag
 
 def linear_probe_auroc(backbone: torch.nn.Module, train: ImageCache, test: ImageCache, class_names: list[str],
                        positive_index: int, c: float = 0.1) -> float:
+    """Test AUROC of a logistic-regression probe on frozen backbone features (a representation's quality without fine-tuning)."""
     y_test, probs = linear_probe_scores(backbone, train, test, class_names, c)
     return auroc(y_test, probs, positive_index)

@@ -150,6 +150,7 @@ def _overlap(a, b) -> bool:
 
 
 def write_report(report: dict, folder: str | Path) -> tuple[Path, Path]:
+    """Write report.json and report.html into `output`; returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, html_path = folder / "report.json", folder / "report.html"
@@ -273,7 +274,9 @@ img{max-width:100%;display:block;margin:.5rem 0}code{background:#f2f4f8;padding:
 .note{color:#556;font-size:.85rem}nav a{margin-right:.8rem;font-size:.9rem;color:#2a55a0}"""
 
 
+# Long (67 lines): the report page's sections in the order a reader sees them.
 def render_html(report: dict) -> str:
+    """The self-contained report page from report.json alone (inline figures, no script, no network request)."""
     esc = html.escape
     sites = list(report["sites"])
     models = report["models"]

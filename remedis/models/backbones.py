@@ -27,6 +27,7 @@ _BIT_SMALL = {"resnetv2_18_bit": "resnetv2_18", "resnetv2_34_bit": "resnetv2_34"
 
 def create_backbone(name: str, in_chans: int = 1) -> nn.Module:
     # Max-pools run in channels_last whatever the layout around them (15x faster on CPU; layout.py).
+    """A timm backbone by name with `in_chans` input channels and no classifier head (no pretrained download)."""
     return use_layout_pooling(_create(name, in_chans))
 
 
@@ -48,6 +49,7 @@ def _create(name: str, in_chans: int) -> nn.Module:
 
 
 def embedding_dim(backbone: nn.Module) -> int:
+    """Width of the backbone's pooled features."""
     return int(backbone.num_features)
 
 

@@ -35,6 +35,7 @@ class CheckpointError(ValueError):
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the weights (recorded in every checkpoint)."""
     import lightning
     import monai
     import pydicom
@@ -50,6 +51,7 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(folder: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically (a temporary sibling renamed into place); returns it."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -76,6 +78,7 @@ def save_checkpoint(folder: str | Path, state_dict: dict[str, torch.Tensor], met
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's meta.json; CheckpointError when missing or corrupt."""
     folder = Path(folder)
     if not (folder / META).is_file():
         raise CheckpointError(f"{folder}: not a remedis checkpoint folder (no {META})")
@@ -86,6 +89,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and meta.json of a checkpoint folder; `verify` checks the weights against their recorded hash."""
     folder = Path(folder)
     meta = read_meta(folder)
     weights = folder / WEIGHTS

@@ -18,9 +18,11 @@ class Classifier(nn.Module):
         self.head = nn.Linear(embedding_dim(self.backbone), num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a normalised batch."""
         return self.backbone.forward_head(self.backbone.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch."""
         return self.head(self.embed(x))
 
     def logits_and_embedding(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a local file (safetensors or a torch state_dict), never a download."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")

@@ -28,6 +28,7 @@ class LayoutMaxPool2d(nn.MaxPool2d):
     layout so the layers after it keep theirs. Exactly the same values: a max does not depend on layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Max pooling that keeps the input's memory layout."""
         if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return super().forward(x)  # already channels_last (or not an image batch): nothing to do
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()

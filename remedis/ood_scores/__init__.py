@@ -45,6 +45,16 @@ class OODScore(Protocol):
 SCORES: dict[str, OODScore] = {}
 
 
+class LogitScore:
+    """Base of the scores computed from logits alone: no state to fit."""
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def fit(self, train_embeddings: np.ndarray, train_targets: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """Nothing to fit."""
+        return {}
+
+
 def register_score(cls):
     """Class decorator: register one instance of `cls` under `cls.name`.
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from remedis.ood_scores import register_score
+from remedis.ood_scores import LogitScore, register_score
 from remedis.ood_scores.arrays import as_2d, logsumexp
 
 
 @register_score
-class Energy:
+class Energy(LogitScore):
     """-logsumexp of the logits (the free energy at temperature 1)."""
 
     name = "energy"
-    state_keys = ()
-
-    def fit(self, train_embeddings, train_targets, k):
-        """Nothing to fit."""
-        return {}
 
     def score(self, state, logits, embeddings):
         """(N,) -logsumexp(logits)."""

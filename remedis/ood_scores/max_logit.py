@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from remedis.ood_scores import register_score
+from remedis.ood_scores import LogitScore, register_score
 from remedis.ood_scores.arrays import as_2d
 
 
 @register_score
-class MaxLogit:
+class MaxLogit(LogitScore):
     """-max logit (the temperature does not change its ranking)."""
 
     name = "max_logit"
-    state_keys = ()
-
-    def fit(self, train_embeddings, train_targets, k):
-        """Nothing to fit."""
-        return {}
 
     def score(self, state, logits, embeddings):
         """(N,) -max logit."""

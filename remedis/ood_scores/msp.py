@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from remedis.ood_scores import register_score
+from remedis.ood_scores import LogitScore, register_score
 from remedis.ood_scores.arrays import as_2d
 
 
 @register_score
-class MaxSoftmax:
+class MaxSoftmax(LogitScore):
     """-max softmax probability of the raw (uncalibrated) logits."""
 
     name = "msp"
-    state_keys = ()
-
-    def fit(self, train_embeddings, train_targets, k):
-        """Nothing to fit."""
-        return {}
 
     def score(self, state, logits, embeddings):
         """(N,) -max softmax probability."""

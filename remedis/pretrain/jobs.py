@@ -93,6 +93,7 @@ def _shard_note(shards) -> dict:
 
 
 def backbone_meta(cfg: RunConfig, preprocessing, stage_history: list[dict]) -> dict:
+    """The meta.json of a backbone folder: architecture, input channels, preprocessing, stage history, config."""
     return {
         "kind": "backbone",
         "architecture": cfg.model.backbone,
@@ -205,6 +206,7 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache | ShardSet | str | Path, 
     return Path(output)
 
 
+# Long (62 lines): the multi-task stage read top to bottom: data, model, loaders, fit, record.
 def train_multitask(cfg: RunConfig, tasks: list, train: list[ImageCache], val: list[ImageCache], output: Path,
                     progress: bool = True, stage_key: str | None = None) -> Path:
     """Multi-task supervised upstream (`remedis.pretrain.multitask`): one backbone, a head per task, batches

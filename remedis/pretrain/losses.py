@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 
 class NTXentLoss(nn.Module):
+    """NT-Xent, SimCLR's contrastive loss: each view's positive is its pair among 2N views, at temperature
+    `temperature` (gathered across ranks when distributed)."""
+
     def __init__(self, temperature: float = 0.1):
         super().__init__()
         if temperature <= 0:
@@ -23,6 +26,7 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The loss of two (N, D) projections of the same N items."""
         if z1.shape != z2.shape or z1.ndim != 2:
             raise ValueError(f"expected two (N, D) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
         n = z1.shape[0]

@@ -22,6 +22,8 @@ from remedis.data.dataset import ImageCache, augment_item, dataset_key, item_see
 
 
 class MICLeDataset(Dataset):
+    """Two views per item for SimCLR; MICLe: the second view from another image of the same patient when there is one."""
+
     def __init__(self, cache: ImageCache, augment: Callable, seed: int = 0):
         self.cache = cache
         self.augment = augment
@@ -34,9 +36,11 @@ class MICLeDataset(Dataset):
 
     @property
     def multi_image_fraction(self) -> float:
+        """Share of images whose patient has another image (a MICLe partner)."""
         return float(np.mean([len(p) > 1 for p in self.partners])) if self.partners else 0.0
 
     def partner(self, i: int, epoch: int | None = None) -> int:
+        """Another image of the same patient for item `i` (itself when it has none), seeded per epoch."""
         others = [j for j in self.partners[i] if j != i]
         if not others:
             return i

@@ -34,6 +34,9 @@ def knn_scores(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Te
 
 
 class KNNMonitor(L.Callback):
+    """A Lightning callback that measures the representation each epoch: kNN AUROC of source validation images
+    against a labeled source bank."""
+
     def __init__(self, bank: ImageCache, queries: ImageCache, class_names: list[str], positive_index: int = 1, k: int = 20):
         index = {c: i for i, c in enumerate(class_names)}
         self.bank, self.queries = bank, queries
@@ -43,17 +46,21 @@ class KNNMonitor(L.Callback):
         self.history: list[float] = []
 
     def measure(self, backbone: torch.nn.Module) -> float:
+        """The kNN AUROC of `backbone` now."""
         scores = knn_scores(embed_cache(backbone, self.bank), self.bank_targets, embed_cache(backbone, self.queries),
                             self.num_classes, self.k)
         return auroc(self.query_targets, scores, self.positive_index)
 
     def state_dict(self) -> dict:
+        """The per-epoch history (kept in the resume state)."""
         return {"history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the per-epoch history of a resumed run."""
         self.history = list(state_dict.get("history", []))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Measure and log the kNN AUROC after the epoch."""
         value = self.measure(pl_module.backbone)
         self.history.append(value)  # merged into the stage history by the job (callbacks run before the module's hook)
         pl_module.log("knn_auroc", value, prog_bar=True)

@@ -78,6 +78,7 @@ class MultiTaskClassifier(nn.Module):
         self.heads = nn.ModuleDict({t.name: nn.Linear(dim, len(t.class_names)) for t in tasks})
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a normalised batch."""
         return self.backbone.forward_head(self.backbone.forward_features(x))
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -206,14 +207,17 @@ class MultiTaskModule(L.LightningModule):
         self._seen = np.zeros(len(tasks), dtype=np.int64)
 
     def setup(self, stage: str) -> None:
+        """Put the network in the device's memory layout."""
         self.memory_format = memory_format(self.model, self.trainer.strategy.root_device)  # before DDP wraps it
         self.model.to(memory_format=self.memory_format)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the history and best weights in the resume state."""
         checkpoint["remedis"] = {"history": self.history, "best_metric": self.best_metric, "best_state": self.best_state,
                                  "seen": self._seen.tolist()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the history and best weights of a resumed run."""
         state = checkpoint.get("remedis", {})
         self.history = list(state.get("history", []))
         self.best_metric = state.get("best_metric", -math.inf)
@@ -237,6 +241,7 @@ class MultiTaskModule(L.LightningModule):
         return out
 
     def training_step(self, batch, batch_idx):
+        """The weighted sum of each task's loss on its rows of the batch."""
         x, target, task = batch
         logits = self.model(x.contiguous(memory_format=self.memory_format), task)
         losses = self.task_losses(logits, target, task)
@@ -249,6 +254,7 @@ class MultiTaskModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        """Collect each task's probabilities and targets for the epoch's AUROC."""
         x, target, task = batch
         logits = self.model(x.contiguous(memory_format=self.memory_format), task)
         probs = torch.zeros(target.shape, dtype=torch.float32, device=target.device)  # zero-padded rows, as targets
@@ -260,6 +266,7 @@ class MultiTaskModule(L.LightningModule):
         self._val.append((probs.cpu(), target.cpu(), task.cpu()))
 
     def on_validation_epoch_end(self) -> None:
+        """Per-task validation AUROC and their mean; keep the best epoch."""
         if not self._val:
             return
         probs, targets, task = (torch.cat(v) for v in zip(*self._val))
@@ -291,10 +298,12 @@ class MultiTaskModule(L.LightningModule):
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
     def load_best(self) -> None:
+        """Load the weights of the epoch with the best mean validation AUROC."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
     def configure_optimizers(self):
+        """AdamW with a one-cycle schedule."""
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.15)

@@ -36,6 +36,8 @@ def lars(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optim
 
 
 class SimCLRModule(L.LightningModule):
+    """Lightning module of SimCLR: backbone + projection head, NT-Xent between two views (MICLe pairs when given), LARS or AdamW."""
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.1, projection_dim: int = 128,
                  lr: float = 5e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.1,
                  projection_layers: int = 2, optimizer: str = "adamw"):
@@ -52,14 +54,17 @@ class SimCLRModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
+        """Put the network in the device's memory layout."""
         self.memory_format = memory_format(self.backbone, self.trainer.strategy.root_device)
         self.backbone.to(memory_format=self.memory_format)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Projections of a normalised batch (what NT-Xent compares)."""
         x = x.contiguous(memory_format=getattr(self, "memory_format", None) or memory_format(self.backbone, x.device))
         return self.projection(self.backbone.forward_head(self.backbone.forward_features(x)))
 
     def training_step(self, batch, batch_idx):
+        """NT-Xent of one batch of view pairs."""
         v1, v2 = batch
         z = self.project(torch.cat([v1, v2]))  # one forward pass for both views: BatchNorm sees all 2N
         z1, z2 = z.float().chunk(2)
@@ -75,16 +80,20 @@ class SimCLRModule(L.LightningModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the history in the resume state."""
         checkpoint["remedis"] = {"history": self.history}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the history of a resumed run."""
         self.history = list(checkpoint.get("remedis", {}).get("history", []))
 
     def on_train_epoch_end(self) -> None:
+        """Record the epoch's mean NT-Xent."""
         self.history.append({"epoch": int(self.current_epoch), "nt_xent": float(np.mean(self._losses))})
         self._losses.clear()
 
     def configure_optimizers(self):
+        """LARS or AdamW (`pretrain.simclr.optimizer`) with warm-up and cosine decay."""
         if self.optimizer_name == "lars":
             opt = lars(self, self.lr, self.weight_decay)
         else:

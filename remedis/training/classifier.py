@@ -26,11 +26,15 @@ from remedis.models.layout import memory_format
 
 
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights (mean 1); classes absent from `targets` count once."""
     counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
     return counts.sum() / (num_classes * counts)
 
 
 class ClassifierModule(L.LightningModule):
+    """Lightning module of supervised classification (upstream pretraining and fine-tuning): class-weighted cross-
+    entropy, AdamW with one-cycle, validation AUROC per epoch, the best epoch kept."""
+
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4,
                  class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
                  positive_index: int = 1, param_groups: list[dict] | None = None,
@@ -52,27 +56,33 @@ class ClassifierModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # channels_last before the strategy wraps the model: converting after DDP has built its gradient
         # buckets gave wrong averaged gradients (tests/test_ddp.py)
+        """Put the network in the memory layout of the device Lightning chose."""
         self.memory_format = memory_format(self.model, self.trainer.strategy.root_device)
         self.model.to(memory_format=self.memory_format)
 
     # The epoch resume file (remedis.training.EpochCheckpoint) carries what lives outside the weights.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the history and the best weights in the resume state."""
         checkpoint["remedis"] = {"history": self.history, "best_metric": self.best_metric, "best_state": self.best_state}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the history and the best weights of a resumed run."""
         state = checkpoint.get("remedis", {})
         self.history = list(state.get("history", []))
         self.best_metric = state.get("best_metric", -math.inf)
         self.best_state = state.get("best_state")
 
     def on_train_epoch_start(self) -> None:
+        """Keep frozen modules in eval mode (their normalisation statistics do not move)."""
         for m in self.frozen:
             m.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch."""
         return self.model(x.contiguous(memory_format=getattr(self, "memory_format", None) or memory_format(self.model, x.device)))
 
     def training_step(self, batch, batch_idx):
+        """Weighted cross-entropy of one batch (label smoothing as configured)."""
         x, y = batch
         logits = self(x).float()
         weight = self.class_weights if self.class_weights.numel() else None
@@ -82,11 +92,13 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        """Collect the batch's probabilities and targets for the epoch's AUROC."""
         x, y = batch
         self._val_probs.append(self(x).float().softmax(1).cpu())
         self._val_targets.append(y.cpu())
 
     def on_validation_epoch_end(self) -> None:
+        """Compute validation AUROC and accuracy, record the epoch, keep the best weights."""
         if not self._val_probs:
             return
         probs, targets = torch.cat(self._val_probs), torch.cat(self._val_targets)
@@ -112,10 +124,12 @@ class ClassifierModule(L.LightningModule):
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
     def load_best(self) -> None:
+        """Load the weights of the epoch with the best validation AUROC."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
     def configure_optimizers(self):
+        """AdamW over the parameter groups with a one-cycle schedule."""
         groups = self.param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))

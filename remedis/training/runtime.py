@@ -23,6 +23,7 @@ log = logging.getLogger("remedis")
 
 
 def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and tips (remedis prints its own progress)."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -37,6 +38,7 @@ def quiet_lightning() -> None:
 
 
 def setup_runtime(runtime: RuntimeConfig, seed: int) -> None:
+    """Seed everything, set threads and quiet Lightning before a stage runs."""
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
@@ -45,6 +47,7 @@ def setup_runtime(runtime: RuntimeConfig, seed: int) -> None:
 
 
 def accelerator(runtime: RuntimeConfig) -> str:
+    """Lightning's accelerator for the runtime section (cpu, gpu or auto)."""
     if runtime.accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return runtime.accelerator
@@ -81,20 +84,24 @@ class EpochCheckpoint(Checkpoint):
             atomic_replace(tmp, self.path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the resume state after every epoch."""
         self._save(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         # not after an epoch's last batch: its end-of-epoch hooks (histories, validation) must run
         # before the state is saved, and on_train_epoch_end saves it right after them
+        """Save the resume state every `every_n_steps` steps (long epochs of streamed shards)."""
         last = batch_idx + 1 >= trainer.num_training_batches
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not last:
             self._save(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Record the step counter in the resume state."""
         checkpoint["remedis_partial_epoch"] = {k: list(getattr(pl_module, k)) for k in self.BUFFERS
                                                if isinstance(getattr(pl_module, k, None), list)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Restore the step counter of a resumed run."""
         for k, v in checkpoint.get("remedis_partial_epoch", {}).items():
             setattr(pl_module, k, list(v))
 

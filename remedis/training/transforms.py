@@ -83,6 +83,7 @@ class RandColourJitter(RandomizableTransform):
         self._factors: list[float] = []
 
     def randomize(self, data=None) -> None:
+        """Draw this call's brightness, contrast, saturation and hue factors."""
         super().randomize(None)
         if not self._do_transform:
             return
@@ -91,6 +92,7 @@ class RandColourJitter(RandomizableTransform):
         self._factors = [float(self.R.uniform(max(0.0, 1 - v), 1 + v)) for v in (b, c, s)] + [float(self.R.uniform(-h, h))]
 
     def __call__(self, img, randomize: bool = True) -> torch.Tensor:
+        """The (3, H, W) image jittered with probability `prob` (new factors unless `randomize` is False)."""
         if randomize:
             self.randomize()
         if not self._do_transform:
@@ -117,6 +119,7 @@ class RandGrayscale(RandomizableTransform):
         RandomizableTransform.__init__(self, prob)
 
     def __call__(self, img, randomize: bool = True) -> torch.Tensor:
+        """The (3, H, W) image as its luminance on every channel, with probability `prob`."""
         if randomize:
             self.randomize(None)
         if not self._do_transform:

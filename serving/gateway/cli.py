@@ -51,6 +51,7 @@ def _settings(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`remedis-gateway serve|status`: run the gateway, or print a running spool's counters."""
     parser = argparse.ArgumentParser(prog="remedis-gateway", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("serve", "run the gateway until stopped (SIGTERM / Ctrl-C)"),

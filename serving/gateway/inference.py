@@ -38,6 +38,8 @@ class ModelInfo:
 
 
 class Inference(Protocol):
+    """Where a route gets its answers: a model in process or the deployed service."""
+
     info: ModelInfo
 
     def predict(self, files: list[bytes]) -> list[Answer | Refusal]:

@@ -52,11 +52,13 @@ CODE_PROCEDURE = hd.sr.CodedConcept("ai-classification", SCHEME, "AI image class
 
 
 def class_code(name: str) -> hd.sr.CodedConcept:
+    """A class name as a coded concept of the private scheme (value: the name made code-safe, 16 characters)."""
     value = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:16] or "class"
     return hd.sr.CodedConcept(value, SCHEME, name[:64])
 
 
 def probability_code(name: str) -> hd.sr.CodedConcept:
+    """The coded concept of one class's probability measurement."""
     value = ("p-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))[:16]
     return hd.sr.CodedConcept(value, SCHEME, f"Probability of {name}"[:64])
 

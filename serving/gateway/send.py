@@ -63,6 +63,7 @@ class SendError(RuntimeError):
 
 
 def send(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str) -> None:
+    """Deliver datasets to the destination (C-STORE or STOW-RS); SendError unless every one was acknowledged."""
     if dest.kind == "dimse":
         _c_store(datasets, dest, calling_ae)
     elif dest.kind == "stow":
@@ -125,6 +126,7 @@ class Backoff:
         self.state: dict[str, tuple[int, float]] = {}
 
     def due(self, key: str) -> bool:
+        """Whether `key` may be tried now."""
         return self.clock() >= self.state.get(key, (0, 0.0))[1]
 
     def failed(self, key: str) -> float:
@@ -135,7 +137,9 @@ class Backoff:
         return wait
 
     def succeeded(self, key: str) -> None:
+        """Forget `key`'s failures."""
         self.state.pop(key, None)
 
     def attempts(self, key: str) -> int:
+        """Failed attempts so far for `key`."""
         return self.state.get(key, (0, 0.0))[0]

@@ -49,6 +49,8 @@ class Destination:
 
 @dataclass
 class Retry:
+    """Back-off of deliveries and model calls: first wait and longest wait."""
+
     initial_s: float = 1.0  # the first retry waits this long, doubling up to max_s; never given up
     max_s: float = 60.0
 
@@ -64,6 +66,8 @@ class StowIn:
 
 @dataclass
 class GatewaySettings:
+    """The DICOM gateway's settings: listening, allowed callers, routes to models, destination, spool, retry, result options."""
+
     ae_title: str = "REMEDIS"
     host: str = "127.0.0.1"  # loopback unless configured
     port: int = 11112
@@ -79,6 +83,7 @@ class GatewaySettings:
     stow: StowIn = field(default_factory=StowIn)
 
     def validate(self) -> "GatewaySettings":
+        """Check the settings; a ValueError names the key."""
         if not 1 <= len(self.ae_title) <= 16:
             raise ConfigError(f"ae_title: must be 1-16 characters, got {self.ae_title!r}")
         if not 0 <= self.port < 65536:

@@ -43,6 +43,9 @@ def uid_key(uid: str) -> str:
 
 
 class Spool:
+    """The gateway's spool on disk: incoming series, claimed batches, results waiting in the outbox, delivered
+    results, failures; every move atomic, so a killed gateway loses nothing."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         for s in STAGES:
@@ -58,6 +61,7 @@ class Spool:
                 pass
 
     def dir(self, stage: str) -> Path:
+        """The folder of one stage (incoming, work, outbox, results, failed)."""
         return self.root / stage
 
     # ---- counters -------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ MAX_BODY = 2 * 1024**3
 
 
 class StowError(Exception):
+    """A STOW-RS request the gateway refuses as a whole: HTTP status and reason."""
+
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason
@@ -142,6 +144,7 @@ class HttpServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-http")
 
     def start(self) -> "HttpServer":
+        """Start serving in a background thread; returns once it accepts connections."""
         self.thread.start()
         deadline = time.time() + 20
         while not self.server.started:
@@ -151,5 +154,6 @@ class HttpServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and wait for the thread."""
         self.server.should_exit = True
         self.thread.join(timeout=10)

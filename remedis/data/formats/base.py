@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -76,3 +77,13 @@ def to_unit(arr: np.ndarray, name: str) -> np.ndarray:
 def one_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's text on one line, cut at `limit` characters."""
     return " ".join(str(exc).split())[:limit]
+
+
+def source_bytes(source: Path | bytes) -> bytes:
+    """The bytes of a file or of bytes already read (a read failure names the file)."""
+    if isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"{source}: cannot read file ({exc.strerror or exc})") from None

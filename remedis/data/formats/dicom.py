@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from remedis.data.formats import register_format
-from remedis.data.formats.base import GREY, ImageReadError, SourceInfo, code
+from remedis.data.formats.base import GREY, ImageReadError, SourceInfo, code, source_bytes
 
 SUFFIXES = (".dcm", ".dicom", ".dic")
 
@@ -38,7 +38,7 @@ class Dicom:
         """The pixels through `remedis.data.dicom.read_dicom_bytes` (frame None: the first)."""
         from remedis.data.dicom import DicomError, read_dicom_bytes
 
-        data = _bytes(source)
+        data = source_bytes(source)
         try:
             return read_dicom_bytes(data, name, window=window, frame=0 if frame is None else frame, channels=channels,
                                     max_pixels=limit)
@@ -72,7 +72,7 @@ class Dicom:
 
     def bits(self, source, name):
         """16 when BitsStored (else BitsAllocated) is above 8."""
-        data = _bytes(source)
+        data = source_bytes(source)
         stored = _bits_stored(data)
         if stored is not None:
             return 16 if stored > 8 else 8
@@ -80,16 +80,6 @@ class Dicom:
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=["BitsStored", "BitsAllocated"])
         return 16 if int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 8) or 8) > 8 else 8
-
-
-def _bytes(source: Path | bytes) -> bytes:
-    """The file's bytes (read once; a read failure names the file)."""
-    if isinstance(source, bytes):
-        return source
-    try:
-        return Path(source).read_bytes()
-    except OSError as exc:
-        raise ImageReadError(f"{source}: cannot read file ({exc.strerror or exc})") from None
 
 
 def _bits_stored(data: bytes) -> int | None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from remedis.data.formats import register_format
-from remedis.data.formats.base import ImageReadError, ImageTooLargeError, SourceInfo, code, one_line, to_unit
+from remedis.data.formats.base import ImageReadError, ImageTooLargeError, SourceInfo, code, one_line, source_bytes, to_unit
 
 MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "tiff": (b"II*\x00", b"MM\x00*")}
 PNG_SIGNATURE = MAGIC["png"][0]
@@ -35,7 +34,7 @@ class Raster:
         """One frame (or all with frame "all") as grey or RGB in [0, 1]; 16-bit and float images min-max scaled."""
         from PIL import Image, UnidentifiedImageError
 
-        data = _bytes(source)
+        data = source_bytes(source)
         Image.MAX_IMAGE_PIXELS = max(limit, 1)  # PIL's own guard as a backstop behind the header check below
         try:
             with warnings.catch_warnings():
@@ -74,7 +73,7 @@ class Raster:
 
     def bits(self, source, name):
         """16 for 16-bit PNG and PIL modes I;16 / I / F, else 8 (JPEG is 8: PIL does not read 12-bit JPEG)."""
-        data = _bytes(source)
+        data = source_bytes(source)
         if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
             return 16 if data[24] > 8 else 8  # IHDR bit depth per sample
         if data[:3] == b"\xff\xd8\xff":
@@ -83,16 +82,6 @@ class Raster:
 
         with Image.open(io.BytesIO(data)) as img:  # lazy: the header only
             return 16 if img.mode in ("I", "F") or img.mode.startswith("I;16") else 8
-
-
-def _bytes(source: Path | bytes) -> bytes:
-    """The file's bytes (a read failure names the file)."""
-    if isinstance(source, bytes):
-        return source
-    try:
-        return Path(source).read_bytes()
-    except OSError as exc:
-        raise ImageReadError(f"{source}: cannot read file ({exc.strerror or exc})") from None
 
 
 def _frames(img, name: str, frame, channels: int, limit: int) -> np.ndarray:
