@@ -279,6 +279,50 @@ def test_results_wait_while_the_destination_is_down(tmp_path, model, shared_data
         assert gw.status()["ignored"] == before["ignored"] + 1 and gw.status()["received"] == before["received"]
 
 
+def test_a_registered_result_writer_is_written_and_kept_beside_the_delivered_sr(tmp_path, model, shared_data):
+    """A new kind of result is one registered writer: the gateway writes it for every answered study, the
+    sender delivers the DICOM results and keeps the media types the destination does not take."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.writers import WRITERS, Result, register_writer
+
+    @register_writer
+    class AnswersJson:
+        name, media_type, suffix = "answers_json", "application/json", ".json"
+
+        def enabled(self, settings):
+            return True
+
+        def write(self, study):
+            body = {ds.SOPInstanceUID: a.to_dict() for ds, a in study.pairs}
+            return [Result(f"answers-{study.route}.json", self.media_type, json.dumps(body).encode())]
+
+    received: list[str] = []
+    dest_port = free_port()
+    ae = AE(ae_title="DEST")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", dest_port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset.SOPClassUID) or 0)])
+    study = study_from(ct_files(shared_data, 1)[0], 2, planted=False)
+    try:
+        settings = _settings(tmp_path, model, destination={"kind": "dimse", "port": dest_port, "ae_title": "DEST"},
+                             stow={"enabled": False})
+        with Gateway(settings) as gw:
+            assert all(gw.accept(to_bytes(ds)) == 0 for ds in study)
+            _wait(lambda: gw.status()["processed"] == 2 and _drained(gw), 60, "the study processed and delivered")
+            assert gw.status()["sent"] == 1  # the SR; the JSON is not a DICOM result
+    finally:
+        server.shutdown()
+        WRITERS.pop("answers_json")
+    assert [str(c) for c in received] == ["1.2.840.10008.5.1.4.1.1.88.34"]
+    kept = list((tmp_path / "spool" / "results").rglob("answers-0.json"))
+    assert len(kept) == 1
+    answers = json.loads(kept[0].read_text())
+    assert set(answers) == {ds.SOPInstanceUID for ds in study}
+    assert all(set(a) == {"probabilities", "label", "decision", "ood", "ood_score", "ood_reasons"} for a in answers.values())
+
+
 def _serve(config: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "serving.gateway.cli", "serve", "--config", str(config)], cwd=ROOT,

@@ -10,7 +10,6 @@ from sklearn.metrics import roc_curve
 from sklearn.neighbors import NearestNeighbors
 
 from remedis.adapt.ood import (
-    METHODS,
     OODDetector,
     all_scores,
     fit_ood_detector,
@@ -19,6 +18,9 @@ from remedis.adapt.ood import (
     ood_auroc,
     threshold_for_accept_rate,
 )
+from remedis.ood_scores import score_names
+
+METHODS = score_names()
 
 
 def test_ood_auroc_and_fpr95_on_known_score_sets():

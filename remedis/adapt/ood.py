@@ -35,7 +35,6 @@ from remedis.files import atomic_write, atomic_write_text
 from remedis.ood_scores import get_score, score_names
 from remedis.ood_scores.arrays import as_2d
 
-METHODS = score_names()  # every registered score (remedis.ood_scores), in report order
 OOD_JSON = "ood.json"
 OOD_WEIGHTS = "ood.safetensors"
 FORMAT_VERSION = 1
@@ -153,7 +152,7 @@ def fit_model_detector(model, train, val, method: str = "mahalanobis", accept_ra
         model: an `AdaptedModel` (its `infer` gives logits and embeddings).
         train: `ImageCache` of the labeled train images the model was adapted on.
         val: `ImageCache` of the site's validation images.
-        method: one of METHODS.
+        method: a registered score (`remedis.ood_scores.score_names()`).
         accept_rate: share of in-distribution validation images accepted.
 
     Example:
@@ -198,7 +197,7 @@ def all_scores(logits, embeddings, train_embeddings, train_targets, k: int = DEF
                states: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
     """Every method's scores for one set of images (states fitted once and reused through `states`)."""
     out = {}
-    for method in METHODS:
+    for method in score_names():
         if states is not None and method in states:
             state = states[method]
         else:

@@ -113,12 +113,12 @@ def evaluate_folders(models: list, manifest_path, output, target_site: str | Non
     evaluation as `remedis run` and `remedis adapt`, so the numbers agree for the same model, manifest and seed.
     `data`: the config's `data` section (split fractions, label map); --label-map entries are added to it."""
     from remedis import stages
-    from remedis.adapt.ood import METHODS
     from remedis.data.manifest import read_manifest
     from remedis.evaluate.evaluation import EvalInputs, check_subgroups, load_far_ood
+    from remedis.ood_scores import score_names
 
-    if ood_method not in METHODS:
-        raise ValueError(f"--ood-method: expected one of {', '.join(METHODS)}, got {ood_method!r}")
+    if ood_method not in score_names():
+        raise ValueError(f"--ood-method: expected one of {', '.join(score_names())}, got {ood_method!r}")
     check_subgroups(list(subgroups))
     folders, loaded = _load_models(models)
     known = loaded[0].class_names

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from remedis.adapt.model import AdaptedModel
-from remedis.adapt.ood import METHODS, OODDetector, all_scores, fit_state, fpr_at_tpr, ood_auroc
+from remedis.adapt.ood import OODDetector, all_scores, fit_state, fpr_at_tpr, ood_auroc
 from remedis.data.dataset import ImageCache
 from remedis.evaluate.cka import cka_matrix, layer_features, site_embedding_distances
 from remedis.metrics import site_metrics, threshold_for_sensitivity
+from remedis.ood_scores import score_names
 
 log = logging.getLogger("remedis")
 
@@ -112,7 +113,7 @@ def _states(model, inputs: EvalInputs, index, memo: dict) -> dict[str, dict]:
     if "states" not in memo:
         _, tr_emb = infer(model, inputs.train.pixels, memo=memo)
         y = np.array([index.get(r.label, -1) for r in inputs.train.records])
-        memo["states"] = {m: fit_state(m, tr_emb, y) for m in METHODS}
+        memo["states"] = {m: fit_state(m, tr_emb, y) for m in score_names()}
     return memo["states"]
 
 
@@ -187,7 +188,7 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
         scores = all_scores(lg, em, None, None, states=states)
         results[name] = {"kind": kind, "n_images": len(lg),
                          "methods": {m: {"auroc": _none(ood_auroc(id_scores[m], scores[m])),
-                                         "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in METHODS}}
+                                         "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in score_names()}}
         flagged = detector.is_ood(lg, em) if detector is not None and len(lg) else None
         if flagged is not None:
             results[name]["detector_flagged"] = float(np.mean(flagged))
@@ -199,7 +200,7 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     out = {"in_distribution": {"site": tgt, "n_images": int((sites == tgt).sum())}, "sets": results,
            "detector": detector_summary(detector),
            "summary": {kind: {m: _mean([r["methods"][m]["auroc"] for r in results.values() if r["kind"] == kind])
-                              for m in METHODS} for kind in ("near", "far")}}
+                              for m in score_names()} for kind in ("near", "far")}}
     if detector is not None:
         out["detector"]["test_accepted_in_distribution"] = float(np.mean(~detector.is_ood(logits[sites == tgt], emb[sites == tgt])))
     return out

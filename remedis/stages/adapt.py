@@ -52,7 +52,7 @@ class AdaptSettings:
         runtime: the `runtime` section (devices, precision, workers).
         architecture: the network (`model.backbone`; a pretrained backbone's own architecture).
         seed: the seed of budgets, training and the ablation's bootstrap.
-        ood_method: the OOD score of the detector (`evaluate.ood_method`, one of `remedis.adapt.ood.METHODS`).
+        ood_method: the OOD score of the detector (`evaluate.ood_method`, a registered score, `remedis.ood_scores.score_names()`).
         ood_accept_rate: share of validation images the detector accepts (`evaluate.ood_accept_rate`).
         bootstrap: bootstrap resamples of the recipe ablation's CIs (`evaluate.bootstrap`).
         data: the `data` section, hashed into resume keys only.

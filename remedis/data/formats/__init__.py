@@ -7,9 +7,9 @@ channels, size, frames) and the bit depth its pixels are stored with (`bits`). R
 on what a file is.
 
 Formats are asked in registration order and the first that claims a file reads it; the raster format
-(PIL: PNG, JPEG, TIFF, BMP) is registered last and claims everything else, so its error names what the
-bytes are not. To add a format: write `remedis/data/formats/<name>.py` with a class decorated by
-`@register_format`, and import it below, before `raster`.
+(PIL: PNG, JPEG, TIFF, BMP) is the fallback, asked last, and claims everything else, so its error names
+what the bytes are not. To add a format: write `remedis/data/formats/<name>.py` with a class decorated by
+`@register_format`, and import it below.
 
 Example:
     >>> fmt = format_of("scan.dcm", head=open("scan.dcm", "rb").read(132))
@@ -41,6 +41,7 @@ class ImageFormat(Protocol):
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
+    fallback: ClassVar[bool]  # asked after every other format (raster: PIL names what it cannot read)
 
     def claims(self, name: str, head: bytes) -> bool:
         """True when the file called `name`, starting with `head` (up to HEAD_BYTES), is this format."""
@@ -77,11 +78,11 @@ def register_format(cls):
 
 
 def format_of(name: str, head: bytes = b"") -> ImageFormat:
-    """The first registered format that claims a file called `name` starting with `head`."""
-    for fmt in FORMATS.values():
+    """The first registered format that claims a file called `name` starting with `head` (fallbacks last)."""
+    for fmt in sorted(FORMATS.values(), key=lambda f: bool(getattr(f, "fallback", False))):
         if fmt.claims(name, head):
             return fmt
-    raise ImageReadError(f"{name}: no image format claims it")  # unreachable while `raster` is registered last
+    raise ImageReadError(f"{name}: no image format claims it")  # unreachable while `raster` claims everything
 
 
 def format_of_file(path: Path) -> tuple[ImageFormat, bytes]:
@@ -111,7 +112,7 @@ def suffixes() -> tuple[str, ...]:
 __all__ = ["FORMATS", "GREY", "HEAD_BYTES", "ImageFormat", "ImageReadError", "ImageTooLargeError", "SourceInfo", "code",
            "format_of", "format_of_file", "register_format", "sniff_kind", "suffixes", "to_unit"]
 
-# The registered formats (importing a module registers it), in the order they are asked; raster last.
+# The registered formats (importing a module registers it), in the order they are asked (the fallback last).
 # isort: off
 from remedis.data.formats import nifti  # noqa: E402,F401
 from remedis.data.formats import dicom  # noqa: E402,F401

@@ -25,6 +25,7 @@ class Dicom:
 
     name = "dicom"
     suffixes = SUFFIXES
+    fallback = False
 
     def claims(self, name, head):
         """The preamble, or a DICOM file name."""

@@ -33,6 +33,7 @@ class Nifti:
 
     name = "nifti"
     suffixes = SUFFIXES
+    fallback = False
 
     def claims(self, name, head):
         """A NIfTI file name (.nii, .nii.gz)."""

@@ -21,6 +21,7 @@ class Raster:
 
     name = "raster"
     suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+    fallback = True  # asked after every other format
 
     def claims(self, name, head):
         """Everything: the fallback (PIL names what it cannot read)."""
