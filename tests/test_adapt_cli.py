@@ -60,6 +60,13 @@ def test_adapt_sweep_with_distillation(tmp_path, capsys):
     assert report["provenance"]["validation"]["site-B"].startswith("carved from train: 20% of the train patients")
     assert teacher["validation"].startswith("carved from train")
     assert teacher["val_images"] > 0
+    # A rerun with the same inputs reuses the teachers and their students (keyed like every stage): nothing is rewritten.
+    folders = sorted((tmp_path / "out" / "adapted").glob("*/model.safetensors"))
+    written = {f: f.stat().st_mtime_ns for f in folders}
+    assert main(["adapt", "--backbone", str(tmp_path / "backbone"), "--manifest", str(manifest), "--site", "site-B",
+                 "--budget", "25%,100%", "--output", str(tmp_path / "out"), "--config", str(config), "--distill", "resnet18",
+                 "--set", "adapt.mode=lp-ft", "--quiet"]) == 0
+    assert len(folders) == 4 and {f: f.stat().st_mtime_ns for f in folders} == written
 
 
 def test_adapt_set_is_checked_like_the_file(tmp_path, capsys):
