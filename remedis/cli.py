@@ -3,6 +3,7 @@ as a `register(subparsers)` function and a thin face over the stage functions of
 
     remedis run configs/quickstart.yaml --output runs/quickstart      (remedis.commands.run)
     remedis pretrain supervised|simclr ...                            (remedis.commands.pretrain)
+    remedis select --backbone B --manifest site.csv --budget 50 ...   (remedis.commands.select)
     remedis adapt --backbone B --manifest site.csv --budget sweep ... (remedis.commands.adapt)
     remedis evaluate / report ...                                     (remedis.commands.evaluate)
     remedis export --model runs/x/adapted/remedis@1 --name site-x     (remedis.commands.export)
@@ -18,7 +19,7 @@ import sys
 
 from remedis.config import ConfigError
 
-COMMANDS = ("run", "pretrain", "adapt", "evaluate", "export", "data")  # modules of remedis.commands, in --help order
+COMMANDS = ("run", "pretrain", "select", "adapt", "evaluate", "export", "data")  # modules of remedis.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
