@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+UNLABELED_USES = ("none", "simclr", "distill", "simclr+distill")  # adapt.unlabeled
+
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key."""
@@ -161,7 +163,11 @@ class AdaptConfig:
     max_steps_per_epoch: int | None = None
     # Distillation (SimCLRv2): each REMEDIS-adapted model teaches a small student on all of the target
     # site's train images (labels unused), reported next to its teacher as "<teacher>-student-<arch>".
-    distill_student: str | None = None  # e.g. resnet18; None = off
+    distill_student: str | None = None  # e.g. resnet18; None = off (with unlabeled: distill, the model's own architecture)
+    # What the site's unlabeled train images (rows without a label) do: none; simclr (continue SimCLR +
+    # MICLe on the site's train images, labeled or not, from the backbone before fine-tuning: the REMEDIS
+    # variant); distill (each adapted model teaches a student on them: SimCLRv2); simclr+distill (both)
+    unlabeled: str = "none"  # none, simclr, distill or simclr+distill: what the site's unlabeled train images do
     distill_epochs: int = 20
     distill_temperature: float = 1.0
 
@@ -304,6 +310,8 @@ class RunConfig:
                 raise ConfigError(f"adapt.fractions: {f} is not in (0, 1]")
         if self.adapt.mode not in ("full", "partial", "linear", "lp-ft"):
             raise ConfigError(f"adapt.mode: expected full, partial, linear or lp-ft, got {self.adapt.mode!r}")
+        if self.adapt.unlabeled not in UNLABELED_USES:
+            raise ConfigError(f"adapt.unlabeled: expected one of {', '.join(UNLABELED_USES)}, got {self.adapt.unlabeled!r}")
         if self.adapt.soup not in ("best", "uniform", "greedy"):
             raise ConfigError(f"adapt.soup: expected best, uniform or greedy, got {self.adapt.soup!r}")
         for a in self.adapt.wise_alphas:

@@ -504,5 +504,5 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
         results.update(read_results(pydicom.dcmread(p)))
     for f, answer in zip(dcms, got):
         uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-        assert results[uid]["probabilities"]["malignant"] == pytest.approx(answer["probabilities"]["malignant"], abs=1e-6)
-        assert results[uid]["label"] == answer["label"] and results[uid]["ood"] == answer["ood"]
+        assert results[uid]["probabilities"]["malignant"] == pytest.approx(answer.probabilities["malignant"], abs=1e-6)
+        assert results[uid]["label"] == answer.label and results[uid]["ood"] == answer.ood

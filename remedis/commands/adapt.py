@@ -100,6 +100,27 @@ def _site_of(manifest, chosen: str | None, path: str) -> str:
     return site
 
 
+def _unlabeled_backbone(cfg, backbone: Path | None, images, task, output: Path, manifest_sha256: str, progress: bool):
+    """What adaptation starts from and how reports name it: with `adapt.unlabeled` simclr, the backbone
+    continued by SimCLR on the site's train images (named `<backbone>+site`); and the labels record: how many
+    labeled and unlabeled train images the site has and what the unlabeled ones are used for."""
+    from remedis import stages
+    from remedis.config import ConfigError
+
+    use = cfg.adapt.unlabeled
+    labels = {"labeled_train_images": len(images.train), "unlabeled_train_images": len(images.pool) - len(images.train),
+              "unlabeled_use": use}
+    name = RANDOM if backbone is None else backbone.name
+    if "simclr" not in use:
+        return backbone, name, labels
+    if backbone is None:
+        raise ConfigError("adapt.unlabeled: simclr continues a pretrained backbone; --backbone random has none to continue")
+    folder = output / "backbones" / f"{name}+site"
+    site_backbone, _ = stages.site_simclr(cfg, backbone, images.pool, images.train, images.val, task, folder,
+                                          manifest_sha256, images.site, progress)
+    return site_backbone, f"{name}+site", {**labels, "site_backbone": folder.name}
+
+
 def cmd_adapt(args) -> int:
     """`remedis adapt`: prepare the site, adapt at every budget (reusing finished ones), evaluate, report."""
     from remedis import resume, stages
@@ -121,12 +142,13 @@ def cmd_adapt(args) -> int:
     task = prepared.task
     cache = stages.load_prepared(prepared, pre)
     images = stages.SiteImages.of(cache, site, prepared.validation.get(site))
-    name = RANDOM if backbone is None else backbone.name
+    backbone, name, labels = _unlabeled_backbone(cfg, backbone, images, task, output, manifest.sha256, not args.quiet)
     specs = [stages.BudgetSpec(f"{name}@{text}", f"{name}@{text}".replace("%", "pct"), b) for text, b in budgets]
     before = None if backbone is None else load_backbone_before(backbone, cfg.model.backbone, cfg.model.in_chans)
+    distill = args.distill or cfg.adapt.distill_student or (cfg.model.backbone if "distill" in cfg.adapt.unlabeled else None)
     made = stages.adapt_budgets(stages.AdaptSettings.from_config(cfg), backbone, name, specs, images, task, output,
-                                manifest.sha256, pre, progress=not args.quiet,
-                                distill=args.distill or cfg.adapt.distill_student, backbone_before=before)
+                                manifest.sha256, pre, progress=not args.quiet, distill=distill, backbone_before=before,
+                                notes={"labels": labels})
     # each budget's model, then its student
     to_evaluate = [m for i, model in enumerate(made.models) for m in [model, *made.students[i:i + 1]]]
     roles = {site: "target"}
@@ -137,7 +159,7 @@ def cmd_adapt(args) -> int:
         print(f"{e['name']}: {e['train_images']} labels, test AUROC {'n/a' if auc is None else f'{auc:.3f}'}, model {m.folder}")
     provenance = {"manifest_sha256": manifest.sha256, "backbone_sha256": resume.weights_of(backbone), "seed": cfg.seed,
                   "class_names": task.class_names, "positive_class": task.positive_class,
-                  "skipped_images": len(cache.failures), "validation": prepared.validation}
+                  "skipped_images": len(cache.failures), "validation": prepared.validation, "labels": labels}
     _, html_path = stages.write_site_report(entries, stages.site_table(images.test, roles), task, site, provenance, output,
                                             title=f"remedis adaptation to {site}")
     print(f"report: {html_path}")

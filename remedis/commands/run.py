@@ -183,18 +183,25 @@ def _pretraining_corpora(data: RunData, output: Path) -> tuple:
 def adapt(cfg: RunConfig, data: RunData, starts: dict[str, Path | None], result: RunResult,
           progress: bool) -> list[stages.ModelToEvaluate]:
     """[3/5 adapt] Every backbone of `adapt.backbones` at every budget of `adapt.fractions` on the target
-    site, then (`adapt.distill_student`) a student of each REMEDIS model; returns them in report order."""
+    site, then a student of each REMEDIS model (`adapt.distill_student`, or `adapt.unlabeled: distill`); with
+    `adapt.unlabeled: simclr` the REMEDIS backbone first continues SimCLR on the target's train images
+    (models named `remedis+site@...`). Returns them in report order."""
     tgt = cfg.data.target_site
     site = stages.SiteImages.of(data.cache, tgt, data.prepared.validation.get(tgt))
     settings = stages.AdaptSettings.from_config(cfg)
     pre = stages.preprocessing_for(cfg)
+    use = cfg.adapt.unlabeled
     models, students = [], []
     for backbone in cfg.adapt.backbones:
-        init = starts[backbone]
-        budgets = [stages.BudgetSpec(model_name(backbone, f), model_name(backbone, f), f) for f in cfg.adapt.fractions]
-        made = stages.adapt_budgets(settings, init, backbone, budgets, site, data.prepared.task, result.output,
-                                    data.manifest.sha256, pre, progress,
-                                    distill=cfg.adapt.distill_student if backbone == "remedis" else None,
+        init, name = starts[backbone], backbone
+        if backbone == "remedis" and "simclr" in use:  # the REMEDIS backbone continues on the site's own images
+            init, _ = stages.site_simclr(cfg, init, site.pool, site.train, site.val, data.prepared.task,
+                                         result.output / "backbones" / "remedis+site", data.manifest.sha256, tgt, progress)
+            name = "remedis+site"
+        distill = (cfg.adapt.distill_student or (cfg.model.backbone if "distill" in use else None)) if backbone == "remedis" else None
+        budgets = [stages.BudgetSpec(model_name(name, f), model_name(name, f), f) for f in cfg.adapt.fractions]
+        made = stages.adapt_budgets(settings, init, name, budgets, site, data.prepared.task, result.output,
+                                    data.manifest.sha256, pre, progress, distill=distill,
                                     backbone_before=load_backbone_before(init, cfg.model.backbone, cfg.model.in_chans))
         models += made.models
         students += made.students
@@ -231,6 +238,8 @@ def export(cfg: RunConfig, result: RunResult) -> None:
     from remedis.export import build_bento, export_model
 
     backbone, _, fraction = cfg.serve.model.partition("@")
+    if backbone == "remedis" and "simclr" in cfg.adapt.unlabeled:
+        backbone = "remedis+site"
     chosen = result.adapted[model_name(backbone, float(fraction))]
     result.model_tag = export_model(chosen, cfg.serve.name, result.report_json, chosen.name)
     result.bento_tag = build_bento(result.model_tag)

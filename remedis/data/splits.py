@@ -31,7 +31,9 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
 def assign_splits(records: list[Record], fractions=(0.6, 0.2, 0.2), seed: int = 0, overwrite: bool = False) -> list[Record]:
     """Give every record a train/val/test split by patient, stratified by label within each site.
 
-    Records that already have a split keep it unless `overwrite`.
+    Records that already have a split keep it unless `overwrite`. In a site with some labels, a patient
+    with no labeled image is train (the site's unlabeled pool: nothing to evaluate it on); a patient's
+    unlabeled images share the split of its labeled ones.
     """
     if all(r.split for r in records) and not overwrite:
         return list(records)
@@ -39,12 +41,17 @@ def assign_splits(records: list[Record], fractions=(0.6, 0.2, 0.2), seed: int = 
     by_patient: dict[tuple[str, str], list[str]] = defaultdict(list)
     for r in records:
         by_patient[(r.site, r.patient_id)].append(r.label)
+    labeled_sites = {r.site for r in records if r.label}
+    split_of: dict[tuple[str, str], str] = {}
     for key, labels in by_patient.items():
-        patient_label[key] = Counter(labels).most_common(1)[0][0]  # majority label stratifies the patient
+        known = [lab for lab in labels if lab]
+        if not known and key[0] in labeled_sites:
+            split_of[key] = "train"
+            continue
+        patient_label[key] = Counter(known or labels).most_common(1)[0][0]  # majority label stratifies the patient
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for (site, pid), label in sorted(patient_label.items()):
         groups[(site, label)].append(pid)
-    split_of: dict[tuple[str, str], str] = {}
     for (site, label), pids in sorted(groups.items()):
         order = _rng(seed, "split", site, label).permutation(len(pids))
         n = len(pids)

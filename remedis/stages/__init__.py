@@ -14,6 +14,7 @@ data (`stages.data`)
 pretrain (`stages.pretrain`)
     pretrain_supervised, pretrain_multitask, pretrain_simclr
                        images -> a backbone folder (reused when finished with the same key)
+    site_simclr        a backbone + one site's train images, labeled or not -> the site's own backbone
 select (`stages.select`)
     select_images      a backbone + a site's unlabeled images -> the worklist of images to label next
 adapt (`stages.adapt`)
@@ -72,7 +73,7 @@ from remedis.stages.data import (
     shard_root,
 )
 from remedis.stages.evaluate import ModelToEvaluate, eval_inputs, evaluate_models, site_table, write_site_report
-from remedis.stages.pretrain import pretrain_multitask, pretrain_simclr, pretrain_supervised
+from remedis.stages.pretrain import pretrain_multitask, pretrain_simclr, pretrain_supervised, site_simclr
 from remedis.stages.select import Worklist, select_images, site_pool
 
 __all__ = [
@@ -81,6 +82,6 @@ __all__ = [
     "budget_fraction", "budget_images", "check_output_folder", "complete_model", "configured_manifest", "distill_budget",
     "eval_inputs", "evaluate_models", "fit_input_contract", "load_prepared", "multitask_data", "part", "prepare_records",
     "prepare_run_data", "preprocessing_for", "pretrain_data", "pretrain_multitask", "pretrain_simclr",
-    "pretrain_supervised", "resolve_channels", "select_images", "shard_corpus", "shard_root", "site_pool", "site_table",
+    "pretrain_supervised", "resolve_channels", "select_images", "shard_corpus", "shard_root", "site_pool", "site_simclr", "site_table",
     "Worklist", "write_site_report",
 ]

@@ -197,7 +197,8 @@ def adaptation_start(backbone: Path | None, architecture: str, in_chans: int | N
 
 def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name: str, budgets: Sequence[BudgetSpec],
                   site: SiteImages, task: Task, output: Path, manifest_sha256: str, preprocessing: Preprocessing,
-                  progress: bool = True, distill: str | None = None, backbone_before: Any = None) -> AdaptedSet:
+                  progress: bool = True, distill: str | None = None, backbone_before: Any = None,
+                  notes: dict[str, Any] | None = None) -> AdaptedSet:
     """Adapt one backbone to a site at every budget; a budget that finished with the same inputs is reused.
 
     Args:
@@ -213,6 +214,7 @@ def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name:
         progress: show progress bars.
         distill: also distil each adapted model into this small architecture on the site's pool (None: no).
         backbone_before: the loaded backbone the models started from (CKA in the evaluation), or None.
+        notes: more provenance for every model (e.g. which unlabeled images were used).
 
     Returns:
         the models, then their students, as the evaluation stage takes them.
@@ -228,19 +230,20 @@ def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name:
             log.info("[adapt] %s: %d labeled images of %s", spec.name, len(train), site.site)
             adapt_budget(settings, backbone, train, site.val, task, folder, progress=progress,
                          provenance={"manifest_sha256": manifest_sha256, "target_site": site.site, "budget": spec.budget,
-                                     "validation": site.validation, "stage_key": key},
+                                     "validation": site.validation, "stage_key": key, **(notes or {})},
                          ablation_test=site.test)
         fraction = budget_fraction(spec.budget, len(site.train))
         made.models.append(ModelToEvaluate(folder, spec.name, backbone_name, fraction, len(train), train=train,
                                            backbone_before=backbone_before))
         if distill:
             made.students.append(_student(settings, spec, distill, key, folder, site, train, output, progress,
-                                          f"{backbone_name}-student", fraction))
+                                          f"{backbone_name}-student", fraction, notes))
     return made
 
 
 def _student(settings: AdaptSettings, spec: BudgetSpec, arch: str, teacher_key: str, teacher_folder: Path, site: SiteImages,
-             train: ImageCache, output: Path, progress: bool, backbone_name: str, fraction: float) -> ModelToEvaluate:
+             train: ImageCache, output: Path, progress: bool, backbone_name: str, fraction: float,
+             notes: dict[str, Any] | None = None) -> ModelToEvaluate:
     """One budget's distilled student (`distill_budget`), reused when finished from the same teacher and settings."""
     ac = settings.recipe
     name = f"{spec.name}-student-{arch}"
@@ -250,5 +253,5 @@ def _student(settings: AdaptSettings, spec: BudgetSpec, arch: str, teacher_key: 
     if not resume.reusable(folder, key):
         log.info("[adapt] distilling %s into %s on %d %s images", spec.name, arch, len(site.pool), site.site)
         distill_budget(settings, teacher_folder, arch, site.pool, site.val, train, folder, progress,
-                       provenance={"stage_key": key, "teacher": spec.name})
+                       provenance={"stage_key": key, "teacher": spec.name, **(notes or {})})
     return ModelToEvaluate(folder, name, backbone_name, fraction, len(train), train=train, extra={"distilled": True})

@@ -95,3 +95,36 @@ def pretrain_multitask(data: MultitaskData, folder: Path, key: str, progress: bo
     log.info("[pretrain supervised] %d tasks, %d images -> %s", len(data.tasks), sum(len(c) for c in data.train), folder)
     train_multitask(data.cfg, data.tasks, data.train, data.val, folder, progress, stage_key=key)
     return False
+
+
+def site_simclr(cfg: RunConfig, backbone: Path, site_images: Any, labeled: ImageCache, val: ImageCache, task: Task,
+                folder: Path, manifest_sha256: str, site: str, progress: bool = True) -> tuple[Path, bool]:
+    """Continue SimCLR (MICLe when `pretrain.simclr.micle`) from `backbone` on one site's train images,
+    labeled or not (`adapt.unlabeled: simclr`): a backbone of the site's own distribution to adapt from.
+    Only train images: no val or test image of the site reaches it.
+
+    Args:
+        cfg: the run config with the backbone's architecture and channels (`pretrain.simclr` schedule).
+        backbone: the backbone it continues.
+        site_images: the site's train images, labeled or not.
+        labeled: the site's labeled train images (the kNN monitor's bank).
+        val: the site's labeled validation images (the kNN monitor's queries).
+        task: class names and positive class (the monitor).
+        folder: the site backbone's folder.
+        manifest_sha256: the manifest's hash (key, provenance).
+        site: the site's name (key).
+        progress: show progress bars.
+
+    Returns:
+        (the folder, True when a finished one was reused).
+    """
+    from remedis import resume
+    from remedis.pretrain.monitor import KNNMonitor
+
+    corpus = resume.corpus_key(manifest_sha256, cfg.data, cfg.model, cfg.seed, [site])
+    key = resume.backbone_key("site-simclr", corpus, cfg.pretrain.simclr, resume.weights_of(backbone))
+    monitor = KNNMonitor(labeled, val, task.class_names, task.positive_index) if len(labeled) and len(val) else None
+    if not reusable(folder, key):
+        log.info("[adapt] continuing SimCLR from %s on %d train images of %s (labeled or not)", backbone.name,
+                 len(site_images), site)
+    return folder, pretrain_simclr(cfg, site_images, backbone, folder, key, manifest_sha256, progress, monitor=monitor)
