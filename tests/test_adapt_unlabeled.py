@@ -34,7 +34,7 @@ def test_patients_without_a_label_are_the_sites_train_pool():
 
 
 def test_adapt_puts_the_unlabeled_images_to_work_and_resumes(tmp_path, capsys):
-    source = read_manifest(generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=16, max_images_per_patient=2,
+    source = read_manifest(generate_synthetic(tmp_path / "data", SyntheticSpec(patients_per_site=24, max_images_per_patient=2,
                                                                                 image_size=32)))
     patients = sorted({r.patient_id for r in source.records if r.site == "site-B"})
     unlabeled = set(patients[::2])  # half the patients were never labeled
