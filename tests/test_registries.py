@@ -114,3 +114,4 @@ def test_a_registered_image_format_is_read_described_and_indexed(npy_format, tmp
     (folder / "b.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ImageReadError, match="b.npy: not a readable .npy array"):
         read_image(folder / "b.npy")
+

@@ -335,19 +335,26 @@ def recipe_ablation(model: AdaptedModel, variants: dict[str, dict[str, torch.Ten
 
 
 def load_far_ood(manifests: list, preprocessing, limit: int = 256, seed: int = 0) -> dict[str, ImageCache]:
-    """Images of other modalities (far-OOD), named after their manifest's folder; labels are ignored.
-    Uses the test split when the manifest has one, at most `limit` images, chosen at random by seed."""
+    """Images of other modalities (far-OOD), named after their manifest's folder (its folder and file name
+    when two manifests share a folder); labels are ignored. Uses the test split when the manifest has one,
+    at most `limit` images, chosen at random by seed. The same manifest twice is refused."""
     from pathlib import Path
 
     from remedis.data.dataset import load_images
     from remedis.data.manifest import read_manifest
 
+    paths = [Path(p).resolve() for p in manifests]
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise ValueError(f"--far-ood: {repeated[0]} is given more than once")
+    names = [p.parent.name for p in paths]
+    for longer in ([f"{p.parent.name}/{p.stem}" for p in paths], [str(p) for p in paths]):
+        names = [n if names.count(n) == 1 else longer[i] for i, n in enumerate(names)]  # unique, as short as possible
     out = {}
-    for path in manifests:
+    for path, name in zip(paths, names):
         records = read_manifest(path).records
         test = [r for r in records if r.split == "test"] or records
         rng = np.random.default_rng(seed)
         pick = sorted(rng.choice(len(test), min(limit, len(test)), replace=False)) if test else []
-        name = f"{Path(path).resolve().parent.name}" or Path(path).stem
         out[name] = load_images([test[i] for i in pick], preprocessing)
     return out
