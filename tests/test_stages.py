@@ -101,3 +101,22 @@ def test_multiclass_report_keys_per_class_auroc_by_class_name():
     y = np.array([names.index(r.label) for r in records])
     for c, name in enumerate(names):
         assert per_class[name]["auroc"] == pytest.approx(roc_auc_score(y == c, probs[:, c]), abs=1e-6)
+
+
+def test_no_val_or_test_image_of_any_site_reaches_simclr(tmp_path):
+    """The SimCLR corpus of `remedis run` (in memory and as shards) is the train split of every site: a test
+    patient's image never shapes the representation its model is measured with."""
+    from remedis.commands.run import _pretraining_corpora, prepare
+    from remedis.config import RunConfig
+
+    cfg = RunConfig.from_yaml(None, ["data.synthetic.patients_per_site=12", "data.synthetic.image_size=32",
+                                     "data.image_size=32", "data.stream=false"])
+    data = prepare(cfg, tmp_path)
+    train = [r for r in data.prepared.records if r.split == "train"]
+    assert {r.split for r in data.prepared.records} == {"train", "val", "test"}
+    _, corpus = _pretraining_corpora(data, tmp_path)
+    assert {r.split for r in corpus.records} == {"train"} and len(corpus) == len(train)
+    assert {r.site for r in corpus.records} == {r.site for r in data.prepared.records}
+    streamed = replace(data, cfg=replace(data.cfg, data=replace(data.cfg.data, stream=True)))
+    _, shards = _pretraining_corpora(streamed, tmp_path)
+    assert shards.images == len(train)  # the shards hold exactly the train images
