@@ -21,6 +21,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from remedis.registry import Registry
+
 
 class OODScore(Protocol):
     """What a registered score provides.
@@ -42,7 +44,10 @@ class OODScore(Protocol):
         ...
 
 
-SCORES: dict[str, OODScore] = {}
+SCORES = Registry("OOD method")
+register_score = SCORES.register  # class decorator: one instance under its `name`
+get_score = SCORES.lookup  # the registered score by name; ValueError lists the registered ones
+score_names = SCORES.names  # every registered score's name, in registration order
 
 
 class LogitScore:
@@ -53,39 +58,6 @@ class LogitScore:
     def fit(self, train_embeddings: np.ndarray, train_targets: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Nothing to fit."""
         return {}
-
-
-def register_score(cls):
-    """Class decorator: register one instance of `cls` under `cls.name`.
-
-    Example:
-        >>> @register_score
-        ... class NegMaxLogit:
-        ...     name, state_keys = "max_logit", ()
-        ...     def fit(self, train_embeddings, train_targets, k): return {}
-        ...     def score(self, state, logits, embeddings): return -logits.max(1)
-    """
-    if cls.name in SCORES:
-        raise ValueError(f"OOD score {cls.name!r} is registered twice")
-    SCORES[cls.name] = cls()
-    return cls
-
-
-def get_score(name: str) -> OODScore:
-    """The registered score called `name`.
-
-    Raises:
-        ValueError: no score has that name (the message lists the registered ones).
-    """
-    try:
-        return SCORES[name]
-    except KeyError:
-        raise ValueError(f"OOD method {name!r} is unknown (choose one of {', '.join(SCORES)})") from None
-
-
-def score_names() -> tuple[str, ...]:
-    """Every registered score's name, in registration order."""
-    return tuple(SCORES)
 
 
 # The registered scores (importing a module registers it), in the order reports list them.

@@ -28,6 +28,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from remedis.registry import Registry
+
 
 @dataclass
 class SelectionPool:
@@ -112,28 +114,10 @@ class PatientGate:
         self.taken[i] = True
 
 
-STRATEGIES: dict[str, SelectionStrategy] = {}
-
-
-def register_strategy(cls):
-    """Class decorator: register one instance of `cls` under `cls.name`."""
-    if cls.name in STRATEGIES:
-        raise ValueError(f"selection strategy {cls.name!r} is registered twice")
-    STRATEGIES[cls.name] = cls()
-    return cls
-
-
-def get_strategy(name: str) -> SelectionStrategy:
-    """The registered strategy called `name`; ValueError lists the registered ones."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"--strategy: {name!r} is unknown (choose one of {', '.join(STRATEGIES)})") from None
-
-
-def strategy_names() -> tuple[str, ...]:
-    """Every registered strategy's name."""
-    return tuple(STRATEGIES)
+STRATEGIES = Registry("selection strategy")
+register_strategy = STRATEGIES.register  # class decorator: one instance under its `name`
+get_strategy = STRATEGIES.lookup  # the registered strategy by name; ValueError lists the registered ones
+strategy_names = STRATEGIES.names  # every registered strategy's name
 
 
 # The registered strategies (importing a module registers it).

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from remedis.data.formats.base import GREY, ImageReadError, ImageTooLargeError, SourceInfo, code, to_unit
+from remedis.registry import Registry
 
 HEAD_BYTES = 132  # what `claims` and `kind` see: enough for the DICOM preamble and every magic number
 
@@ -66,15 +67,8 @@ class ImageFormat(Protocol):
         ...
 
 
-FORMATS: dict[str, ImageFormat] = {}
-
-
-def register_format(cls):
-    """Class decorator: register one instance of `cls` under `cls.name` (asked in registration order)."""
-    if cls.name in FORMATS:
-        raise ValueError(f"image format {cls.name!r} is registered twice")
-    FORMATS[cls.name] = cls()
-    return cls
+FORMATS = Registry("image format")
+register_format = FORMATS.register  # class decorator: one instance under its `name`
 
 
 def format_of(name: str, head: bytes = b"") -> ImageFormat:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from remedis.registry import Registry
+
 DICOM = "application/dicom"
 
 
@@ -77,17 +79,18 @@ class ResultWriter(Protocol):
         ...
 
 
-WRITERS: dict[str, ResultWriter] = {}
+class _Writers(Registry):
+    """The writer registry: a suffix names one media type only."""
+
+    def register(self, cls: type) -> type:
+        """Class decorator: register one instance of `cls` under `cls.name`."""
+        if any(w.suffix == cls.suffix and w.media_type != cls.media_type for w in self.values()):
+            raise ValueError(f"result writer {cls.name!r}: suffix {cls.suffix} already names another media type")
+        return super().register(cls)
 
 
-def register_writer(cls):
-    """Class decorator: register one instance of `cls` under `cls.name` (run in registration order)."""
-    if cls.name in WRITERS:
-        raise ValueError(f"result writer {cls.name!r} is registered twice")
-    if any(w.suffix == cls.suffix and w.media_type != cls.media_type for w in WRITERS.values()):
-        raise ValueError(f"result writer {cls.name!r}: suffix {cls.suffix} already names another media type")
-    WRITERS[cls.name] = cls()
-    return cls
+WRITERS = _Writers("result writer")
+register_writer = WRITERS.register
 
 
 def enabled_writers(settings: Any) -> list[ResultWriter]:
