@@ -141,7 +141,10 @@ def test_reference_protocol_script_runs_on_remedis_splits(shared_data):
     busi = assign_splits([replace(r, label=merged.get(r.label, r.label)) for r in busi], (0.6, 0.2, 0.2), seed=0)
     assert result["busi_test_images"] == sum(r.split == "test" for r in busi)
     assert set(result["busi_test_auroc"]) == {"random@1", "supervised@1", "remedis@1"}
-    assert all(0.0 <= v <= 1.0 for v in result["busi_test_auroc"].values())
+    # One epoch per stage, and the BUS-BRA upstream already carries to BUSI: measured (seed 0, CPU) 0.805
+    # supervised and 0.787 REMEDIS against 0.551 from random initialisation; asserted with a 0.1 margin.
+    auc = result["busi_test_auroc"]
+    assert min(auc["supervised@1"], auc["remedis@1"]) > auc["random@1"] + 0.1, auc
 
 
 def test_foundation_adapt_claim_is_the_smallest_budget_reaching_the_best_baseline():
