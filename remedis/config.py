@@ -272,8 +272,7 @@ class RunConfig:
         return dataclasses.replace(self, data=dataclasses.replace(self.data, channels=int(pre.channels)),
                                    model=dataclasses.replace(self.model, in_chans=int(pre.in_chans)))
 
-    # Long (73 lines): one check per config key in section order, each naming its key; splitting would scatter them.
-    def validate(self) -> None:  # noqa: C901 - one independent check per key
+    def validate(self) -> None:  # noqa: C901 - one independent check per key; long: one check per key, in section order
         """Check values that types alone cannot (choices, ranges, consistent sections); ConfigError names the key."""
         if self.runtime.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"runtime.precision: expected 'auto', 'bf16' or 'fp32', got {self.runtime.precision!r}")

@@ -274,8 +274,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Long (68 lines): a class defined inside a function (it subclasses Lightning's lazily imported Callback).
-def _define_progress_log() -> type:
+def _define_progress_log() -> type:  # long: a class defined inside (Lightning imported lazily)
     from lightning.pytorch.callbacks import Callback
 
     class ProgressLog(Callback):

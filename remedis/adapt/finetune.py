@@ -234,10 +234,10 @@ def _calibrate(model: AdaptedModel, val_loader, val_targets: torch.Tensor, sensi
     model.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
 
 
-# Long (71 lines): half of it is the docstring; the recipe's four steps read top to bottom.
-def fine_tune(recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, seed: int, backbone: Path | None,
-              train: ImageCache, val: ImageCache, class_names: list[str], positive_index: int, progress: bool = True,
-              provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
+def fine_tune(  # long: half docstring; the recipe's four steps in order
+        recipe: AdaptConfig, runtime: RuntimeConfig, architecture: str, seed: int, backbone: Path | None,
+        train: ImageCache, val: ImageCache, class_names: list[str], positive_index: int, progress: bool = True,
+        provenance: dict | None = None) -> tuple[AdaptedModel, list[dict], dict[str, dict[str, torch.Tensor]]]:
     """The adaptation recipe (module docstring) on one label budget.
 
     Args:

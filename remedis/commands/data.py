@@ -157,8 +157,7 @@ def _parser(dsub, name: str, text: str):
     return command_parser(dsub, name, text, text[0].upper() + text[1:] + ".", f"example:\n  {EXAMPLES[name]}")
 
 
-# Long (61 lines): six argparse sub-commands declared option by option.
-def register(sub):
+def register(sub):  # long: six sub-commands declared option by option
     """Add `remedis data synth|index|inspect|split|shard|merge` to the command line."""
     d = sub.add_parser("data", help="data utilities: synth, index, inspect, split, shard, merge",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -91,8 +91,7 @@ class IndexResult:
     warnings: list[str]
 
 
-# Long (69 lines): one pass over the folder: the site, label and patient rules per file, in the order the docstring gives them.
-def index_folder(
+def index_folder(  # long: one pass: site, label, patient rules per file
     folder: str | Path,
     salt: bytes,
     *,

@@ -138,11 +138,11 @@ def open_shards(folder: str | Path | ShardSet) -> ShardSet:
     return ShardSet(folder, meta)
 
 
-# Long (74 lines): half of it is the docstring of its eleven options; the steps are helpers.
-def write_shards(records: Iterable[Record], preprocessing: Preprocessing, output: str | Path, *,
-                 read_options: dict[str, Any] | None = None, group_size: int = 1, seed: int = 0,
-                 num_workers: int = 1, salt: bytes | str | None = None,
-                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> ShardSet:
+def write_shards(  # long: half docstring (eleven options); steps are helpers
+        records: Iterable[Record], preprocessing: Preprocessing, output: str | Path, *,
+        read_options: dict[str, Any] | None = None, group_size: int = 1, seed: int = 0,
+        num_workers: int = 1, salt: bytes | str | None = None,
+        progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> ShardSet:
     """Decode, resize, quantise and write `records` as litdata shards in `output` (see the module doc).
 
     Args:

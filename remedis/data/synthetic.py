@@ -211,8 +211,7 @@ def _unit_noise(rng: np.random.Generator, shape: tuple[int, int], sigma) -> np.n
     return (f - f.mean()) / (f.std() + 1e-8)
 
 
-# Long (65 lines): one patient's anatomy drawn step by step (tissue, lesion, speckle, attenuation).
-def _render_patient(rng: np.random.Generator, malignant: bool, size: int) -> np.ndarray:
+def _render_patient(rng: np.random.Generator, malignant: bool, size: int) -> np.ndarray:  # long: one patient's anatomy, step by step
     """Noise-free echogenicity map of one patient's tissue + lesion.
 
     The canvas covers [-E, E]^2 in "view units" (a default view sees [-0.5, 0.5]^2;
@@ -322,8 +321,7 @@ def _acquire(canvas: np.ndarray, rng: np.random.Generator, view: int, site: Site
 # --------------------------------------------------------------------------- writers
 
 
-# Long (71 lines): one DICOM header written attribute by attribute, in module order.
-def write_dicom(
+def write_dicom(  # long: a DICOM header, attribute by attribute
     path: str | Path,
     pixels_uint16: np.ndarray,
     patient_id: str,

@@ -274,8 +274,7 @@ img{max-width:100%;display:block;margin:.5rem 0}code{background:#f2f4f8;padding:
 .note{color:#556;font-size:.85rem}nav a{margin-right:.8rem;font-size:.9rem;color:#2a55a0}"""
 
 
-# Long (67 lines): the report page's sections in the order a reader sees them.
-def render_html(report: dict) -> str:
+def render_html(report: dict) -> str:  # long: the page's sections in reading order
     """The self-contained report page from report.json alone (inline figures, no script, no network request)."""
     esc = html.escape
     sites = list(report["sites"])

@@ -206,9 +206,9 @@ def train_simclr(cfg: RunConfig, unlabeled: ImageCache | ShardSet | str | Path, 
     return Path(output)
 
 
-# Long (62 lines): the multi-task stage read top to bottom: data, model, loaders, fit, record.
-def train_multitask(cfg: RunConfig, tasks: list, train: list[ImageCache], val: list[ImageCache], output: Path,
-                    progress: bool = True, stage_key: str | None = None) -> Path:
+def train_multitask(  # long: the stage top to bottom: data, model, fit, record
+        cfg: RunConfig, tasks: list, train: list[ImageCache], val: list[ImageCache], output: Path,
+        progress: bool = True, stage_key: str | None = None) -> Path:
     """Multi-task supervised upstream (`remedis.pretrain.multitask`): one backbone, a head per task, batches
     mixing the tasks by their weights; writes a backbone folder whose history records every task.
 

@@ -87,9 +87,9 @@ class PreparedData:
         return self.manifest.records
 
 
-# Long (65 lines): half of it is the docstring; the split rules per site read in one place.
-def prepare_records(manifest: Manifest, data: DataConfig, seed: int, sites: Sequence[str] | None = None,
-                    class_names: Sequence[str] | None = None) -> PreparedData:
+def prepare_records(  # long: half docstring; the split rules per site in one place
+        manifest: Manifest, data: DataConfig, seed: int, sites: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None) -> PreparedData:
     """Label map, splits and task of `manifest`, restricted to `sites` (default: all).
 
     Splits: a site whose rows carry splits keeps them (when it has train and test but no val, a
