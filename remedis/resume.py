@@ -97,7 +97,9 @@ def adapt_key(manifest_sha256: str, site: str, data: Any, adapt: Any, ood_method
 
 
 def distill_key(teacher_key: str, teacher_weights: str, student: str, epochs: int, temperature: float, ood_method: str,
-                ood_accept_rate: float) -> str:
+                ood_accept_rate: float, init_weights: str | None = None) -> str:
     """A distilled student: its teacher (stage key, which covers the site's data, and weights), the student
-    architecture, the distillation epochs and temperature, and the OOD detector's settings."""
-    return stage_key("distill", teacher_key, teacher_weights, student, epochs, temperature, ood_method, ood_accept_rate)
+    architecture, the distillation epochs and temperature, the OOD detector's settings, and the weights the
+    student starts from (None: random)."""
+    return stage_key("distill", teacher_key, teacher_weights, student, epochs, temperature, ood_method, ood_accept_rate,
+                     init_weights or "random", "labels-v2")

@@ -47,3 +47,16 @@ def test_the_smallest_non_inferior_budget_against_the_best_baseline():
     assert claim["margins"]["0.05"]["budget"] <= (claim["margins"]["0.02"]["budget"] or 1.0)  # a wider margin is never later
     with pytest.raises(ValueError, match="no baseline"):
         data_efficiency_claim(candidates, {}, y, patients)
+
+
+def test_seeds_of_one_arm_are_compared_by_their_mean_auroc_on_the_same_resamples():
+    y, patients, signal, rng = _case(2)
+    seeds_a = [_probs(1 / (1 + np.exp(-(signal + rng.normal(0, s, len(y)))))) for s in (0.5, 1.0, 1.5)]
+    seeds_b = [_probs(1 / (1 + np.exp(-(signal + rng.normal(0, s, len(y)))))) for s in (1.0, 1.0)]
+    d = paired_difference(y, seeds_a, seeds_b, patients, n_boot=300)
+    mean = lambda runs: np.mean([roc_auc_score(y, p[:, 1]) for p in runs])  # noqa: E731
+    assert d["difference"] == pytest.approx(mean(seeds_a) - mean(seeds_b), abs=1e-12)
+    single = paired_difference(y, seeds_a[0], seeds_b[0], patients, n_boot=300)
+    assert single == paired_difference(y, [seeds_a[0]], [seeds_b[0]], patients, n_boot=300)  # a list of one is one model
+    claim = data_efficiency_claim({0.1: seeds_b, 1.0: seeds_a}, {"x@1": seeds_a}, y, patients, n_boot=300)
+    assert claim["baseline_auroc"] == pytest.approx(mean(seeds_a)) and claim["budgets"][1]["difference"] == 0.0

@@ -1,15 +1,21 @@
 """Distillation to a small serving model (SimCLRv2 style).
 
-A large adapted teacher labels the site's images, labeled or not, with soft probabilities; a small
-student (e.g. ResNet-18) learns to match them (KL divergence at a distillation temperature). The
-site's unlabeled images thus become training signal, and serving gets cheap. The student is then
-calibrated and given an operating threshold on the validation split like any adapted model.
+A large adapted teacher labels the site's images, labeled or not, with soft probabilities; a student
+learns to match them (KL divergence at a distillation temperature). The site's unlabeled images thus
+become training signal (SimCLRv2's third step), and with a small student serving gets cheap. Images that
+the teacher was trained on are matched to their labels instead of to the teacher (`labeled_images`). A student of the backbone's
+own architecture starts from the pretrained backbone (`init`) rather than from random weights: with a
+few hundred site images a random student cannot reach its teacher. The student is then calibrated and
+given an operating threshold on the validation split like any adapted model.
 
 Example:
     >>> student = distill(teacher, site_images, val, "resnet18", epochs=10)
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +27,7 @@ from remedis.adapt.model import AdaptedModel
 from remedis.config import RuntimeConfig
 from remedis.data.dataset import ImageCache, LabeledDataset
 from remedis.metrics import threshold_for_sensitivity
+from remedis.models.checkpoint import load_checkpoint, load_matching
 from remedis.models.classifier import Classifier
 from remedis.models.layout import memory_format
 from remedis.training import make_trainer
@@ -81,14 +88,40 @@ def teacher_probabilities(teacher: AdaptedModel, cache: ImageCache, temperature:
 
 def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_arch: str, epochs: int = 10,
             lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0, runtime: RuntimeConfig | None = None,
-            seed: int = 0, sensitivity: float = 0.9, progress: bool = False) -> AdaptedModel:
-    """Distil `teacher` into a new `student_arch` network on `images` (labels unused), then calibrate it on `val`."""
+            seed: int = 0, sensitivity: float = 0.9, progress: bool = False, init: Path | None = None,
+            labeled_images: Collection[str] = ()) -> AdaptedModel:
+    """Distil `teacher` into a `student_arch` network on `images`, then calibrate it on `val`.
+
+    Args:
+        teacher: the adapted model whose probabilities the student learns.
+        images: the site's train images, labeled or not, decoded with the teacher's preprocessing.
+        val: labeled validation images (temperature, operating point).
+        student_arch: the student's architecture.
+        epochs, lr, batch_size: the distillation schedule.
+        temperature: softens the teacher's probabilities.
+        runtime, seed, progress: as fine-tuning.
+        sensitivity: the operating point chosen on `val`.
+        init: a backbone folder the student starts from (its architecture must be `student_arch`); None: random.
+        labeled_images: the images (paths) whose label the student may see, the teacher's own training
+            images: they are matched to their label, not to the teacher. Other images' labels stay unused
+            (a label budget simulated on a fully labeled manifest must not leak the rest).
+    """
     if images.preprocessing != teacher.preprocessing:
         raise ValueError("distill: images must be cached with the teacher's preprocessing")
     runtime = runtime or RuntimeConfig()
     L.seed_everything(seed, verbose=False)
     soft = teacher_probabilities(teacher, images, temperature)
+    labeled = 0
+    if labeled_images:
+        index, allowed = {name: i for i, name in enumerate(teacher.class_names)}, set(labeled_images)
+        for i, r in enumerate(images.records):
+            if r.image in allowed and r.label in index:
+                soft[i] = F.one_hot(torch.tensor(index[r.label]), len(index)).to(soft.dtype)
+                labeled += 1
     student = Classifier(student_arch, len(teacher.class_names), teacher.preprocessing.in_chans)
+    if init is not None:
+        state, _ = load_checkpoint(init)
+        load_matching(student.backbone, state, str(init))
     module = DistillModule(student, temperature, lr)
     loader = DataLoader(_SoftTargets(images, soft, FineTuneAugment(teacher.preprocessing.image_size, seed=seed,
                                                                      channels=teacher.preprocessing.channels)),
@@ -105,5 +138,6 @@ def distill(teacher: AdaptedModel, images: ImageCache, val: ImageCache, student_
                                                      probs[:, result.positive_index], sensitivity)
         result.operating_point = {"sensitivity": sensitivity, "chosen_on": "validation"}
     result.provenance = {**teacher.provenance, "distilled_from": teacher.architecture, "distill_images": len(images),
+                         "distill_labeled_images": labeled, "distill_init": str(init) if init else "random",
                          "distill_temperature": temperature, "distill_loss": module.losses[-5:]}
     return result

@@ -26,13 +26,27 @@ MARGINS = (0.02, 0.05)
 LEVEL = 0.95  # one-sided
 
 
+def _runs(probs) -> list[np.ndarray]:
+    """One model's (N, C) probabilities, or a list of them (one per seed) -> a list of arrays."""
+    if isinstance(probs, np.ndarray) and probs.ndim == 2:
+        return [probs]
+    return [np.asarray(p) for p in probs]
+
+
+def _mean_auroc(y: np.ndarray, runs: list[np.ndarray], idx, positive_index: int) -> float:
+    return float(np.mean([auroc(y[idx], p[idx], positive_index) for p in runs]))
+
+
 def paired_difference(targets, probs_a, probs_b, patients, n_boot: int = 2000, seed: int = 0, positive_index: int = 1,
                       level: float = LEVEL) -> dict:
     """AUROC(a) - AUROC(b) on the same images, with its one-sided lower bound from a paired patient bootstrap.
 
+    Several seeds of each arm on the same test images: pass a list of arrays per arm; the difference is then
+    that of the seed-mean AUROCs, resampled with the same patients for every seed.
+
     Args:
         targets: (N,) class index per test image.
-        probs_a, probs_b: (N, C) probabilities of the two models on the same images.
+        probs_a, probs_b: (N, C) probabilities of the two models on the same images (or a list per seed).
         patients: (N,) patient of each image (the resampling unit).
         n_boot: bootstrap resamples.
         seed: the resampling seed (the same draws for every comparison with it).
@@ -43,13 +57,14 @@ def paired_difference(targets, probs_a, probs_b, patients, n_boot: int = 2000, s
         {"difference", "lower", "auroc_a", "auroc_b", "resamples"} (`lower` None when too few resamples
         hold both classes).
     """
-    y, a, b = np.asarray(targets), np.asarray(probs_a), np.asarray(probs_b)
+    y, a, b = np.asarray(targets), _runs(probs_a), _runs(probs_b)
     diffs = []
     for idx in bootstrap_indices(patients, n_boot, seed):
-        d = auroc(y[idx], a[idx], positive_index) - auroc(y[idx], b[idx], positive_index)
+        d = _mean_auroc(y, a, idx, positive_index) - _mean_auroc(y, b, idx, positive_index)
         if not np.isnan(d):
             diffs.append(d)
-    auc_a, auc_b = auroc(y, a, positive_index), auroc(y, b, positive_index)
+    everything = np.arange(len(y))
+    auc_a, auc_b = _mean_auroc(y, a, everything, positive_index), _mean_auroc(y, b, everything, positive_index)
     lower = float(np.quantile(diffs, 1.0 - level)) if len(diffs) >= max(10, n_boot // 4) else None
     return {"difference": float(auc_a - auc_b), "lower": lower, "auroc_a": float(auc_a), "auroc_b": float(auc_b),
             "resamples": len(diffs)}
@@ -61,8 +76,10 @@ def data_efficiency_claim(candidates: Mapping[float, np.ndarray], baselines: Map
     """The smallest candidate budget non-inferior to the best full-label baseline, per margin.
 
     Args:
-        candidates: label fraction -> the candidate model's test probabilities at that budget.
-        baselines: name -> the test probabilities of each 100%-label baseline (every backbone, random init included).
+        candidates: label fraction -> the candidate model's test probabilities at that budget (or a list,
+            one per seed: the claim is then about the seed means).
+        baselines: name -> the test probabilities of each 100%-label baseline (every backbone, random init
+            included; a list per seed like the candidates).
         targets, patients: the test images' classes and patients (the same images for every model).
         margins: non-inferiority margins in AUROC.
         n_boot, seed, positive_index: as `paired_difference`.
@@ -74,7 +91,7 @@ def data_efficiency_claim(candidates: Mapping[float, np.ndarray], baselines: Map
     if not baselines:
         raise ValueError("data_efficiency_claim: no baseline to compare with")
     y = np.asarray(targets)
-    scores = {name: auroc(y, np.asarray(p), positive_index) for name, p in baselines.items()}
+    scores = {name: _mean_auroc(y, _runs(p), np.arange(len(y)), positive_index) for name, p in baselines.items()}
     best = max(scores, key=lambda n: scores[n])
     rows = []
     for fraction in sorted(candidates):

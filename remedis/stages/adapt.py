@@ -173,17 +173,19 @@ def adapt_budget(settings: AdaptSettings, backbone: Path | None, train: ImageCac
 
 
 def distill_budget(settings: AdaptSettings, teacher_folder: Path, arch: str, site_images: ImageCache, val: ImageCache,
-                   train: ImageCache, folder: Path, progress: bool = True, provenance: dict[str, Any] | None = None
-                   ) -> AdaptedModel:
-    """Distil an adapted model into a small `arch` student on the site's train images (labeled or not), and
+                   train: ImageCache, folder: Path, progress: bool = True, provenance: dict[str, Any] | None = None,
+                   init: Path | None = None) -> AdaptedModel:
+    """Distil an adapted model into an `arch` student on the site's train images (labeled or not), and
     write a complete folder: calibration on `val`, the OOD detector and input contract on the teacher's
-    budget `train`, like the teacher's own."""
+    budget `train`, like the teacher's own. The student sees the labels of `train` only, and starts from
+    the backbone `init` (None: random weights)."""
     from remedis.adapt.distill import distill
 
     ac = settings.recipe
     student = distill(AdaptedModel.load(teacher_folder), site_images, val, arch, epochs=ac.distill_epochs,
                       temperature=ac.distill_temperature, runtime=settings.runtime, seed=settings.seed,
-                      sensitivity=ac.operating_sensitivity, progress=progress)
+                      sensitivity=ac.operating_sensitivity, progress=progress, init=init,
+                      labeled_images=[r.image for r in train.records])
     student.provenance = {**student.provenance, **(provenance or {})}
     complete_model(student, train, val, settings.ood_method, settings.ood_accept_rate)
     student.save(folder)
@@ -237,21 +239,25 @@ def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name:
                                            backbone_before=backbone_before))
         if distill:
             made.students.append(_student(settings, spec, distill, key, folder, site, train, output, progress,
-                                          f"{backbone_name}-student", fraction, notes))
+                                          f"{backbone_name}-student", fraction, notes, backbone))
     return made
 
 
 def _student(settings: AdaptSettings, spec: BudgetSpec, arch: str, teacher_key: str, teacher_folder: Path, site: SiteImages,
              train: ImageCache, output: Path, progress: bool, backbone_name: str, fraction: float,
-             notes: dict[str, Any] | None = None) -> ModelToEvaluate:
-    """One budget's distilled student (`distill_budget`), reused when finished from the same teacher and settings."""
+             notes: dict[str, Any] | None = None, backbone: Path | None = None) -> ModelToEvaluate:
+    """One budget's distilled student (`distill_budget`), reused when finished from the same teacher and settings.
+    A student of the backbone's own architecture starts from the backbone."""
+    from remedis.models.checkpoint import read_meta
+
     ac = settings.recipe
     name = f"{spec.name}-student-{arch}"
     folder = output / "adapted" / f"{spec.folder}-student-{arch}"
+    init = backbone if backbone is not None and read_meta(backbone).get("architecture") == arch else None
     key = resume.distill_key(teacher_key, resume.weights_of(teacher_folder), arch, ac.distill_epochs, ac.distill_temperature,
-                             settings.ood_method, settings.ood_accept_rate)
+                             settings.ood_method, settings.ood_accept_rate, resume.weights_of(init) if init else None)
     if not resume.reusable(folder, key):
         log.info("[adapt] distilling %s into %s on %d %s images", spec.name, arch, len(site.pool), site.site)
         distill_budget(settings, teacher_folder, arch, site.pool, site.val, train, folder, progress,
-                       provenance={"stage_key": key, "teacher": spec.name, **(notes or {})})
+                       provenance={"stage_key": key, "teacher": spec.name, **(notes or {})}, init=init)
     return ModelToEvaluate(folder, name, backbone_name, fraction, len(train), train=train, extra={"distilled": True})

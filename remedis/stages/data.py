@@ -117,8 +117,11 @@ def prepare_records(  # long: half docstring; the split rules per site in one pl
     if data.label_map:
         # A config written for a multi-site run may map labels (or split sites) that this manifest lacks:
         # only a map none of whose labels occur is an error here (`remedis run` checks every key).
-        present = {r.label for r in manifest.records}
-        if not set(data.label_map) & present:
+        # A manifest a run wrote carries the mapped labels already: a map none of whose labels occur, on a
+        # manifest whose labels are all the map's own results, is applied already (mapping is idempotent).
+        present = {r.label for r in manifest.records} - {""}
+        mapped_already = present <= set(data.label_map.values()) | {data.positive_label}
+        if not set(data.label_map) & present and not mapped_already:
             raise ConfigError(f"data.label_map: label(s) {sorted(data.label_map)} do not occur in the manifest "
                               f"({manifest.labels()})")
         records = [replace(r, label=data.label_map.get(r.label, r.label)) for r in records]
