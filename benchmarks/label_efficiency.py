@@ -142,12 +142,12 @@ def run_job(runs: Path, target: str, seed: int, arm: str, out: Path) -> None:  #
     site = SiteImages.of(stages.load_prepared(prepared, pre), t.site)
     task = prepared.task
     names = task.class_names
-    y_val = [names.index(r.label) for r in site.val.records]
-    y_test = [names.index(r.label) for r in site.test.records]
+    y_val = [int(names.index(r.label) == task.positive_index) for r in site.val.records]  # 1: the positive class
+    y_test = [int(names.index(r.label) == task.positive_index) for r in site.test.records]
     patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in site.test.records}))}
     result = {"target": target, "seed": seed, "arm": arm, "backbone": which, "train_images": len(site.train),
               "test_targets": y_test, "test_groups": [patients[r.patient_id] for r in site.test.records],
-              "positive_index": task.positive_index, "budgets": {}}
+              "positive_class": task.positive_class, "budgets": {}}
     strategy, distil = ARMS.get(arm, ("all", False))
     for fraction in ([1.0] if arm in BASELINES else FRACTIONS):
         t0 = time.time()
@@ -165,8 +165,8 @@ def run_job(runs: Path, target: str, seed: int, arm: str, out: Path) -> None:  #
                                        folder.with_name(folder.name + "-student"), progress=False, init=backbone)
             cell.update(val=positive_probs(model, site.val), test=positive_probs(model, site.test))
         two = lambda p: np.stack([1 - np.asarray(p), np.asarray(p)], 1)  # noqa: E731
-        cell["val_auroc"] = float(auroc(np.asarray(y_val), two(cell["val"]), 1)) if task.positive_index == 1 else None
-        cell["test_auroc"] = float(auroc(np.asarray(y_test), two(cell["test"]), 1)) if task.positive_index == 1 else None
+        cell["val_auroc"] = float(auroc(np.asarray(y_val), two(cell["val"]), 1))
+        cell["test_auroc"] = float(auroc(np.asarray(y_test), two(cell["test"]), 1))
         cell["seconds"] = round(time.time() - t0, 1)
         result["budgets"][f"{fraction:g}"] = cell
         print(f"{target} seed {seed} {arm} {fraction:g}: {len(train)} images, val {cell['val_auroc']:.3f} "

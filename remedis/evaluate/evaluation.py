@@ -30,7 +30,7 @@ from remedis.adapt.model import AdaptedModel
 from remedis.adapt.ood import OODDetector, all_scores, fit_state, fpr_at_tpr, ood_auroc
 from remedis.data.dataset import ImageCache
 from remedis.evaluate.cka import cka_matrix, layer_features, site_embedding_distances
-from remedis.metrics import site_metrics, threshold_for_sensitivity
+from remedis.metrics import auroc, ece, site_metrics, threshold_for_sensitivity
 from remedis.ood_scores import score_names
 
 log = logging.getLogger("remedis")
@@ -159,9 +159,18 @@ def evaluate_adapted(model: AdaptedModel, inputs: EvalInputs, n_boot: int = 200,
              "operating_point": {"threshold": threshold, "chosen_on": threshold_source,
                                  "positive_class": names[model.positive_index] if binary else None},
              "sites": per_site, "subgroups": subgroups}
+    if val_logits is not None and (val_targets >= 0).any():
+        known = val_targets >= 0
+        vp = _softmax(val_logits[known] / model.temperature)
+        entry["validation"] = {"n_images": int(known.sum()), "auroc": _finite(auroc(val_targets[known], vp, model.positive_index)),
+                               "ece": _finite(ece(vp, val_targets[known]))}
     entry["ood"] = _ood_section(model, inputs, index, logits, emb, sites, detector, seed, memo)
     entry["representation"] = _representation_section(model, inputs, emb, sites, test, seed)
     return entry
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector, seed, memo) -> dict:

@@ -23,7 +23,9 @@ Schema (`schema_version` 2; version 1 had only `sites`, `models[*].sites[*]` aur
     data_efficiency {backbone: {site: [[budget fraction, auroc], ...]}}
     label_savings   {site: {metric, baseline, baseline_images, baseline_value, method, reached_fraction,
                             reached_images, reached_value, savings}}
-    advice          [plain-language label-budget lines]
+    split_shift     {model name: {val_auroc, test_auroc, test_auroc_ci, accept_rate, test_accepted, val_ece,
+                                  test_ece, signs, shifted}} (remedis.evaluate.split_shift; optional)
+    advice          [plain-language lines: a shifted test split first, then label budgets]
     provenance      {manifest_sha256, seed, config, ...}  (hashes only: no patient identifier)
 
 METRICS = {n_images, n_patients, auroc, auroc_ci, auprc, auprc_ci, accuracy, accuracy_ci, sensitivity,
@@ -55,9 +57,11 @@ def build_report(models: list[dict], sites: dict[str, dict], provenance: dict[st
                  task: dict | None = None) -> dict:
     """`models`: [{"name", "backbone", "fraction", "train_images", "temperature", "sites": {site: metrics}, ...}]."""
     import remedis
+    from remedis.evaluate.split_shift import shift_advice, split_shift
 
     target = (task or {}).get("target_site") or next((s for s, i in sites.items() if i.get("role") == "target"), None)
     savings = label_savings(models)
+    shifts = {m["name"]: sh for m in models if target and "name" in m and (sh := split_shift(m, target)) is not None}
     return {
         "schema_version": SCHEMA_VERSION,
         "title": title,
@@ -68,7 +72,8 @@ def build_report(models: list[dict], sites: dict[str, dict], provenance: dict[st
         "models": models,
         "data_efficiency": data_efficiency(models),
         "label_savings": savings,
-        "advice": advice_lines(savings, target),
+        "split_shift": shifts,
+        "advice": shift_advice(models, target) + advice_lines(savings, target),
         "provenance": provenance,
     }
 

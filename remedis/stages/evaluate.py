@@ -69,7 +69,10 @@ def evaluate_models(models: Sequence[ModelToEvaluate], inputs: EvalInputs, n_boo
 
 def write_site_report(entries: list[dict], sites: dict[str, dict], task: Task, target_site: str, provenance: dict,
                       output: Path, title: str | None = None) -> tuple[Path, Path]:
-    """Build the site's report from the entries and write `output/report.json` and `output/report.html`."""
+    """Build the site's report from the entries and write `output/report.json` and `output/report.html`; a shifted
+    test split (`remedis.evaluate.split_shift`) is also logged as a warning."""
     report = build_report(entries, sites, provenance, title=title or f"remedis report: adaptation to {target_site}",
                           task=task.to_dict(target_site))
+    if any(s.get("shifted") for s in report.get("split_shift", {}).values()):
+        log.warning("%s", report["advice"][0])
     return write_report(report, output)
