@@ -57,8 +57,8 @@ class Target:
 
 TARGETS = {
     "BUSI": Target("busi.csv", "BUSI", "configs/breast_ultrasound.yaml", "bus"),
-    "NIH": Target("nih.csv", "NIH", "configs/chest_xray.yaml", "cxr"),
     "rosendahl": Target("rosendahl.csv", "rosendahl", "configs/dermoscopy.yaml", "derm"),
+    "NIH": Target("nih.csv", "NIH", "configs/chest_xray.yaml", "cxr"),
 }
 FRACTIONS = (0.01, 0.05, 0.1, 0.25)
 ARMS = {"random": ("random", False), "typiclust": ("typiclust", False), "kcenter": ("kcenter", False),
@@ -248,7 +248,10 @@ def main() -> None:
         if not (args.runs / "targets" / TARGETS[t].manifest).is_file():
             sys.exit(f"{args.runs / 'targets' / TARGETS[t].manifest}: write it with `remedis data split`")
         write_random_backbone(args.runs, t)
-    jobs = [(t, int(s), a) for s in args.seeds.split(",") for a in arms for t in targets]
+    # seed by seed, so that an interrupted study has whole seeds; random+distill (the least informative arm) last
+    order = sorted(arms, key=lambda a: a == "random+distill")
+    jobs = [(t, int(s), a) for last in (False, True) for s in args.seeds.split(",") for t in targets for a in order
+            if (a == "random+distill") == last]
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda j: job(args.runs, *j), jobs))

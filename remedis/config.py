@@ -170,6 +170,10 @@ class AdaptConfig:
     unlabeled: str = "none"  # none, simclr, distill or simclr+distill: what the site's unlabeled train images do
     distill_epochs: int = 20
     distill_temperature: float = 1.0
+    # Which train images a budget labels: stratified (a random, label-stratified draw, nested across budgets:
+    # what a benchmark with every label known does) or a `remedis select` strategy (typiclust, probcover,
+    # kcenter, random) choosing on the REMEDIS backbone's embeddings without seeing labels, as a site would
+    selection: str = "stratified"
 
 
 @dataclass

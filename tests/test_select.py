@@ -131,3 +131,31 @@ def test_select_refuses_bad_input_in_one_line(site, capsys, change, message):
     assert main([*args, *change]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not Path(site["tmp"] / "bad.csv").exists()
+
+
+def test_adapt_selection_chooses_budgets_without_labels_deterministically(site):
+    """`adapt.selection` (remedis run / adapt): a strategy's budget is ceil(fraction x train images), chosen on the
+    backbone's embeddings without the labels; `stratified` is the nested label-stratified draw; bad values fail in
+    one line before any embedding."""
+    from remedis.config import ConfigError
+    from remedis.data.dataset import load_images
+    from remedis.stages import budget_images
+    from remedis.stages.select import BudgetChooser
+
+    records = [r for r in read_manifest(site["manifest"]).records if r.site == "site-A" and r.split == "train"]
+    train = load_images(records, Preprocessing(32, 1))
+    relabeled = load_images([r.__class__(**{**r.__dict__, "label": "x" if i % 2 else "y"}) for i, r in enumerate(records)],
+                            Preprocessing(32, 1))
+    chooser = BudgetChooser("typiclust", site["backbone"], train, seed=3)
+    first = chooser.images(0.25)
+    assert len(first) == int(np.ceil(0.25 * len(train)))
+    again = BudgetChooser("typiclust", site["backbone"], relabeled, seed=3).images(0.25)
+    assert [r.image for r in again.records] == [r.image for r in first.records]  # the labels were never read
+    assert len(chooser.images(5)) == 5 and chooser.key()[0] == "typiclust"
+    stratified = BudgetChooser("stratified", None, train, seed=3)
+    assert stratified.key() is None
+    assert [r.image for r in stratified.images(0.25).records] == [r.image for r in budget_images(train, 0.25, 3).records]
+    with pytest.raises(ConfigError, match="adapt.selection: .*'stratified'"):
+        BudgetChooser("nearest", site["backbone"], train, seed=0)
+    with pytest.raises(ConfigError, match="random initialisation has none"):
+        BudgetChooser("kcenter", None, train, seed=0)

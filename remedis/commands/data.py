@@ -81,7 +81,7 @@ def cmd_inspect(args) -> int:
     """`remedis data inspect`: print a manifest's summary (text or JSON)."""
     from remedis.data.inspect import format_summary, inspect_manifest
 
-    summary = inspect_manifest(args.manifest, decode=not args.headers_only)
+    summary = inspect_manifest(args.manifest, decode=not args.headers_only, duplicate_bits=args.duplicate_bits)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -183,10 +183,14 @@ def register(sub):  # long: six sub-commands declared option by option
                                        "~/.config/remedis/patient-salt, created on first use)")
     i.set_defaults(func=cmd_index)
 
-    n = _parser(dsub, "inspect", "counts, sizes, modalities, unreadable files and split leakage of a manifest")
+    n = _parser(dsub, "inspect", "counts, sizes, modalities, unreadable files, split leakage and near-duplicates of a manifest")
     n.add_argument("manifest")
     n.add_argument("--json", action="store_true", help="print the summary as JSON")
-    n.add_argument("--headers-only", action="store_true", help="read headers only (skip decoding every image)")
+    n.add_argument("--headers-only", action="store_true",
+                   help="read headers only (skip decoding every image, and the near-duplicate check)")
+    n.add_argument("--duplicate-bits", type=int, default=4, metavar="BITS",
+                   help="perceptual-hash bits (of 64) in which two near-duplicate images may differ (default 4: "
+                        "resized, recompressed or lightly edited copies; 0: identical pictures only)")
     n.set_defaults(func=cmd_inspect)
 
     sp = _parser(dsub, "split", "write a manifest's patient-level splits (as run/adapt draw them) into a copy")

@@ -202,7 +202,8 @@ def adapt(cfg: RunConfig, data: RunData, starts: dict[str, Path | None], result:
         budgets = [stages.BudgetSpec(model_name(name, f), model_name(name, f), f) for f in cfg.adapt.fractions]
         made = stages.adapt_budgets(settings, init, name, budgets, site, data.prepared.task, result.output,
                                     data.manifest.sha256, pre, progress, distill=distill,
-                                    backbone_before=load_backbone_before(init, cfg.model.backbone, cfg.model.in_chans))
+                                    backbone_before=load_backbone_before(init, cfg.model.backbone, cfg.model.in_chans),
+                                    selection_backbone=starts.get("remedis"))
         models += made.models
         students += made.students
     for m in models + students:

@@ -1,8 +1,9 @@
 """What is in a manifest, before anyone trains on it.
 
 Counts per site, label and split; image sizes and modalities; files that cannot be read, with the
-reason; duplicate rows; patients found in more than one split (leakage). Patients are reported by
-manifest row, never by identifier.
+reason; duplicate rows; patients found in more than one split (leakage); near-duplicate images across
+splits and across patients (perceptual hash, `remedis.data.near_duplicates`; when decoding). Patients
+are reported by manifest row, never by identifier.
 
 Example:
     >>> summary = inspect_manifest("data/manifest.csv")
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from remedis.data.manifest import read_manifest
+from remedis.data.near_duplicates import MAX_DISTANCE, near_duplicate_summary, perceptual_hash
 from remedis.data.readers import ImageReadError, read_image
 
 
-def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20) -> dict[str, Any]:
-    """Summary dict (JSON-ready). `decode=False` reads headers only (faster, fewer failures found)."""
+def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20,
+                     duplicate_bits: int = MAX_DISTANCE) -> dict[str, Any]:
+    """Summary dict (JSON-ready). `decode=False` reads headers only (faster, fewer failures found, no
+    near-duplicate check); `duplicate_bits`: hash bits two near-duplicates may differ in."""
     from remedis.data.index import probe
 
     manifest = read_manifest(path, check_files=False)
@@ -35,9 +39,11 @@ def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20
     modalities: Counter = Counter()
     unreadable: list[dict[str, Any]] = []
     rows = manifest.row_numbers or list(range(2, len(records) + 2))
-    for row, r in zip(rows, records):
+    hashes: list[int | None] = [None] * len(records)
+    for k, (row, r) in enumerate(zip(rows, records)):
         try:
             arr = read_image(r.image) if decode else None  # decoding first: its reason is the precise one
+            hashes[k] = perceptual_hash(arr) if arr is not None else None
             info = probe(r.image)
             modalities[info.modality] += 1
             sizes[f"{arr.shape[0]}x{arr.shape[1]}" if arr is not None else f"{info.rows}x{info.columns}"] += 1
@@ -72,6 +78,9 @@ def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20
         "duplicate_rows": manifest.duplicates_skipped,  # exact repeats; conflicting ones fail reading
         "patients_in_several_splits": len(leaking),
         "leaking_rows": [rows_of[k][:5] for k in leaking[:max_listed]],
+        "near_duplicates": near_duplicate_summary(hashes, rows, [r.split for r in records],
+                                                  [(r.site, r.patient_id) for r in records], duplicate_bits, max_listed)
+        if decode else None,
     }
 
 
@@ -112,4 +121,18 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"patients in more than one split: {s['patients_in_several_splits']}")
     for rows in s["leaking_rows"][:5]:
         lines.append("  rows " + ", ".join(map(str, rows)))
+    nd = s.get("near_duplicates")
+    if nd is None:
+        lines.append("near-duplicates: not checked (--headers-only)")
+    else:
+        lines.append(f"near-duplicate pairs (perceptual hash within {nd['max_distance']} of 64 bits, {nd['hashed']} images): "
+                     f"{nd['pairs']} ({nd['identical_pairs']} identical); of different patients: {nd['different_patients']}; "
+                     f"across splits: {nd['across_splits']}"
+                     + (" (" + ", ".join(f"{k}={v}" for k, v in nd["across_splits_by_split"].items()) + ")"
+                        if nd["across_splits_by_split"] else ""))
+        for site, per in nd["eval_images_with_train_twin"].items():
+            lines.append(f"  {site}: " + ", ".join(f"{n} {sp} image(s)" for sp, n in per.items())
+                         + " with a near-duplicate in train")
+        for ex in nd["examples_across_splits"][:5]:
+            lines.append(f"  rows {ex['rows'][0]} ({ex['splits'][0]}) and {ex['rows'][1]} ({ex['splits'][1]}): {ex['bits']} bits")
     return "\n".join(lines)

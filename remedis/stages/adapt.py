@@ -35,8 +35,9 @@ from remedis.data.dataset import ImageCache
 from remedis.data.preprocess import Preprocessing
 from remedis.data.readers import ImageReadError
 from remedis.evaluate.evaluation import recipe_ablation
-from remedis.stages.data import Task, budget_fraction, budget_images, part
+from remedis.stages.data import Task, budget_fraction, part
 from remedis.stages.evaluate import ModelToEvaluate
+from remedis.stages.select import BudgetChooser
 
 log = logging.getLogger("remedis")
 
@@ -200,7 +201,7 @@ def adaptation_start(backbone: Path | None, architecture: str, in_chans: int | N
 def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name: str, budgets: Sequence[BudgetSpec],
                   site: SiteImages, task: Task, output: Path, manifest_sha256: str, preprocessing: Preprocessing,
                   progress: bool = True, distill: str | None = None, backbone_before: Any = None,
-                  notes: dict[str, Any] | None = None) -> AdaptedSet:
+                  notes: dict[str, Any] | None = None, selection_backbone: Path | None = None) -> AdaptedSet:
     """Adapt one backbone to a site at every budget; a budget that finished with the same inputs is reused.
 
     Args:
@@ -217,14 +218,19 @@ def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name:
         distill: also distil each adapted model into this small architecture on the site's pool (None: no).
         backbone_before: the loaded backbone the models started from (CKA in the evaluation), or None.
         notes: more provenance for every model (e.g. which unlabeled images were used).
+        selection_backbone: whose embeddings `adapt.selection` chooses the budgets' images on (default
+            `backbone`; `remedis run` passes the REMEDIS backbone so every backbone gets the same images).
 
     Returns:
         the models, then their students, as the evaluation stage takes them.
     """
     start = adaptation_start(backbone, settings.architecture, preprocessing.in_chans)
+    chooser = BudgetChooser(settings.recipe.selection, selection_backbone or backbone, site.train, settings.seed)
+    if chooser.key() is not None:
+        start = (start, chooser.key())
     made = AdaptedSet()
     for spec in budgets:
-        train = budget_images(site.train, spec.budget, settings.seed)
+        train = site.train if isinstance(spec.budget, float) and spec.budget == 1.0 else chooser.images(spec.budget)
         folder = output / "adapted" / spec.folder
         key = resume.adapt_key(manifest_sha256, site.site, settings.data, settings.recipe, settings.ood_method,
                                settings.ood_accept_rate, settings.seed, spec.budget, start, preprocessing.to_dict())
@@ -232,6 +238,7 @@ def adapt_budgets(settings: AdaptSettings, backbone: Path | None, backbone_name:
             log.info("[adapt] %s: %d labeled images of %s", spec.name, len(train), site.site)
             adapt_budget(settings, backbone, train, site.val, task, folder, progress=progress,
                          provenance={"manifest_sha256": manifest_sha256, "target_site": site.site, "budget": spec.budget,
+                                     "selection": settings.recipe.selection,
                                      "validation": site.validation, "stage_key": key, **(notes or {})},
                          ablation_test=site.test)
         fraction = budget_fraction(spec.budget, len(site.train))

@@ -18,18 +18,22 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from remedis import resume
 from remedis.config import ConfigError
-from remedis.data.dataset import load_images
+from remedis.data.dataset import ImageCache, load_images
 from remedis.data.manifest import Manifest, Record
 from remedis.data.preprocess import Preprocessing
 from remedis.files import atomic_write, atomic_write_text
+from remedis.stages.data import budget_images
 
 log = logging.getLogger("remedis")
 
@@ -136,20 +140,13 @@ def embed_records(backbone: Path, records: list[Record]):
     Returns:
         (the `ImageCache` of the readable records, (N, D) float32 embeddings).
     """
-    from remedis.models.backbones import create_backbone
-    from remedis.models.checkpoint import load_checkpoint, load_matching
-    from remedis.models.inference import embed_cache
+    from remedis.models.checkpoint import read_meta
 
-    state, meta = load_checkpoint(backbone)
+    meta = read_meta(backbone)
     if meta.get("kind") != "backbone":
         raise ConfigError(f"{backbone}: is a {meta.get('kind')!r} checkpoint, not a backbone")
-    pre = Preprocessing.from_dict(meta["preprocessing"])
-    net = create_backbone(meta["architecture"], int(meta["in_chans"]))
-    load_matching(net, state, str(backbone))
-    cache = load_images(records, pre)
-    emb = embed_cache(net.eval(), cache).float().numpy() if len(cache) else np.zeros((0, 1), np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return cache, emb
+    cache = load_images(records, Preprocessing.from_dict(meta["preprocessing"]))
+    return cache, embed_cache_with(backbone, cache)
 
 
 def select_images(backbone: Path, manifest: Manifest, site: str, budget: float | int, strategy: str, seed: int = 0,
@@ -198,3 +195,71 @@ def select_images(backbone: Path, manifest: Manifest, site: str, budget: float |
              n_pool, strategy, int(is_labeled.sum()), t1 - t0, t2 - t1)
     return Worklist([cache.records[i] for i in chosen.indices], chosen.clusters, strategy, n_pool, int(is_labeled.sum()),
                     skipped, emb, roles, {"embed": t1 - t0, "select": t2 - t1})
+
+
+STRATIFIED = "stratified"  # adapt.selection's default: `budget_images`' label-stratified random draw
+
+
+class BudgetChooser:
+    """The train images of each label budget, as `adapt.selection` chooses them.
+
+    `stratified` draws a nested, label-stratified random subset (`budget_images`); a registered strategy
+    (`remedis select --strategy`) chooses ceil(fraction x train images) of them on the embeddings of
+    `backbone`, without their labels, as a site labeling its images would. The embedding pass runs once.
+
+    Args:
+        selection: "stratified" or a registered strategy name.
+        backbone: the backbone folder whose embeddings a strategy reads (None: stratified only).
+        train: the site's train images.
+        seed: the seed of the draw or the strategy.
+
+    Example:
+        >>> chooser = BudgetChooser("typiclust", Path("runs/x/backbones/remedis"), site.train, seed=0)
+        >>> chooser.images(0.1)
+    """
+
+    def __init__(self, selection: str, backbone: Path | None, train: ImageCache, seed: int):
+        from remedis.adapt.selection import get_strategy
+
+        self.selection, self.backbone, self.train, self.seed = selection, backbone, train, seed
+        self._embeddings: np.ndarray | None = None
+        if selection != STRATIFIED:
+            try:
+                self.strategy = get_strategy(selection)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"adapt.selection: {exc}; or {STRATIFIED!r}") from None
+            if backbone is None:
+                raise ConfigError(f"adapt.selection: {selection!r} chooses on a pretrained backbone's embeddings; "
+                                  f"random initialisation has none (use {STRATIFIED!r} or adapt a pretrained backbone)")
+
+    def key(self) -> Any:
+        """What the choice depends on beyond the budget and seed (for resume keys)."""
+        return None if self.selection == STRATIFIED else (self.selection, resume.weights_of(self.backbone))
+
+    def images(self, budget: float | int) -> ImageCache:
+        """The budget's labeled train images."""
+        if self.selection == STRATIFIED:
+            return budget_images(self.train, budget, self.seed)
+        from remedis.adapt.selection import SelectionPool
+
+        n = len(self.train)
+        count = min(n, math.ceil(budget * n - 1e-9) if isinstance(budget, float) else int(budget))
+        if self._embeddings is None:
+            self._embeddings = embed_cache_with(self.backbone, self.train)
+        picked = self.strategy.select(SelectionPool(self._embeddings, [r.patient_id for r in self.train.records]),
+                                      count, self.seed)
+        chosen = {self.train.records[i].image for i in picked.indices}
+        return self.train.subset(lambda r: r.image in chosen)
+
+
+def embed_cache_with(backbone: Path, cache: ImageCache) -> np.ndarray:
+    """L2-normalised embeddings of decoded images by a backbone folder (they must be decoded with its preprocessing)."""
+    from remedis.models.backbones import create_backbone
+    from remedis.models.checkpoint import load_checkpoint, load_matching
+    from remedis.models.inference import embed_cache
+
+    state, meta = load_checkpoint(backbone)
+    net = create_backbone(meta["architecture"], int(meta["in_chans"]))
+    load_matching(net, state, str(backbone))
+    emb = embed_cache(net.eval(), cache).float().numpy() if len(cache) else np.zeros((0, 1), np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
