@@ -79,7 +79,8 @@ def inspect_manifest(path: str | Path, decode: bool = True, max_listed: int = 20
         "patients_in_several_splits": len(leaking),
         "leaking_rows": [rows_of[k][:5] for k in leaking[:max_listed]],
         "near_duplicates": near_duplicate_summary(hashes, rows, [r.split for r in records],
-                                                  [(r.site, r.patient_id) for r in records], duplicate_bits, max_listed)
+                                                  [(r.site, r.patient_id) for r in records], duplicate_bits, max_listed,
+                                                  [r.label for r in records])
         if decode else None,
     }
 
@@ -127,6 +128,7 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append(f"near-duplicate pairs (perceptual hash within {nd['max_distance']} of 64 bits, {nd['hashed']} images): "
                      f"{nd['pairs']} ({nd['identical_pairs']} identical); of different patients: {nd['different_patients']}; "
+                     f"with different labels: {nd['different_labels']}; "
                      f"across splits: {nd['across_splits']}"
                      + (" (" + ", ".join(f"{k}={v}" for k, v in nd["across_splits_by_split"].items()) + ")"
                         if nd["across_splits_by_split"] else ""))

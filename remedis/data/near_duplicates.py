@@ -63,7 +63,8 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, c
 
 
 def near_duplicate_summary(hashes: list[int | None], rows: list[int], splits: list[str], patients: list[tuple[str, str]],
-                           max_distance: int = MAX_DISTANCE, max_listed: int = 20) -> dict[str, Any]:  # long: docstring
+                           max_distance: int = MAX_DISTANCE, max_listed: int = 20,
+                           labels: list[str] | None = None) -> dict[str, Any]:  # long: docstring
     """Near-duplicates among the hashed images: pairs across splits and pairs of different patients.
 
     Args:
@@ -73,11 +74,13 @@ def near_duplicate_summary(hashes: list[int | None], rows: list[int], splits: li
         patients: each record's (site, patient id); only compared, never reported.
         max_distance: bits of difference that still count as a near-duplicate.
         max_listed: pairs listed per kind.
+        labels: each record's label: near-duplicates with two different labels are counted (a label conflict).
 
     Returns:
         {max_distance, hashed, pairs, identical_pairs, across_splits, across_splits_by_split,
          across_splits_by_site (site, or "site A | site B" for pairs of two sites), different_patients,
          eval_images_with_train_twin (val/test images with a near-duplicate in train, per site and split),
+         different_labels (pairs whose two labels differ, when `labels` is given),
          examples_across_splits, examples_different_patients}.
     """
     keep = [i for i, h in enumerate(hashes) if h is not None]
@@ -106,4 +109,5 @@ def near_duplicate_summary(hashes: list[int | None], rows: list[int], splits: li
             "eval_images_with_train_twin": {site: {sp: len(v) for sp, v in sorted(per.items())}
                                             for site, per in sorted(twins.items())},
             "different_patients": len(others),
+            "different_labels": sum(labels[i] != labels[j] for i, j, _ in pairs) if labels is not None else None,
             "examples_across_splits": listed(across), "examples_different_patients": listed(others)}
