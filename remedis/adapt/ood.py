@@ -194,10 +194,11 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
 
 
 def all_scores(logits, embeddings, train_embeddings, train_targets, k: int = DEFAULT_K,
-               states: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
-    """Every method's scores for one set of images (states fitted once and reused through `states`)."""
+               states: dict[str, dict] | None = None, methods: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Every method's scores (or those of `methods`) for one set of images (states fitted once and reused
+    through `states`)."""
     out = {}
-    for method in score_names():
+    for method in methods or score_names():
         if states is not None and method in states:
             state = states[method]
         else:

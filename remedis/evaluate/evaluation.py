@@ -31,7 +31,7 @@ from remedis.adapt.ood import OODDetector, all_scores, fit_state, fpr_at_tpr, oo
 from remedis.data.dataset import ImageCache
 from remedis.evaluate.cka import cka_matrix, layer_features, site_embedding_distances
 from remedis.metrics import auroc, ece, site_metrics, threshold_for_sensitivity
-from remedis.ood_scores import score_names
+from remedis.ood_scores import get_score, score_names
 
 log = logging.getLogger("remedis")
 
@@ -176,10 +176,19 @@ def _finite(value: float) -> float | None:
 def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector, seed, memo) -> dict:
     """Every score's AUROC and FPR at 95% TPR: target-site test images against each other set."""
     tgt = inputs.target_site
-    if inputs.train is None or len(inputs.train) < 2 or not (sites == tgt).any():
-        return {"detector": detector_summary(detector), "note": "no target-site train or test images: OOD not evaluated"}
-    states = _states(model, inputs, index, memo)
-    id_scores = all_scores(logits[sites == tgt], emb[sites == tgt], None, None, states=states)
+    note = None
+    if not (sites == tgt).any():
+        return {"detector": detector_summary(detector), "note": "no target-site test images: OOD not evaluated"}
+    if inputs.train is not None and len(inputs.train) >= 2:
+        states = _states(model, inputs, index, memo)
+    elif detector is not None:  # a manifest of a new site's test images only: the stored detector's own state
+        states = {m: {} for m in score_names() if not get_score(m).state_keys} | {detector.method: detector.state}
+        note = ("no target-site train images in this manifest: scored with the model's stored detector state "
+                f"({detector.method}) and the scores that need no state ({', '.join(sorted(set(states) - {detector.method}))})")
+    else:
+        return {"detector": None, "note": "no target-site train images and no stored OOD detector: OOD not evaluated"}
+    methods = [m for m in score_names() if m in states]
+    id_scores = all_scores(logits[sites == tgt], emb[sites == tgt], None, None, states=states, methods=methods)
 
     test = inputs.test.subset(lambda r: r.label in index)
     sets: dict[str, tuple[str, np.ndarray, np.ndarray, ImageCache | None]] = {}
@@ -194,10 +203,10 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
 
     results = {}
     for name, (kind, lg, em, cache) in sets.items():
-        scores = all_scores(lg, em, None, None, states=states)
+        scores = all_scores(lg, em, None, None, states=states, methods=methods)
         results[name] = {"kind": kind, "n_images": len(lg),
                          "methods": {m: {"auroc": _none(ood_auroc(id_scores[m], scores[m])),
-                                         "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in score_names()}}
+                                         "fpr95": _none(fpr_at_tpr(id_scores[m], scores[m]))} for m in methods}}
         flagged = detector.is_ood(lg, em) if detector is not None and len(lg) else None
         if flagged is not None:
             results[name]["detector_flagged"] = float(np.mean(flagged))
@@ -209,7 +218,9 @@ def _ood_section(model, inputs: EvalInputs, index, logits, emb, sites, detector,
     out = {"in_distribution": {"site": tgt, "n_images": int((sites == tgt).sum())}, "sets": results,
            "detector": detector_summary(detector),
            "summary": {kind: {m: _mean([r["methods"][m]["auroc"] for r in results.values() if r["kind"] == kind])
-                              for m in score_names()} for kind in ("near", "far")}}
+                              for m in methods} for kind in ("near", "far")}}
+    if note:
+        out["note"] = note
     if detector is not None:
         out["detector"]["test_accepted_in_distribution"] = float(np.mean(~detector.is_ood(logits[sites == tgt], emb[sites == tgt])))
     return out
