@@ -39,8 +39,8 @@ from serving.gateway.codes import (
     STATUS_SUCCESS,
     Refused,
 )
-from serving.gateway.inference import Inference, InferenceUnavailable, open_model
-from serving.gateway.report import MANUFACTURER
+from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable, open_model
+from serving.gateway.report import MANUFACTURER, sanitised_header
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
 from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool, uid_key
@@ -260,11 +260,25 @@ class Gateway:
                     self.process(batch)
                 except Exception as exc:  # never let the loop die: the batch stays in work/, retried with back-off
                     wait = self.model_backoff.failed(batch.name)
+                    tries = self.model_backoff.attempts(batch.name)
                     self.last_error = f"processing: {type(exc).__name__}"
                     # The type only: an exception's message can quote a data element's value.
-                    log.error("batch %s failed (%s), retried in %.0f s", batch.name, type(exc).__name__, wait)
                     log.debug("batch %s", batch.name, exc_info=True)
+                    if tries >= self.settings.retry.max_attempts:
+                        self._dead_letter(batch, f"processing failed {tries} times ({type(exc).__name__})")
+                    else:
+                        log.error("batch %s failed (%s; attempt %d of %d), retried in %.0f s", batch.name,
+                                  type(exc).__name__, tries, self.settings.retry.max_attempts, wait)
             self._stop.wait(0.2)
+
+    def _dead_letter(self, batch: Path, reason: str) -> None:
+        """Give a batch up: its instances to failed/ with `reason`, counted; the back-off forgets it."""
+        moved = self.spool.dead_letter(batch, reason)
+        self.model_backoff.succeeded(batch.name)
+        self.spool.count("failed", moved)
+        self.spool.count("failed_batches")
+        self.last_error = reason
+        log.error("batch %s moved to failed/ (%d instance(s)): %s", batch.name, moved, reason)
 
     def process(self, batch: Path) -> None:
         """One claimed batch: each instance to its route's model, the answers to every enabled result writer,
@@ -273,7 +287,11 @@ class Gateway:
         results: dict[str, bytes] = {}
         answered = 0
         for r, items in by_route.items():
-            got = self._answers(batch, r, items)
+            try:
+                got = self._answers(batch, r, items)
+            except InferenceRejected as exc:  # a client error: the same request cannot succeed later
+                self._dead_letter(batch, str(exc))
+                return
             if got is None:
                 return  # the model is unavailable: the batch waits in work/ (back-off)
             good = [(ds, a) for (_, ds), a in zip(items, got) if isinstance(a, Answer)]
@@ -328,8 +346,12 @@ class Gateway:
         """Every enabled result writer on each study's answers: result name -> bytes."""
         files_of = {ds.SOPInstanceUID: f for f, ds in items}
         by_study: dict[str, list[tuple[pydicom.Dataset, Answer]]] = {}
+        emptied = 0
         for ds, a in good:
             by_study.setdefault(ds.StudyInstanceUID, []).append((ds, a))
+            emptied += len(sanitised_header(ds)[1])
+        if emptied:  # header values outside the defined terms, left empty in the results (keywords only in the log)
+            self.spool.count("sanitised_values", emptied)
         results: dict[str, bytes] = {}
         for writer in enabled_writers(self.settings):
             for study, pairs in by_study.items():

@@ -48,7 +48,12 @@ class Inference(Protocol):
 
 
 class InferenceUnavailable(RuntimeError):
-    """The model could not answer now (service down, overloaded, 5xx): the batch is retried later."""
+    """The model could not answer now (service down, overloaded, 5xx, 408, 429, key refused): the batch is retried later."""
+
+
+class InferenceRejected(RuntimeError):
+    """The service answered a client error (a 4xx other than 401, 403, 408 and 429, e.g. 413 for a large cine):
+    sending the same batch again cannot succeed, so it goes to failed/ at once."""
 
 
 class LocalInference:
@@ -125,10 +130,10 @@ class ServiceInference:
             raise InferenceUnavailable(f"service {self.url} unreachable ({type(exc).__name__})") from None
         if r.status_code in (401, 403):
             raise InferenceUnavailable(f"service {self.url} refused the API key ({r.status_code})")
-        if r.status_code >= 500 or r.status_code == 429:
+        if r.status_code >= 500 or r.status_code in (408, 429):
             raise InferenceUnavailable(f"service {self.url} answered {r.status_code}")
-        if r.status_code >= 400:
-            raise InferenceUnavailable(f"service {self.url} answered {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400:  # the body is not logged: it may quote what was sent
+            raise InferenceRejected(f"the service answered {r.status_code} ({_reason(r.status_code)})")
         return r.json()
 
     def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
@@ -142,6 +147,15 @@ class ServiceInference:
                 self.info.class_names = list(probs)
         return [Answer.from_dict(r) if "probabilities" in r else Refusal(str(r.get("error", "no answer")), int(r.get("status", 422)))
                 for r in results]
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "client error"
 
 
 def _find(obj: Any, key: str) -> Any:

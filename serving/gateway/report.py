@@ -2,16 +2,22 @@
 
 One SR per processed batch (the instances of one series that arrived together). Each source image gets
 its own measurement group (TID 1501) that references it and holds:
-- the finding type (the model's positive class, coded) and the algorithm (name, version, weights hash);
+- the finding type: the decided class (coded), or, for an image outside the model's input contract or
+  detector (OOD), "result not valid for this image"; and the algorithm (name, version, weights hash);
 - one measurement per class: the calibrated probability (UCUM "1");
 - the OOD score, when the model has a detector;
-- qualitative evaluations: the decision at the stored operating point (coded class) and the OOD flag
-  (SNOMED CT Yes / No), and the method of decision;
+- qualitative evaluations: the decision at the stored operating point (coded class; left out for an OOD
+  image, whose finding says the result is not valid) and the OOD flag (SNOMED CT Yes / No), and the method
+  of decision;
 - text: the OOD reasons, and that the result is not for diagnostic use (also in the series description;
   the SR is marked PRELIMINARY and UNVERIFIED).
 
 UIDs are derived from the source UIDs and the model's weights, so processing the same batch again makes
-the same SR (a PACS stores it once). Codes of our own use the private scheme `99REMEDIS`.
+the same SR (a PACS stores it once). Codes of our own use the private scheme `99REMEDIS` (code values of
+at most 16 characters, as a Short String; the scheme is identified in the Coding Scheme Identification
+Sequence). Header values the SR copies from the sources but that are outside the standard's defined terms
+or formats (PatientSex `U`, a date like `19700000`) are left empty in the SR (`sanitised_header`), so that
+an ordinary modality's header never stops a result.
 
 Example:
     >>> sr = build_sr([ds], [answer], ModelInfo("remedis-busi", "1", "ab12...", ["benign", "malignant"]))
@@ -22,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 import warnings
 from typing import Any
@@ -48,7 +55,10 @@ CODE_OOD = hd.sr.CodedConcept("ood", SCHEME, "Out of distribution")
 CODE_OOD_SCORE = hd.sr.CodedConcept("ood-score", SCHEME, "Out-of-distribution score")
 CODE_OOD_REASON = hd.sr.CodedConcept("ood-reason", SCHEME, "Out-of-distribution reason")
 CODE_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-CODE_PROCEDURE = hd.sr.CodedConcept("ai-classification", SCHEME, "AI image classification")
+CODE_PROCEDURE = hd.sr.CodedConcept("ai-classify", SCHEME, "AI image classification")
+CODE_NOT_VALID = hd.sr.CodedConcept("not-valid", SCHEME, "Result not valid for this image")
+SCHEME_NAME = "remedis private codes"
+SCHEME_ORGANISATION = "remedis"
 
 
 def class_code(name: str) -> hd.sr.CodedConcept:
@@ -74,15 +84,42 @@ TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDat
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A copy of a source header with the type 2 attributes an SR needs present (empty when missing)."""
+SEX_TERMS = ("M", "F", "O")  # PS3.3 C.7.1.1: Patient's Sex defined terms
+
+
+def _valid(keyword: str, value: Any) -> bool:
+    """Is a type 2 value one highdicom (and the standard) accepts in the SR: a defined term, a real date or time?"""
+    text = str(value or "").strip()
+    if not text:
+        return True
+    if keyword == "PatientSex":
+        return text in SEX_TERMS
+    if keyword.endswith("Date"):
+        try:
+            return len(text) == 8 and bool(datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8])))
+        except ValueError:
+            return False
+    if keyword.endswith("Time"):
+        return bool(re.fullmatch(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?", text))
+    return True
+
+
+def sanitised_header(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, list[str]]:
+    """A copy of a source header whose type 2 attributes an SR needs are present (empty when missing) and
+    valid (values outside the defined terms or formats emptied); with the keywords emptied (never values)."""
     missing = [k for k in TYPE2 if k not in ds]
-    if not missing:
-        return ds
+    invalid = [k for k in TYPE2 if k in ds and not _valid(k, ds[k].value)]
+    if not missing and not invalid:
+        return ds, []
     ds = copy.deepcopy(ds)
-    for k in missing:
+    for k in missing + invalid:
         setattr(ds, k, "")
-    return ds
+    return ds, invalid
+
+
+def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """`sanitised_header` without the list."""
+    return sanitised_header(ds)[0]
 
 
 def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -94,15 +131,15 @@ def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.Measur
     measurements = [hd.sr.Measurement(name=probability_code(c), value=float(p), unit=UNIT_ONE) for c, p in probs.items()]
     if answer.ood_score is not None and np.isfinite(answer.ood_score):
         measurements.append(hd.sr.Measurement(name=CODE_OOD_SCORE, value=float(answer.ood_score), unit=UNIT_ONE))
-    evaluations = [hd.sr.QualitativeEvaluation(CODE_DECISION, class_code(answer.label))]
+    # The finding is what the model decided; for an image outside its inputs, that no result holds for it.
+    evaluations = [] if answer.ood else [hd.sr.QualitativeEvaluation(CODE_DECISION, class_code(answer.label))]
     if answer.ood is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(CODE_OOD, YES if answer.ood else NO))
-    positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else answer.label
     method = "operating point" if answer.decision == "operating_point" else "argmax"
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("group", ds.SOPInstanceUID, info.weights_sha256),
                                                      identifier=f"remedis {info.name}"[:64]),
-        finding_type=class_code(positive),
+        finding_type=CODE_NOT_VALID if answer.ood else class_code(answer.label),
         method=hd.sr.CodedConcept(method.replace(" ", "-"), SCHEME, f"Decision by {method}"),
         algorithm_id=algorithm,
         measurements=measurements,
@@ -157,6 +194,11 @@ def build_sr(sources: list[pydicom.Dataset], answers: list[Answer], info: ModelI
         container = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010")
         for group in groups[1:]:
             container.ContentSequence.extend(group)
+    scheme = pydicom.Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = SCHEME_NAME
+    scheme.CodingSchemeResponsibleOrganization = SCHEME_ORGANISATION
+    sr.CodingSchemeIdentificationSequence = pydicom.Sequence([scheme])
     sr.ManufacturerModelName = info.name[:64]
     sr.SoftwareVersions = (info.version or "unknown")[:64]
     return sr
@@ -194,7 +236,9 @@ def read_results(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for group in parsed.content.get_image_measurement_groups():
         ref = group.source_images[0].referenced_sop_instance_uid
-        entry: dict[str, Any] = {"probabilities": {}, "ood": None, "ood_score": None}
+        finding = group.finding_type
+        entry: dict[str, Any] = {"probabilities": {}, "ood": None, "ood_score": None, "label": None,
+                                 "finding": finding.meaning, "valid": finding.value != CODE_NOT_VALID.value}
         for m in group.get_measurements():
             if m.name.value.startswith("p-"):
                 entry["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)

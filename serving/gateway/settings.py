@@ -49,10 +49,14 @@ class Destination:
 
 @dataclass
 class Retry:
-    """Back-off of deliveries and model calls: first wait and longest wait."""
+    """Back-off of deliveries and model calls (first and longest wait), and when a batch is given up."""
 
-    initial_s: float = 1.0  # the first retry waits this long, doubling up to max_s; never given up
+    initial_s: float = 1.0  # the first retry waits this long, doubling up to max_s
     max_s: float = 60.0
+    # A batch whose processing fails (an error, not an unavailable service) this many times goes to failed/
+    # with the reason; a service that is down or overloaded (5xx, 408, 429, unreachable, 401/403) is waited
+    # for without limit, and a client error it answers (another 4xx, e.g. 413) sends the batch to failed/ at once.
+    max_attempts: int = 5
 
 
 @dataclass
@@ -101,6 +105,8 @@ class GatewaySettings:
             raise ConfigError("quiet_seconds must be >= 0 and batch_size >= 1")
         if self.retry.initial_s <= 0 or self.retry.max_s < self.retry.initial_s:
             raise ConfigError("retry: need 0 < initial_s <= max_s")
+        if self.retry.max_attempts < 1:
+            raise ConfigError(f"retry.max_attempts: {self.retry.max_attempts}; need at least 1")
         return self
 
 

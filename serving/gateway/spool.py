@@ -34,7 +34,8 @@ from pathlib import Path
 from remedis.files import atomic_write, fsync_dir
 
 STAGES = ("incoming", "work", "outbox", "results", "failed")
-COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors")
+COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors", "failed_batches",
+            "sanitised_values")
 
 
 def uid_key(uid: str) -> str:
@@ -171,6 +172,14 @@ class Spool:
             lines.append(f"{path.stem}\t{reason}")
         atomic_write(target / "reasons.tsv", ("\n".join(lines) + "\n").encode())
         return target
+
+    def dead_letter(self, batch: Path, reason: str) -> int:
+        """Move every instance left in a claimed batch to failed/<batch>/ with one reason (a batch that keeps
+        failing, or that the service rejected as a client error), and drop the batch; returns the instances moved."""
+        files = sorted(batch.glob("*.dcm"))
+        self.keep_failed(batch.name, [(f, reason) for f in files])
+        shutil.rmtree(batch, ignore_errors=True)
+        return len(files)
 
     def results_of(self, out: Path) -> list[Path]:
         """The result files of an outbox batch, by name (any media type; temporaries excluded)."""

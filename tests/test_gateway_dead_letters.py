@@ -1,0 +1,120 @@
+"""Nothing blocks a gateway result forever (issue 30): header values outside the standard's defined terms
+still give an SR, a batch the service rejects as a client error goes to failed/ in one try, a batch that keeps
+failing goes there after `retry.max_attempts`, and the SR's finding is what the model decided."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+from gateway_support import ct_files, free_port, make_model, sr_results, study_from, to_bytes
+
+pytest.importorskip("pynetdicom")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, shared_data):
+    return make_model(tmp_path_factory.mktemp("gw-dead") / "model", ct_files(shared_data, 12))
+
+
+def _settings(tmp: Path, model: str, **over):
+    from serving.gateway.settings import load_gateway_settings
+
+    base = {"port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": 0.2, "allowed_aets": ["TESTSCU"],
+            "routes": [{"model": model, "modalities": ["CT"]}], "stow": {"enabled": False},
+            "retry": {"initial_s": 0.1, "max_s": 0.2, "max_attempts": 2}}
+    return load_gateway_settings(None, {**base, **over})
+
+
+def _wait(predicate, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_odd_headers_give_an_sr_whose_finding_is_the_decision(tmp_path, model, shared_data):
+    from serving.gateway.app import Gateway
+    from serving.gateway.report import CODE_NOT_VALID, build_sr, read_results
+
+    study = study_from(ct_files(shared_data, 1)[0], 2, planted=False, size=None)  # full slices: in distribution
+    for ds in study:
+        ds.PatientSex, ds.PatientBirthDate, ds.StudyTime = "U", "19700000", "250000"  # all outside the standard
+    with Gateway(_settings(tmp_path, str(model))) as gw:
+        assert all(gw.accept(to_bytes(ds)) == 0 for ds in study)
+        _wait(lambda: gw.status()["processed"] == 2 and gw.status()["queued"] == 0, 60, "the study processed")
+        status = gw.status()
+    assert status["failed"] == 0 and status["sanitised_values"] == 6
+    results = sr_results(Path(tmp_path / "spool"))
+    assert sorted(results) == sorted(ds.SOPInstanceUID for ds in study)
+    srs = [pydicom.dcmread(p) for p in Path(tmp_path / "spool").rglob("sr-*.dcm")]
+    assert len(srs) == 1 and srs[0].PatientSex == "" and srs[0].PatientBirthDate == ""
+    assert srs[0].CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99REMEDIS"
+    for (r,) in results.values():
+        assert r["ood"] is False and r["valid"] and r["finding"] == r["label"]  # the decided class, not the positive one
+    # An OOD image: the finding says the result is not valid, no decision is stated, the probabilities stay.
+    from serving.answer import Answer
+    from serving.gateway.inference import LocalInference
+
+    local = LocalInference(model)
+    answer = local.predict([to_bytes(study[0])])[0]
+    flagged = Answer.from_dict({**answer.to_dict(), "ood": True, "ood_reasons": ["modality MR, model trained on CT"]})
+    got = read_results(build_sr([study[0]], [flagged], local.info))[study[0].SOPInstanceUID]
+    assert got["finding"] == CODE_NOT_VALID.meaning and not got["valid"] and got["label"] is None
+    assert got["ood"] is True and got["probabilities"] == pytest.approx(answer.probabilities)
+
+
+class _Service(BaseHTTPRequestHandler):
+    """A stand-in for the inference service on loopback: its metadata, then a fixed answer to predictions."""
+
+    mode = "413"
+    calls = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("/metadata"):
+            body = {"model": {"name": "stand-in", "version": "1"}, "class_names": ["contrast", "no_contrast"],
+                    "positive_class": "contrast", "weights_sha256": "0" * 64}
+            code = 200
+        else:
+            type(self).calls += 1
+            code, body = (413, {"error": "too large"}) if self.mode == "413" else (200, {"unexpected": True})
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.parametrize("mode, calls", [("413", 1), ("broken", 2)])
+def test_a_rejected_or_failing_batch_goes_to_failed_with_its_reason(tmp_path, shared_data, mode, calls):
+    from serving.gateway.app import Gateway
+
+    handler = type("Handler", (_Service,), {"mode": mode, "calls": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        study = study_from(ct_files(shared_data, 1)[0], 3, planted=False)
+        with Gateway(_settings(tmp_path, f"http://127.0.0.1:{server.server_address[1]}")) as gw:
+            assert all(gw.accept(to_bytes(ds)) == 0 for ds in study)
+            _wait(lambda: gw.status()["failed_batches"] == 1, 60, "the batch given up")
+            status = gw.status()
+    finally:
+        server.shutdown()
+    assert status["failed"] == 3 and status["queued"] == 0 and status["processed"] == 0
+    assert handler.calls == calls  # 413: one try; an error: retry.max_attempts tries
+    reasons = next(Path(tmp_path / "spool" / "failed").rglob("reasons.tsv")).read_text().splitlines()
+    assert len(reasons) == 3
+    expected = "the service answered 413 (Request Entity Too Large)" if mode == "413" else "processing failed 2 times (KeyError)"
+    assert all(line.split("\t")[1] == expected for line in reasons)
