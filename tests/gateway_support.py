@@ -122,3 +122,25 @@ def expected_probs(folder: Path, paths: list[Path]) -> np.ndarray:
 
     model = LocalInference(folder)
     return np.array([[r.probabilities[c] for c in model.info.class_names] for r in model.predict([p.read_bytes() for p in paths])])
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """The path of dcmtk's `name` (storescu, dsrdump, ...), found by what it is: with a virtual environment
+    activated, pynetdicom's own `storescu` comes first on PATH and takes other options."""
+    import os
+    import shutil
+    import subprocess
+
+    seen = set()
+    for folder in [*os.get_exec_path(), "/usr/bin", "/usr/local/bin"]:
+        path = shutil.which(name, path=folder)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return path
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from gateway_support import dcmtk_tool
 
 INNER = Path(__file__).resolve().parent / "netns" / "orthanc_gateway.py"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -24,7 +25,7 @@ def _missing() -> str | None:
     if os.geteuid() != 0:
         return "unshare --net needs root"
     for tool in ("unshare", "ip", "Orthanc", "dsrdump", "storescu"):
-        if shutil.which(tool) is None:
+        if (dcmtk_tool(tool) if tool in ("dsrdump", "storescu") else shutil.which(tool)) is None:
             return f"{tool} not found (apt-get install orthanc orthanc-dicomweb dcmtk)"
     if not PLUGIN.is_file():
         return f"{PLUGIN} not found (apt-get install orthanc-dicomweb)"

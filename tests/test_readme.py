@@ -250,3 +250,49 @@ def test_readme_links_resolve():
 
 if __name__ == "__main__":
     print(block_to_paste())
+
+
+# ---- "Does it work?": every number from a results JSON ------------------------------------------
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _numbers(value, out: set[float], max_list: int = 20) -> None:
+    """Every number in a JSON value, skipping long lists (per-image predictions, which would match anything)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        out.add(float(value))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _numbers(v, out, max_list)
+    elif isinstance(value, list) and len(value) <= max_list:
+        for v in value:
+            _numbers(v, out, max_list)
+    elif isinstance(value, str):
+        out.update(float(x) for x in re.findall(r"\d+(?:\.\d+)?", value))
+
+
+def test_every_number_in_does_it_work_comes_from_a_results_json():
+    """The README's "Does it work?" section names its result files; each number it prints (AUROCs, counts,
+    budgets, sizes) must occur in one of them, a decimal as the JSON's value rounded to the digits shown,
+    a percentage also as a fraction."""
+    import json
+
+    text = README.read_text()
+    section = text.split("## Does it work?", 1)[1].split("\n## ", 1)[0]
+    files = sorted(set(re.findall(r"benchmarks/results/([\w.+-]+\.json)", section)))
+    assert files, "the section names no benchmarks/results/*.json"
+    values: set[float] = set()
+    for name in files:
+        assert (RESULTS / name).is_file(), f"{name} is named but not in benchmarks/results"
+        _numbers(json.loads((RESULTS / name).read_text()), values)
+    prose = re.sub(r"`[^`]*`|\]\([^)]*\)|\S+\.(?:json|md|yaml|py)\b", " ", section)  # paths and code are not figures
+    missing = []
+    for number, percent in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)(%?)", prose):
+        digits = len(number.split(".")[1]) if "." in number else 0
+        x = float(number)
+        candidates = {x} | ({x / 100} if percent else set())
+        if not any(round(v, max(digits, 2 if c < 1 and percent else digits)) == c for v in values for c in candidates):
+            missing.append(number + percent)
+    assert not missing, f"numbers in 'Does it work?' not found in {files}: {missing}"

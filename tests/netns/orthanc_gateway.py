@@ -10,7 +10,6 @@ its probabilities equal the service code's answer for that file, and dcmtk's dsr
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,17 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway_support import ct_files, expected_probs, free_port, make_model, no_identifiers, study_from, to_bytes, write_all  # noqa: E402
+from gateway_support import (  # noqa: E402
+    ct_files,
+    dcmtk_tool,
+    expected_probs,
+    free_port,
+    make_model,
+    no_identifiers,
+    study_from,
+    to_bytes,
+    write_all,
+)
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -138,16 +147,16 @@ def test_orthanc_pushes_ct_and_finds_the_sr_in_the_same_study(env):
         np.testing.assert_allclose([got["no_contrast"], got["contrast"]], p, atol=1e-5)
         out = env["tmp"] / f"{src.SOPInstanceUID}.sr.dcm"
         sr.save_as(out)
-        dump = subprocess.run(["dsrdump", str(out)], capture_output=True, text=True, timeout=60)
+        dump = subprocess.run([dcmtk_tool("dsrdump"), str(out)], capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout, dump.stderr
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+@pytest.mark.skipif(dcmtk_tool("storescu") is None, reason="dcmtk not installed")
 def test_storescu_into_the_gateway_and_an_sr_sent_back_is_skipped(env):
     study = study_from(ct_files(SHARED, 1)[0], 4)
     paths = write_all(study, env["tmp"] / "storescu")
     before = env["gateway"].status()
-    proc = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), *map(str, paths)],
+    proc = subprocess.run([dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), *map(str, paths)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     srs = wait_for(lambda: env["orthanc"].srs(study[0].StudyInstanceUID), what="the storescu study's SR")
@@ -158,14 +167,14 @@ def test_storescu_into_the_gateway_and_an_sr_sent_back_is_skipped(env):
     # and never processed.
     sr_path = env["tmp"] / "loop.sr.dcm"
     srs[0].save_as(sr_path)
-    proc = subprocess.run(["storescu", "-R", "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(sr_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([dcmtk_tool("storescu"), "-R", "-aet", "STORESCU", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]),
+                           str(sr_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: env["gateway"].status()["ignored"] > before["ignored"], what="the SR to be skipped")
     wait_for(lambda: drained(env["gateway"]), what="the gateway to be idle")  # a second SR could only come from there
     assert len(env["orthanc"].srs(study[0].StudyInstanceUID)) == 1
     # A calling AE title not on the allow-list is refused at association.
-    proc = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(paths[0])],
+    proc = subprocess.run([dcmtk_tool("storescu"), "-aet", "INTRUDER", "-aec", "REMEDIS", "127.0.0.1", str(env["port"]), str(paths[0])],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "reject" in (proc.stdout + proc.stderr).lower()
 
