@@ -118,3 +118,25 @@ def test_a_rejected_or_failing_batch_goes_to_failed_with_its_reason(tmp_path, sh
     assert len(reasons) == 3
     expected = "the service answered 413 (Request Entity Too Large)" if mode == "413" else "processing failed 2 times (KeyError)"
     assert all(line.split("\t")[1] == expected for line in reasons)
+
+
+def test_a_worker_that_dies_turns_healthz_to_503(tmp_path, model):
+    """A worker thread ended by an unexpected error (a bug) makes the gateway unhealthy: /healthz answers 503
+    with the reason (no identifier), status says so; until then it answers 200."""
+    import httpx
+
+    from serving.gateway.app import Gateway
+
+    settings = _settings(tmp_path, str(model), stow={"enabled": True, "port": free_port()})
+    with Gateway(settings) as gw:
+        url = f"http://127.0.0.1:{settings.stow.port}/healthz"
+        _wait(lambda: httpx.get(url, timeout=5).status_code == 200, 20, "the status server")
+
+        def broken():
+            raise RuntimeError("a bug in the spool")
+
+        gw.spool.pending_batches = broken  # the work loop's next pass raises outside its per-batch guard
+        assert gw.died.wait(20)
+        r = httpx.get(url, timeout=5)
+        assert r.status_code == 503 and r.json() == {"ok": False, "reason": "work_loop died (RuntimeError)"}
+        assert gw.status()["healthy"] is False

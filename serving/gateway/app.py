@@ -128,6 +128,8 @@ class Gateway:
         self.model_backoff = Backoff(settings.retry)
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self.died = threading.Event()  # a worker thread ended by an error: /healthz answers 503, `serve` exits non-zero
+        self.dead_worker: str | None = None
         self._threads: list[threading.Thread] = []
         self._server = None
         self._http = None
@@ -156,7 +158,7 @@ class Gateway:
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
         nodelay_server(self._server)
         for target in (self._work_loop, self._send_loop):
-            t = threading.Thread(target=target, daemon=True, name=f"gateway-{target.__name__}")
+            t = threading.Thread(target=self._guarded, args=(target,), daemon=True, name=f"gateway-{target.__name__}")
             t.start()
             self._threads.append(t)
         if self.settings.stow.enabled:
@@ -168,6 +170,22 @@ class Gateway:
                  f", {self._http.url} (STOW-RS, status)" if self._http else "", len(self.settings.routes),
                  self.settings.destination.kind)
         return self
+
+    def _guarded(self, loop) -> None:
+        """Run a worker loop; if it ends by an error (a bug: the loops catch what they expect), say so and make the
+        gateway unhealthy, so that a supervisor restarts it instead of a gateway that receives and never answers."""
+        try:
+            loop()
+        except BaseException as exc:
+            self.dead_worker = f"{loop.__name__.strip('_')} died ({type(exc).__name__})"
+            self.last_error = self.dead_worker
+            log.critical("worker %s; the gateway is unhealthy and should be restarted", self.dead_worker,
+                         exc_info=log.isEnabledFor(logging.DEBUG))
+            self.died.set()
+
+    def healthy(self) -> bool:
+        """Every worker thread alive (or stopping on request)."""
+        return self.dead_worker is None and (self._stop.is_set() or all(t.is_alive() for t in self._threads))
 
     def stop(self) -> None:
         """Stop listening and let the workers finish their current step (what is spooled stays)."""
@@ -188,7 +206,8 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         """Counters, queue sizes, the destination and routes, the last error (no identifier)."""
         return {**self.spool.status(), "destination": self.settings.destination.kind,
-                "routes": [r.name or Path(r.model).name for r in self.settings.routes], "last_error": self.last_error}
+                "routes": [r.name or Path(r.model).name for r in self.settings.routes], "last_error": self.last_error,
+                "healthy": self.healthy()}
 
     # ---- in: C-STORE and STOW-RS ---------------------------------------------------------------------
 

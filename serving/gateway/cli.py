@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):  # a signal, or a dead worker: then exit non-zero so that a supervisor restarts us
+        if gateway.died.is_set():
+            print(f"remedis-gateway: {gateway.dead_worker}; exiting", file=sys.stderr)
+            gateway.stop()
+            return 70  # EX_SOFTWARE
     gateway.stop()
     return 0
 

@@ -117,7 +117,9 @@ def make_app(gateway: Receiver) -> Starlette:
         return JSONResponse(await asyncio.to_thread(gateway.status))
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
+        if gateway.healthy():
+            return JSONResponse({"ok": True})
+        return JSONResponse({"ok": False, "reason": gateway.dead_worker or "a worker is not running"}, status_code=503)
 
     return Starlette(routes=[
         Route("/dicom-web/studies", store, methods=["POST"]),
