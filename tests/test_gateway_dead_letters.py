@@ -140,3 +140,25 @@ def test_a_worker_that_dies_turns_healthz_to_503(tmp_path, model):
         r = httpx.get(url, timeout=5)
         assert r.status_code == 503 and r.json() == {"ok": False, "reason": "work_loop died (RuntimeError)"}
         assert gw.status()["healthy"] is False
+
+
+def test_the_disk_watermark_refuses_stores_and_old_results_are_purged(tmp_path, model, shared_data):
+    import os
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.codes import STATUS_OUT_OF_RESOURCES, Refused
+
+    ds = study_from(ct_files(shared_data, 1)[0], 1, planted=False)[0]
+    settings = _settings(tmp_path, str(model), spool_min_free_mb=2**40)  # more than any disk: every store refused
+    with Gateway(settings) as gw:
+        with pytest.raises(Refused) as refused:
+            gw.accept(to_bytes(ds))
+        assert refused.value.status == STATUS_OUT_OF_RESOURCES and "MB free" in refused.value.reason
+        spool = gw.spool
+        old, new = spool.dir("results") / "old-batch", spool.dir("failed") / "new-batch"
+        for d in (old, new):
+            d.mkdir()
+            (d / "sr.dcm").write_bytes(b"x")
+        month = time.time() - 31 * 86400
+        os.utime(old, (month, month))
+        assert spool.purge(30 * 86400) == 1 and not old.exists() and new.exists()

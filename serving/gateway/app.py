@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool, uid_key
 from serving.gateway.writers import DICOM, StudyAnswers, enabled_writers, media_type_of
 
+PURGE_EVERY_S = 3600.0
 log = logging.getLogger("remedis.gateway")
 
 # SOP classes never processed (the loop guard and documents): SR, Secondary Capture, encapsulated
@@ -128,6 +130,7 @@ class Gateway:
         self.model_backoff = Backoff(settings.retry)
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._last_purge: float | None = None
         self.died = threading.Event()  # a worker thread ended by an error: /healthz answers 503, `serve` exits non-zero
         self.dead_worker: str | None = None
         self._threads: list[threading.Thread] = []
@@ -254,6 +257,9 @@ class Gateway:
         short = _short_pixel_data(ds, ts)
         if short:
             raise Refused(STATUS_CANNOT_UNDERSTAND, short)
+        floor = self.settings.spool_min_free_mb * 2**20
+        if floor and self.spool.free_bytes() - len(data) < floor:
+            raise Refused(STATUS_OUT_OF_RESOURCES, f"less than {self.settings.spool_min_free_mb} MB free for the spool")
         try:
             self.spool.receive(data, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         except OSError as exc:
@@ -405,7 +411,19 @@ class Gateway:
                 self.spool.delivered(out)
                 if sent:
                     self.spool.count("sent", sent)
+            self._purge_when_due()
             self._stop.wait(0.2)
+
+    def _purge_when_due(self) -> None:
+        """Every `PURGE_EVERY_S` (and at start): drop delivered results and failures older than `retention_days`."""
+        days = self.settings.retention_days
+        now = time.monotonic()
+        if not days or (self._last_purge is not None and now - self._last_purge < PURGE_EVERY_S):
+            return
+        self._last_purge = now
+        removed = self.spool.purge(days * 86400)
+        if removed:
+            log.info("purged %d result/failure folder(s) older than %g days", removed, days)
 
     def _deliver(self, out: Path) -> int:
         """Send one outbox batch by media type: DICOM results to the destination (C-STORE or STOW-RS); a result

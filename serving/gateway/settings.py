@@ -77,6 +77,8 @@ class GatewaySettings:
     port: int = 11112
     allowed_aets: list[str] = field(default_factory=list)  # calling AE titles accepted; [] accepts any (logged)
     spool: str = "spool"
+    spool_min_free_mb: int = 1024  # below this much free disk under the spool, stores are refused (0xA700) before it fills
+    retention_days: float = 30.0  # delivered results and failures older than this are purged from the spool; 0 keeps them
     quiet_seconds: float = 5.0  # a series is processed once no instance of it arrived for this long
     batch_size: int = 32  # images per inference call
     secondary_capture: bool = False  # also send a Secondary Capture with the result burned in
@@ -105,6 +107,8 @@ class GatewaySettings:
             raise ConfigError("quiet_seconds must be >= 0 and batch_size >= 1")
         if self.retry.initial_s <= 0 or self.retry.max_s < self.retry.initial_s:
             raise ConfigError("retry: need 0 < initial_s <= max_s")
+        if self.spool_min_free_mb < 0 or self.retention_days < 0:
+            raise ConfigError("spool_min_free_mb and retention_days must be >= 0")
         if self.retry.max_attempts < 1:
             raise ConfigError(f"retry.max_attempts: {self.retry.max_attempts}; need at least 1")
         return self

@@ -181,6 +181,25 @@ class Spool:
         shutil.rmtree(batch, ignore_errors=True)
         return len(files)
 
+    def free_bytes(self) -> int:
+        """Free disk space where the spool lives."""
+        return shutil.disk_usage(self.root).free
+
+    def purge(self, older_than_s: float, now: float | None = None) -> int:
+        """Delete delivered results and failures whose folders were last changed more than `older_than_s` ago
+        (the PACS holds the results; failures are kept that long for a look); returns the folders removed."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        removed = 0
+        for stage in ("results", "failed"):
+            for d in self.dir(stage).iterdir():
+                try:
+                    if d.is_dir() and not d.name.startswith(".") and d.stat().st_mtime < cutoff:
+                        shutil.rmtree(d)
+                        removed += 1
+                except OSError:  # moved or removed meanwhile
+                    continue
+        return removed
+
     def results_of(self, out: Path) -> list[Path]:
         """The result files of an outbox batch, by name (any media type; temporaries excluded)."""
         return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
