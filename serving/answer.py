@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from remedis.adapt.calibration import Calibration
-from remedis.data.contract import InputContract
+from remedis.data.contract import InputContract, as_grey_source, stored_grey
 from remedis.data.preprocess import Preprocessing
 from serving.inputs import Upload, UploadError, decode
 
@@ -92,8 +92,11 @@ def prepare(up: Upload, preprocessing: Preprocessing, contract: InputContract | 
         >>> x.shape, reasons
         ((1, 64, 64), [])
     """
+    source = up.source
+    if preprocessing.channels == 1 and source is not None and source.channels == 3 and stored_grey(decode(up, 3)):
+        source = as_grey_source(source)  # grey content stored as RGB / YBR (most ultrasound): read and checked as grey
     resized = preprocessing.resize(decode(up, preprocessing.channels))
-    reasons = contract.check(up.source, resized) if contract is not None else []
+    reasons = contract.check(source, resized) if contract is not None else []
     return preprocessing.normalize(resized).numpy(), reasons
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,25 @@ def test_breast_ultrasound_contract_passes_its_own_modality_and_flags_others():
     assert flagged(bus.select(site="BUSI")) <= 0.08
     assert flagged(_kit("ct-dicom").records) >= 0.9
     assert flagged(_kit("chest-xray").select(site="NIH")[::4]) >= 0.8
+
+
+def test_grey_ultrasound_stored_as_rgb_is_read_as_grey_and_a_colour_photo_is_still_colour(synthetic, tmp_path):
+    """What most ultrasound scanners send: grey content in RGB. The service's `prepare` reads it as grey
+    (no 'colour image' reason against a grey model); a true colour dermoscopy image is still flagged."""
+    from remedis.data.contract import stored_grey
+    from serving.answer import prepare
+    from serving.inputs import check_upload
+    from serving.settings import LimitSettings
+
+    busi = next(r for r in _kit("breast-ultrasound").records if r.site == "BUSI")
+    rgb = Image.open(busi.image).convert("L").convert("RGB")
+    path = tmp_path / "grey-in-rgb.png"
+    rgb.save(path)
+    derm = _kit("dermoscopy").records[0].image
+    assert stored_grey(np.asarray(rgb)) and not stored_grey(np.asarray(Image.open(derm).convert("RGB")))
+    contract = synthetic["contract"]
+    assert "colour image (3 channels), model trained on grey (1)" in _check_file(contract, path)  # header alone
+    for file, flagged in ((path, False), (derm, True)):
+        up = check_upload(Path(file).read_bytes(), "image/png" if str(file).endswith(".png") else "image/jpeg", LimitSettings())
+        _, reasons = prepare(up, PRE, contract)
+        assert ("colour image (3 channels), model trained on grey (1)" in reasons) is flagged, reasons

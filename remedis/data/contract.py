@@ -97,6 +97,32 @@ def detect_channels(records, sample: int = 64) -> int:
     return 1
 
 
+def stored_grey(image: np.ndarray, tolerance: float = 0.02, share: float = 0.995) -> bool:
+    """Is a colour-stored image (H, W, 3) grey content: its channels equal up to rounding and chroma subsampling?
+
+    Most ultrasound scanners (and many converters) store grey images as RGB or YBR_FULL(_422); a grey model
+    must read them as grey, not flag them as colour. `share` of the pixels must have every channel within
+    `tolerance` (of the image's range) of the others.
+
+    Example:
+        >>> stored_grey(np.repeat(grey[..., None], 3, axis=2))
+        True
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        return False
+    span = float(x.max() - x.min()) or 1.0
+    spread = (x.max(axis=-1) - x.min(axis=-1)) / span
+    return bool(np.mean(spread <= tolerance) >= share)
+
+
+def as_grey_source(source: SourceInfo) -> SourceInfo:
+    """The header facts of a colour-stored grey image as the model reads it: one channel, MONOCHROME2."""
+    from dataclasses import replace
+
+    return replace(source, channels=1, photometric="MONOCHROME2")
+
+
 def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | None = None) -> SourceInfo:
     """`describe_file` for bytes (an upload): the format from the bytes and the name (`remedis.data.formats`).
 
