@@ -162,3 +162,25 @@ def test_the_disk_watermark_refuses_stores_and_old_results_are_purged(tmp_path, 
         month = time.time() - 31 * 86400
         os.utime(old, (month, month))
         assert spool.purge(30 * 86400) == 1 and not old.exists() and new.exists()
+
+
+def test_a_video_instance_is_acknowledged_kept_and_counted_not_processed(tmp_path, model, shared_data):
+    """Video transfer syntaxes (MPEG-2/4, HEVC) are acknowledged with success and kept, never refused (a refusal
+    fails the PACS's forwarding job and it retries forever)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG4HP41
+
+    from serving.gateway.app import Gateway
+
+    ds = study_from(ct_files(shared_data, 1)[0], 1, planted=False)[0]
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67" + bytes(64)])  # an H.264 stream's first bytes
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    with Gateway(_settings(tmp_path, str(model))) as gw:
+        assert gw.accept(to_bytes(ds)) == 0
+        status = gw.status()
+    assert status["not_processed"] == 1 and status["refused"] == 0 and status["received"] == 0
+    kept = list((tmp_path / "spool" / "unprocessed").rglob("*.dcm"))
+    assert len(kept) == 1 and pydicom.dcmread(kept[0]).file_meta.TransferSyntaxUID == MPEG4HP41
+    assert "video transfer syntax" in next((tmp_path / "spool" / "unprocessed").rglob("*.reason.txt")).read_text()

@@ -48,6 +48,7 @@ from serving.gateway.spool import Spool, uid_key
 from serving.gateway.writers import DICOM, StudyAnswers, enabled_writers, media_type_of
 
 PURGE_EVERY_S = 3600.0
+VIDEO_SYNTAXES = frozenset(str(uid) for uid in pydicom.uid.MPEGTransferSyntaxes)  # MPEG-2, MPEG-4 AVC, HEVC
 log = logging.getLogger("remedis.gateway")
 
 # SOP classes never processed (the loop guard and documents): SR, Secondary Capture, encapsulated
@@ -252,6 +253,14 @@ class Gateway:
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise Refused(STATUS_NOT_MATCHING, "no pixel data")
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if ts in VIDEO_SYNTAXES:  # acknowledged and kept, never refused: a refusal fails the PACS's forwarding job
+            try:
+                self.spool.keep_unprocessed(data, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                            f"video transfer syntax {ts}: not processed")
+            except OSError as exc:
+                raise Refused(STATUS_OUT_OF_RESOURCES, f"spool write failed ({type(exc).__name__})") from None
+            log.info("instance of series %s kept, not processed: video (%s)", uid_key(ds.SeriesInstanceUID), ts)
+            return STATUS_SUCCESS
         if ts and not _decodable(ts):
             raise Refused(STATUS_CANNOT_UNDERSTAND, f"transfer syntax {ts} cannot be decoded here")
         short = _short_pixel_data(ds, ts)

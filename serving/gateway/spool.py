@@ -33,9 +33,9 @@ from pathlib import Path
 
 from remedis.files import atomic_write, fsync_dir
 
-STAGES = ("incoming", "work", "outbox", "results", "failed")
+STAGES = ("incoming", "work", "outbox", "results", "failed", "unprocessed")
 COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors", "failed_batches",
-            "sanitised_values")
+            "sanitised_values", "not_processed")
 
 
 def uid_key(uid: str) -> str:
@@ -103,6 +103,16 @@ class Spool:
             atomic_write(path, data)
             os.utime(path.parent)  # the series' quiet period starts again
         self.count("received")
+        return path
+
+    def keep_unprocessed(self, data: bytes, series_uid: str, sop_uid: str, reason: str) -> Path:
+        """Store an instance the gateway acknowledges but cannot process (video), durably, with the reason beside
+        it in unprocessed/<series>/; purged like failures after the retention period."""
+        folder = self.dir("unprocessed") / uid_key(series_uid)
+        path = folder / f"{uid_key(sop_uid)}.dcm"
+        atomic_write(path, data)
+        atomic_write(folder / f"{uid_key(sop_uid)}.reason.txt", (reason + "\n").encode())
+        self.count("not_processed")
         return path
 
     def quiet_series(self, quiet_s: float) -> list[Path]:
@@ -190,7 +200,7 @@ class Spool:
         (the PACS holds the results; failures are kept that long for a look); returns the folders removed."""
         cutoff = (time.time() if now is None else now) - older_than_s
         removed = 0
-        for stage in ("results", "failed"):
+        for stage in ("results", "failed", "unprocessed"):
             for d in self.dir(stage).iterdir():
                 try:
                     if d.is_dir() and not d.name.startswith(".") and d.stat().st_mtime < cutoff:
