@@ -176,9 +176,11 @@ def run_job(runs: Path, target: str, seed: int, arm: str, out: Path) -> None:  #
     tmp.replace(out)
 
 
-def job(runs: Path, target: str, seed: int, arm: str) -> dict:
-    """Run one job in its own process (one thread), or reuse its finished JSON."""
+def job(runs: Path, target: str, seed: int, arm: str, collect: bool = False) -> dict:
+    """Run one job in its own process (one thread), or reuse its finished JSON (`collect`: only reuse)."""
     out = runs / "label-efficiency" / f"{target}-s{seed}-{arm.replace('@', '-').replace('%', 'pct')}.json"
+    if collect and not out.is_file():
+        return {"target": target, "seed": seed, "arm": arm, "exit": None, "note": "not run"}
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--runs", str(runs), "--job", f"{target},{seed},{arm}", "--out", str(out)]
@@ -198,6 +200,8 @@ def summarise(rows: list[dict], n_boot: int) -> dict:
     out = {}
     for target in sorted({r["target"] for r in rows}):
         mine = [r for r in rows if r["target"] == target and "budgets" in r]
+        if not mine:
+            continue
         seeds = sorted({r["seed"] for r in mine})
         ref = mine[0]
         by = {(r["arm"], r["seed"]): r for r in mine}
@@ -228,6 +232,39 @@ def summarise(rows: list[dict], n_boot: int) -> dict:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The study's tables for docs/evidence.md, printed from the JSON (so the text quotes only recorded figures)."""
+    lines = []
+    for target, entry in result["summary"].items():
+        table, arms = entry["table"], [a for a in ARMS if a in entry["table"]]
+        lines += [f"**{target}** ({entry['train_images']} train images, {entry['test_images']} test images of "
+                  f"{entry['test_groups']} patients; seeds {', '.join(map(str, entry['seeds']))}). Test AUROC, mean ± sd "
+                  "over seeds (validation AUROC in brackets):", "",
+                  "| labels | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
+        for fraction in map(str, (*FRACTIONS,)):
+            fraction = f"{float(fraction):g}"
+            cells = []
+            for arm in arms:
+                c = table[arm].get(fraction)
+                cells.append("" if c is None else f"{c['test_mean']:.3f} ± {c['test_sd'] or 0:.3f} [{c['val_mean']:.3f}]"
+                             + (f" ({c['one_class_seeds']} one-class)" if c["one_class_seeds"] else ""))
+            images = next((table[a][fraction]["images"] for a in arms if fraction in table[a]), "")
+            lines.append(f"| {float(fraction):.0%} ({images}) | " + " | ".join(cells) + " |")
+        base = " / ".join(f"{b.split('@')[0]} {table[b]['1']['test_mean']:.3f} ± {table[b]['1']['test_sd'] or 0:.3f}"
+                          for b in BASELINES if b in table)
+        lines += ["", f"100% baselines: {base}.", ""]
+        lines += ["| arm | margin 0.02 | margin 0.05 | lower bounds at 1 / 5 / 10 / 25% |", "| --- | --- | --- | --- |"]
+        for arm, claim in entry["claims"].items():
+            def cell(m):
+                v = claim["margins"][m]
+                return "not reached" if v["budget"] is None else f"{v['budget']:.0%} ({v['auroc']:.3f})"
+            bounds = " / ".join("-" if r["lower"] is None else f"{r['lower']:+.3f}" for r in claim["budgets"])
+            lines.append(f"| {arm} | {cell('0.02')} | {cell('0.05')} | {bounds} |")
+        lines += ["", f"Best 100% baseline: {entry['claims'][next(iter(entry['claims']))]['best_baseline']} "
+                  f"({entry['claims'][next(iter(entry['claims']))]['baseline_auroc']:.3f}).", ""] if entry["claims"] else [""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/ev29"))
@@ -237,8 +274,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", action="store_true", help="print the tables of an existing --out JSON and stop")
+    ap.add_argument("--collect", action="store_true", help="summarise the finished jobs only; start none")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     if args.job:
         target, seed, arm = args.job.split(",")
         run_job(args.runs, target, int(seed), arm, args.out)
@@ -248,19 +290,18 @@ def main() -> None:
         if not (args.runs / "targets" / TARGETS[t].manifest).is_file():
             sys.exit(f"{args.runs / 'targets' / TARGETS[t].manifest}: write it with `remedis data split`")
         write_random_backbone(args.runs, t)
-    # seed by seed, so that an interrupted study has whole seeds; random+distill (the least informative arm) last
-    order = sorted(arms, key=lambda a: a == "random+distill")
-    jobs = [(t, int(s), a) for last in (False, True) for s in args.seeds.split(",") for t in targets for a in order
-            if (a == "random+distill") == last]
+    # seed by seed, so that an interrupted study has whole seeds; random + distillation (the least needed arm) last
+    rounds = [[a for a in arms if a != "random+distill"], ["random+distill"]]
+    jobs = [(t, int(s), a) for chosen in rounds for s in args.seeds.split(",") for t in targets for a in chosen if a in arms]
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda j: job(args.runs, *j), jobs))
+        rows = list(pool.map(lambda j: job(args.runs, *j, collect=args.collect), jobs))
     result = {"benchmark": "label_efficiency", "fractions": FRACTIONS, "recipe": RECIPE, "arms": list(ARMS),
               "baselines": list(BASELINES), "wall_seconds": round(time.time() - start), "rows": rows,
               "summary": summarise(rows, args.bootstrap)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(result, separators=(",", ":")))  # per-image predictions: compact
     tmp.replace(args.out)
     for target, s in result["summary"].items():
         for arm, c in s["claims"].items():
