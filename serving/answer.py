@@ -35,6 +35,8 @@ class Answer:
             neither, None when the model has neither a contract nor a detector.
         ood_score: the detector's score (higher = more out of distribution), or None.
         ood_reasons: why it is out of distribution (the contract's reasons, the detector's threshold).
+        frames: of a multi-frame instance, the 1-based frames read (None: a single image).
+        frame: of those, the frame whose answer this is (the highest probability of the positive class).
 
     Example:
         >>> a = Answer({"benign": 0.3, "malignant": 0.7}, "malignant", "operating_point", False, 1.2, [])
@@ -48,17 +50,24 @@ class Answer:
     ood: bool | None = None
     ood_score: float | None = None
     ood_reasons: list[str] = field(default_factory=list)
+    frames: list[int] | None = None
+    frame: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The answer's JSON fields (the service's response body for one image)."""
-        return {"probabilities": dict(self.probabilities), "label": self.label, "decision": self.decision,
-                "ood": self.ood, "ood_score": self.ood_score, "ood_reasons": list(self.ood_reasons)}
+        """The answer's JSON fields (the service's response body for one image; frames only for a multi-frame one)."""
+        out = {"probabilities": dict(self.probabilities), "label": self.label, "decision": self.decision,
+               "ood": self.ood, "ood_score": self.ood_score, "ood_reasons": list(self.ood_reasons)}
+        if self.frames is not None:
+            out.update(frames=list(self.frames), frame=self.frame)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Answer:
         """An answer from the service's JSON (extra fields such as `format` or `warnings` are ignored)."""
         return cls({str(k): float(v) for k, v in d["probabilities"].items()}, str(d["label"]), str(d.get("decision", "argmax")),
-                   d.get("ood"), None if d.get("ood_score") is None else float(d["ood_score"]), list(d.get("ood_reasons") or []))
+                   d.get("ood"), None if d.get("ood_score") is None else float(d["ood_score"]), list(d.get("ood_reasons") or []),
+                   None if d.get("frames") is None else [int(x) for x in d["frames"]],
+                   None if d.get("frame") is None else int(d["frame"]))
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,37 @@ def test_a_video_instance_is_acknowledged_kept_and_counted_not_processed(tmp_pat
     kept = list((tmp_path / "spool" / "unprocessed").rglob("*.dcm"))
     assert len(kept) == 1 and pydicom.dcmread(kept[0]).file_meta.TransferSyntaxUID == MPEG4HP41
     assert "video transfer syntax" in next((tmp_path / "spool" / "unprocessed").rglob("*.reason.txt")).read_text()
+
+
+def test_a_cine_loop_gives_one_sr_that_references_the_frames_read(tmp_path, model, shared_data):
+    """A 20-frame instance: `frames.max_frames` of them read (evenly spaced), one SR group whose result is the
+    frame with the highest positive probability, referencing the frames read (Referenced Frame Number)."""
+    import numpy as np
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.frames import split_frames
+    from serving.gateway.inference import LocalInference
+
+    ds = study_from(ct_files(shared_data, 1)[0], 1, planted=False, size=None)[0]
+    base = ds.pixel_array.astype(np.int32)
+    frames = np.stack([np.clip(base * (0.6 + 0.04 * i), 0, np.iinfo(ds.pixel_array.dtype).max) for i in range(20)])
+    ds.PixelData = frames.astype(ds.pixel_array.dtype).tobytes()
+    ds.NumberOfFrames = 20
+    settings = _settings(tmp_path, str(model), frames={"mode": "all", "max_frames": 8})
+    with Gateway(settings) as gw:
+        assert gw.accept(to_bytes(ds)) == 0
+        _wait(lambda: gw.status()["processed"] == 1 and gw.status()["queued"] == 0, 60, "the cine processed")
+        assert gw.status()["failed"] == 0
+    (result,) = sr_results(tmp_path / "spool")[ds.SOPInstanceUID]
+    assert result["frames"] == [1, 4, 6, 9, 12, 15, 17, 20]  # round(linspace(0, 19, 8)) + 1
+    local = LocalInference(model)
+    positive = local.info.class_names[local.info.positive_index]
+    per_frame = local.predict(split_frames(pydicom.dcmread(to_bytes_file(ds, tmp_path)), result["frames"]))
+    best = max(per_frame, key=lambda a: a.probabilities[positive])
+    assert result["probabilities"] == pytest.approx(best.probabilities, abs=1e-6)
+
+
+def to_bytes_file(ds, folder: Path) -> Path:
+    path = folder / "cine.dcm"
+    path.write_bytes(to_bytes(ds))
+    return path

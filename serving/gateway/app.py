@@ -40,6 +40,7 @@ from serving.gateway.codes import (
     STATUS_SUCCESS,
     Refused,
 )
+from serving.gateway.frames import combine, frame_count, frames_to_read, split_frames
 from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable, open_model
 from serving.gateway.report import MANUFACTURER, sanitised_header
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
@@ -363,17 +364,37 @@ class Gateway:
 
     def _answers(self, batch: Path, r: int, items: list[tuple[Path, pydicom.Dataset]]) -> list | None:
         """The route's model on the instances, `batch_size` at a time; None when it is unavailable now."""
-        answers: list = []
+        model = self.models[r]
+        info = model.info
+        positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else None
+        # Every instance as one or more single images (a multi-frame instance: the frames `frames` chooses).
+        parts: list[bytes] = []
+        spans: list[tuple[int, int, list[int] | None]] = []
+        for f, ds in items:
+            count = frame_count(ds)
+            if count > 1:
+                numbers = frames_to_read(count, self.settings.frames)
+                try:
+                    split = split_frames(pydicom.dcmread(f), numbers)
+                except Exception as exc:  # pixels that do not decode: the model refuses the file itself below
+                    log.info("instance %s: frames not split (%s)", f.stem[:12], type(exc).__name__)
+                    split, numbers = [f.read_bytes()], None
+            else:
+                split, numbers = [f.read_bytes()], None
+            spans.append((len(parts), len(split), numbers))
+            parts += split
+        flat: list = []
         step = self.settings.batch_size
         try:
-            for i in range(0, len(items), step):
-                answers += self.models[r].predict([f.read_bytes() for f, _ in items[i:i + step]])
+            for i in range(0, len(parts), step):
+                flat += model.predict(parts[i:i + step])
         except InferenceUnavailable as exc:
             wait = self.model_backoff.failed(batch.name)
             self.last_error = str(exc)
             log.warning("batch %s waits %.0f s: %s", batch.name, wait, exc)
             return None
-        return answers
+        return [flat[start] if numbers is None else combine(flat[start:start + n], numbers, positive)
+                for start, n, numbers in spans]
 
     def _write_results(self, r: int, items: list[tuple[Path, pydicom.Dataset]],
                        good: list[tuple[pydicom.Dataset, Answer]]) -> dict[str, bytes]:

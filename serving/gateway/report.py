@@ -56,6 +56,7 @@ CODE_OOD_SCORE = hd.sr.CodedConcept("ood-score", SCHEME, "Out-of-distribution sc
 CODE_OOD_REASON = hd.sr.CodedConcept("ood-reason", SCHEME, "Out-of-distribution reason")
 CODE_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 CODE_PROCEDURE = hd.sr.CodedConcept("ai-classify", SCHEME, "AI image classification")
+CODE_FRAMES = hd.sr.CodedConcept("frames-read", SCHEME, "Frames read")
 CODE_NOT_VALID = hd.sr.CodedConcept("not-valid", SCHEME, "Result not valid for this image")
 SCHEME_NAME = "remedis private codes"
 SCHEME_ORGANISATION = "remedis"
@@ -144,9 +145,13 @@ def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.Measur
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID,
+                                                            referenced_frame_numbers=answer.frames or None)],
     )
     content = group[0].ContentSequence
+    if answer.frames:
+        content.append(hd.sr.TextContentItem(
+            CODE_FRAMES, f"{len(answer.frames)} frame(s) read; the result is frame {answer.frame}'s", relationship_type="CONTAINS"))
     for reason in answer.ood_reasons:
         content.append(hd.sr.TextContentItem(CODE_OOD_REASON, str(reason)[:1024], relationship_type="CONTAINS"))
     content.append(hd.sr.TextContentItem(CODE_COMMENT, NOT_FOR_DIAGNOSIS, relationship_type="CONTAINS"))
@@ -235,10 +240,12 @@ def read_results(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     out: dict[str, dict[str, Any]] = {}
     for group in parsed.content.get_image_measurement_groups():
-        ref = group.source_images[0].referenced_sop_instance_uid
+        source = group.source_images[0]
+        ref = source.referenced_sop_instance_uid
         finding = group.finding_type
         entry: dict[str, Any] = {"probabilities": {}, "ood": None, "ood_score": None, "label": None,
-                                 "finding": finding.meaning, "valid": finding.value != CODE_NOT_VALID.value}
+                                 "finding": finding.meaning, "valid": finding.value != CODE_NOT_VALID.value,
+                                 "frames": [int(x) for x in source.referenced_frame_numbers or []] or None}
         for m in group.get_measurements():
             if m.name.value.startswith("p-"):
                 entry["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)

@@ -60,6 +60,14 @@ class Retry:
 
 
 @dataclass
+class FrameSettings:
+    """Which frames of a multi-frame instance (a cine loop) the model reads (`serving.gateway.frames`)."""
+
+    mode: str = "all"  # all (up to max_frames, evenly spaced; the result is the most positive frame), first, middle
+    max_frames: int = 32
+
+
+@dataclass
 class StowIn:
     """The STOW-RS endpoint (DICOMweb in) and the status page, on one small HTTP server."""
 
@@ -86,6 +94,7 @@ class GatewaySettings:
     routes: list[Route] = field(default_factory=list)
     destination: Destination = field(default_factory=Destination)
     retry: Retry = field(default_factory=Retry)
+    frames: FrameSettings = field(default_factory=FrameSettings)
     stow: StowIn = field(default_factory=StowIn)
 
     def validate(self) -> "GatewaySettings":
@@ -109,6 +118,8 @@ class GatewaySettings:
             raise ConfigError("retry: need 0 < initial_s <= max_s")
         if self.spool_min_free_mb < 0 or self.retention_days < 0:
             raise ConfigError("spool_min_free_mb and retention_days must be >= 0")
+        if self.frames.mode not in ("all", "first", "middle") or self.frames.max_frames < 1:
+            raise ConfigError(f"frames: mode must be all, first or middle and max_frames >= 1 (got {self.frames})")
         if self.retry.max_attempts < 1:
             raise ConfigError(f"retry.max_attempts: {self.retry.max_attempts}; need at least 1")
         return self
