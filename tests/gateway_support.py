@@ -113,6 +113,23 @@ def sr_results(folder: Path) -> dict[str, dict]:
     return refs
 
 
+def current_sr_results(folder: Path) -> dict[str, dict]:
+    """Like `sr_results`, from the SRs not superseded by a later one (a series that grew gets an SR covering all of
+    it whose Predecessor Documents Sequence names the earlier SR)."""
+    from serving.gateway.report import read_results
+
+    srs = [pydicom.dcmread(p) for p in folder.rglob("*.dcm")]
+    srs = [d for d in srs if str(d.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.88.34"]
+    superseded = {ref.ReferencedSOPInstanceUID for d in srs for item in getattr(d, "PredecessorDocumentsSequence", [])
+                  for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    refs: dict[str, list] = {}
+    for d in srs:
+        if d.SOPInstanceUID not in superseded:
+            for uid, r in read_results(d).items():
+                refs.setdefault(uid, []).append(r)
+    return refs
+
+
 def no_identifiers(text: str) -> list[str]:
     return [v for v in PLANTED.values() if v in text]
 

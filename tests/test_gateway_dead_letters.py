@@ -218,3 +218,22 @@ def to_bytes_file(ds, folder: Path) -> Path:
     path = folder / "cine.dcm"
     path.write_bytes(to_bytes(ds))
     return path
+
+
+def test_a_series_that_grows_gets_an_sr_that_supersedes_the_first(tmp_path, model, shared_data):
+    from serving.gateway.app import Gateway
+    from serving.gateway.report import read_results
+
+    study = study_from(ct_files(shared_data, 1)[0], 3, planted=False, size=None)
+    with Gateway(_settings(tmp_path, str(model))) as gw:
+        assert all(gw.accept(to_bytes(ds)) == 0 for ds in study[:2])
+        _wait(lambda: gw.status()["processed"] == 2 and gw.status()["queued"] == 0, 60, "the first two instances")
+        assert gw.accept(to_bytes(study[2])) == 0  # a late instance of the same series
+        _wait(lambda: gw.status()["processed"] == 3 and gw.status()["queued"] == 0, 60, "the late instance")
+    srs = sorted((pydicom.dcmread(p) for p in (tmp_path / "spool").rglob("sr-*.dcm")), key=lambda d: int(d.InstanceNumber))
+    assert [int(d.InstanceNumber) for d in srs] == [1, 2] and srs[0].SeriesInstanceUID == srs[1].SeriesInstanceUID
+    first, second = srs
+    assert sorted(read_results(first)) == sorted(ds.SOPInstanceUID for ds in study[:2])
+    assert sorted(read_results(second)) == sorted(ds.SOPInstanceUID for ds in study)  # the whole series
+    ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID and "PredecessorDocumentsSequence" not in first

@@ -68,6 +68,37 @@ def _decodable(ts: str) -> bool:
         return False
 
 
+def _earlier(history: dict, now: set[str]) -> tuple[list[tuple[pydicom.Dataset, Answer]], list[pydicom.Dataset]]:
+    """A series' instances answered in earlier batches (not those of this batch: a batch replayed after a crash
+    is not its own predecessor), and the earlier SRs to supersede (not one covering exactly these instances)."""
+    earlier = [(pydicom.Dataset.from_json(h["header"]), Answer.from_dict(h["answer"])) for h in history["instances"]
+               if h["sop"] not in now]
+    covered = {h["sop"] for h in history["instances"]} | now
+    previous = []
+    for sr in history["srs"]:
+        if set(sr["covers"]) == covered:
+            continue
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = sr["study"], sr["series"]
+        ds.SOPClassUID, ds.SOPInstanceUID = sr["sop_class"], sr["sop"]
+        previous.append(ds)
+    return earlier, previous
+
+
+def _grown(history: dict, pairs: list[tuple[pydicom.Dataset, Answer]], made: dict[str, bytes]) -> dict:
+    """The series history after this batch: every answered instance, and the SR just written."""
+    instances = [{"sop": ds.SOPInstanceUID, "header": ds.to_json_dict(bulk_data_threshold=1 << 20), "answer": a.to_dict()}
+                 for ds, a in pairs]
+    srs = list(history["srs"])
+    for name, data in made.items():
+        if name.startswith("sr-"):
+            sr = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            if all(p["sop"] != sr.SOPInstanceUID for p in srs):
+                srs.append({"study": sr.StudyInstanceUID, "series": sr.SeriesInstanceUID, "sop_class": sr.SOPClassUID,
+                            "sop": sr.SOPInstanceUID, "covers": [i["sop"] for i in instances]})
+    return {"instances": instances, "srs": srs}
+
+
 def _short_pixel_data(ds: pydicom.Dataset, ts: str) -> str | None:
     """Why native pixel data is shorter than its header says (a truncated file), or None."""
     from pydicom.uid import UID
@@ -408,10 +439,16 @@ class Gateway:
         if emptied:  # header values outside the defined terms, left empty in the results (keywords only in the log)
             self.spool.count("sanitised_values", emptied)
         results: dict[str, bytes] = {}
-        for writer in enabled_writers(self.settings):
-            for study, pairs in by_study.items():
-                answers = StudyAnswers(r, study, pairs, files_of, self.models[r].info, self.settings)
-                results.update({res.name: res.data for res in writer.write(answers)})
+        for study, pairs in by_study.items():
+            series_uid = pairs[0][0].SeriesInstanceUID
+            history = self.spool.series_history(r, series_uid)
+            earlier, previous = _earlier(history, {ds.SOPInstanceUID for ds, _ in pairs})
+            answers = StudyAnswers(r, study, pairs, files_of, self.models[r].info, self.settings, earlier, previous)
+            made: dict[str, bytes] = {}
+            for writer in enabled_writers(self.settings):
+                made.update({res.name: res.data for res in writer.write(answers)})
+            results.update(made)
+            self.spool.record_series(r, series_uid, _grown(history, earlier + pairs, made))
         return results
 
     # ---- out -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from remedis.files import atomic_write, fsync_dir
 
-STAGES = ("incoming", "work", "outbox", "results", "failed", "unprocessed")
+STAGES = ("incoming", "work", "outbox", "results", "failed", "unprocessed", "series")
 COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors", "failed_batches",
             "sanitised_values", "not_processed")
 
@@ -104,6 +104,19 @@ class Spool:
             os.utime(path.parent)  # the series' quiet period starts again
         self.count("received")
         return path
+
+    def series_history(self, route: int, series_uid: str) -> dict:
+        """What earlier batches of a series gave (`record_series`): {"instances": [{header, answer}], "srs": [UIDs]}."""
+        path = self.dir("series") / f"{route}-{uid_key(series_uid)}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {"instances": [], "srs": []}
+
+    def record_series(self, route: int, series_uid: str, history: dict) -> None:
+        """Keep a series' answered instances (headers without pixels, answers) and its SRs' UIDs, so that a
+        series that grows gets one SR covering all of it, superseding the earlier ones. Purged with results."""
+        atomic_write(self.dir("series") / f"{route}-{uid_key(series_uid)}.json", json.dumps(history).encode())
 
     def keep_unprocessed(self, data: bytes, series_uid: str, sop_uid: str, reason: str) -> Path:
         """Store an instance the gateway acknowledges but cannot process (video), durably, with the reason beside
@@ -200,11 +213,11 @@ class Spool:
         (the PACS holds the results; failures are kept that long for a look); returns the folders removed."""
         cutoff = (time.time() if now is None else now) - older_than_s
         removed = 0
-        for stage in ("results", "failed", "unprocessed"):
+        for stage in ("results", "failed", "unprocessed", "series"):
             for d in self.dir(stage).iterdir():
                 try:
-                    if d.is_dir() and not d.name.startswith(".") and d.stat().st_mtime < cutoff:
-                        shutil.rmtree(d)
+                    if not d.name.startswith(".") and d.stat().st_mtime < cutoff:
+                        shutil.rmtree(d) if d.is_dir() else d.unlink()
                         removed += 1
                 except OSError:  # moved or removed meanwhile
                     continue

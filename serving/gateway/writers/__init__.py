@@ -47,6 +47,9 @@ class StudyAnswers:
         files: SOPInstanceUID -> the spooled file (for writers that need the pixels).
         info: the model that answered (`serving.gateway.inference.ModelInfo`).
         settings: the gateway's settings.
+        earlier: (header, answer) of the same series' instances answered in earlier batches (a series that grew
+            after it was processed): a writer that summarises the series covers them too.
+        previous: the earlier SRs of the series (their UIDs), which a new SR supersedes.
     """
 
     route: int
@@ -55,6 +58,8 @@ class StudyAnswers:
     files: dict[str, Path] = field(default_factory=dict)
     info: Any = None
     settings: Any = None
+    earlier: list[tuple[Any, Any]] = field(default_factory=list)
+    previous: list[Any] = field(default_factory=list)
 
 
 class ResultWriter(Protocol):

@@ -21,7 +21,9 @@ class StructuredReport:
         return True
 
     def write(self, study: StudyAnswers) -> list[Result]:
-        """The SR, named after the route and the study."""
-        sr = build_sr([ds for ds, _ in study.pairs], [a for _, a in study.pairs], study.info,
-                      study.settings.institution or None)
+        """The SR, named after the route and the study; for a series that grew, one covering all its instances
+        that supersedes the earlier SRs (Predecessor Documents Sequence, the next Instance Number)."""
+        pairs = study.earlier + study.pairs
+        sr = build_sr([ds for ds, _ in pairs], [a for _, a in pairs], study.info, study.settings.institution or None,
+                      previous=study.previous)
         return [Result(f"sr-{study.route}-{uid_key(study.study_uid)}.dcm", DICOM, encode(sr))]
