@@ -47,7 +47,7 @@ def test_odd_headers_give_an_sr_whose_finding_is_the_decision(tmp_path, model, s
     study = study_from(ct_files(shared_data, 1)[0], 2, planted=False, size=None)  # full slices: in distribution
     for ds in study:
         ds.PatientSex, ds.PatientBirthDate, ds.StudyTime = "U", "19700000", "250000"  # all outside the standard
-    with Gateway(_settings(tmp_path, str(model))) as gw:
+    with Gateway(_settings(tmp_path, str(model), uid_root="1.2.826.0.1.3680043.10.999.")) as gw:
         assert all(gw.accept(to_bytes(ds)) == 0 for ds in study)
         _wait(lambda: gw.status()["processed"] == 2 and gw.status()["queued"] == 0, 60, "the study processed")
         status = gw.status()
@@ -56,6 +56,11 @@ def test_odd_headers_give_an_sr_whose_finding_is_the_decision(tmp_path, model, s
     assert sorted(results) == sorted(ds.SOPInstanceUID for ds in study)
     srs = [pydicom.dcmread(p) for p in Path(tmp_path / "spool").rglob("sr-*.dcm")]
     assert len(srs) == 1 and srs[0].PatientSex == "" and srs[0].PatientBirthDate == ""
+    assert srs[0].SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.999.")  # the organisation's uid_root
+    from serving.gateway.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="uid_root"):
+        _settings(tmp_path, str(model), uid_root="1.2.x")
     assert srs[0].CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99REMEDIS"
     for (r,) in results.values():
         assert r["ood"] is False and r["valid"] and r["finding"] == r["label"]  # the decided class, not the positive one

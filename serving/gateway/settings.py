@@ -8,6 +8,7 @@ Example (`serving/gateway.yaml` is the commented default):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class GatewaySettings:
     batch_size: int = 32  # images per inference call
     secondary_capture: bool = False  # also send a Secondary Capture with the result burned in
     institution: str = ""  # written into results' Institution Name when set
+    uid_root: str = ""  # the organisation's UID root for the results' derived UIDs (e.g. "1.2.826.0.1.3680043.10.123."); "" = pydicom's
     routes: list[Route] = field(default_factory=list)
     destination: Destination = field(default_factory=Destination)
     retry: Retry = field(default_factory=Retry)
@@ -118,6 +120,8 @@ class GatewaySettings:
             raise ConfigError("retry: need 0 < initial_s <= max_s")
         if self.spool_min_free_mb < 0 or self.retention_days < 0:
             raise ConfigError("spool_min_free_mb and retention_days must be >= 0")
+        if self.uid_root and (not re.fullmatch(r"[0-9]+(\.[0-9]+)*\.", self.uid_root) or len(self.uid_root) > 40):
+            raise ConfigError(f"uid_root: {self.uid_root!r} must be digits and dots ending with a dot, at most 40 characters")
         if self.frames.mode not in ("all", "first", "middle") or self.frames.max_frames < 1:
             raise ConfigError(f"frames: mode must be all, first or middle and max_frames >= 1 (got {self.frames})")
         if self.retry.max_attempts < 1:

@@ -32,7 +32,8 @@ class SecondaryCapture:
         out = []
         for ds, answer in study.pairs:
             try:
-                sc = build_secondary_capture(ds, read_image(study.files[ds.SOPInstanceUID]), answer, study.info)
+                sc = build_secondary_capture(ds, read_image(study.files[ds.SOPInstanceUID]), answer, study.info,
+                                             root=study.settings.uid_root or None)
             except (ValueError, ImageReadError) as exc:
                 log.info("no secondary capture for an instance of study %s: %s", uid_key(study.study_uid)[:12],
                          str(exc) if isinstance(exc, ValueError) and not isinstance(exc, ImageReadError) else type(exc).__name__)

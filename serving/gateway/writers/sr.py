@@ -25,5 +25,5 @@ class StructuredReport:
         that supersedes the earlier SRs (Predecessor Documents Sequence, the next Instance Number)."""
         pairs = study.earlier + study.pairs
         sr = build_sr([ds for ds, _ in pairs], [a for _, a in pairs], study.info, study.settings.institution or None,
-                      previous=study.previous)
+                      root=study.settings.uid_root or None, previous=study.previous)
         return [Result(f"sr-{study.route}-{uid_key(study.study_uid)}.dcm", DICOM, encode(sr))]
