@@ -242,3 +242,15 @@ def test_a_series_that_grows_gets_an_sr_that_supersedes_the_first(tmp_path, mode
     assert sorted(read_results(second)) == sorted(ds.SOPInstanceUID for ds in study)  # the whole series
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID and "PredecessorDocumentsSequence" not in first
+
+
+def test_a_study_trigger_gives_one_sr_for_every_series_of_the_study(tmp_path, model, shared_data):
+    from serving.gateway.app import Gateway
+
+    study = study_from(ct_files(shared_data, 1)[0], 4, series=2, planted=False, size=None)
+    with Gateway(_settings(tmp_path, str(model), trigger="study")) as gw:
+        assert all(gw.accept(to_bytes(ds)) == 0 for ds in study)
+        _wait(lambda: gw.status()["processed"] == 4 and gw.status()["queued"] == 0, 60, "the study processed")
+    srs = list((tmp_path / "spool").rglob("sr-*.dcm"))
+    assert len(srs) == 1 and len({ds.SeriesInstanceUID for ds in study}) == 2
+    assert sorted(sr_results(tmp_path / "spool")) == sorted(ds.SOPInstanceUID for ds in study)

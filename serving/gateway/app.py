@@ -302,7 +302,8 @@ class Gateway:
         if floor and self.spool.free_bytes() - len(data) < floor:
             raise Refused(STATUS_OUT_OF_RESOURCES, f"less than {self.settings.spool_min_free_mb} MB free for the spool")
         try:
-            self.spool.receive(data, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            group = ds.StudyInstanceUID if self.settings.trigger == "study" else ds.SeriesInstanceUID
+            self.spool.receive(data, group, ds.SOPInstanceUID)
         except OSError as exc:
             raise Refused(STATUS_OUT_OF_RESOURCES, f"spool write failed ({type(exc).__name__})") from None
         return STATUS_SUCCESS
@@ -440,7 +441,7 @@ class Gateway:
             self.spool.count("sanitised_values", emptied)
         results: dict[str, bytes] = {}
         for study, pairs in by_study.items():
-            series_uid = pairs[0][0].SeriesInstanceUID
+            series_uid = study if self.settings.trigger == "study" else pairs[0][0].SeriesInstanceUID  # the batch's group
             history = self.spool.series_history(r, series_uid)
             earlier, previous = _earlier(history, {ds.SOPInstanceUID for ds, _ in pairs})
             answers = StudyAnswers(r, study, pairs, files_of, self.models[r].info, self.settings, earlier, previous)

@@ -88,7 +88,8 @@ class GatewaySettings:
     spool: str = "spool"
     spool_min_free_mb: int = 1024  # below this much free disk under the spool, stores are refused (0xA700) before it fills
     retention_days: float = 30.0  # delivered results and failures older than this are purged from the spool; 0 keeps them
-    quiet_seconds: float = 5.0  # a series is processed once no instance of it arrived for this long
+    quiet_seconds: float = 5.0  # a series (or study) is processed once no instance of it arrived for this long
+    trigger: str = "series"  # what one batch and its SR cover: a series, or a whole study (quiet per study)
     batch_size: int = 32  # images per inference call
     secondary_capture: bool = False  # also send a Secondary Capture with the result burned in
     institution: str = ""  # written into results' Institution Name when set
@@ -122,6 +123,8 @@ class GatewaySettings:
             raise ConfigError("spool_min_free_mb and retention_days must be >= 0")
         if self.uid_root and (not re.fullmatch(r"[0-9]+(\.[0-9]+)*\.", self.uid_root) or len(self.uid_root) > 40):
             raise ConfigError(f"uid_root: {self.uid_root!r} must be digits and dots ending with a dot, at most 40 characters")
+        if self.trigger not in ("series", "study"):
+            raise ConfigError(f"trigger: {self.trigger!r} is not one of series, study")
         if self.frames.mode not in ("all", "first", "middle") or self.frames.max_frames < 1:
             raise ConfigError(f"frames: mode must be all, first or middle and max_frames >= 1 (got {self.frames})")
         if self.retry.max_attempts < 1:

@@ -97,7 +97,8 @@ class Spool:
     # ---- receive and claim ------------------------------------------------------------------------
 
     def receive(self, data: bytes, series_uid: str, sop_uid: str) -> Path:
-        """Store one instance durably (fsync'd, atomically renamed) before its C-STORE is answered."""
+        """Store one instance durably (fsync'd, atomically renamed) before its C-STORE is answered, in the folder
+        of its group: `series_uid` is its series, or its study with the gateway's `trigger: study`."""
         with self.lock:
             path = self.dir("incoming") / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
             atomic_write(path, data)
