@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -33,16 +34,19 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from serving.answer import Answer
+from serving.gateway.audit import MINOR, SERIOUS, AuditTrail
 from serving.gateway.codes import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_NOT_MATCHING,
     STATUS_OUT_OF_RESOURCES,
+    STATUS_REFUSED_NOT_AUTHORISED,
     STATUS_SUCCESS,
     Refused,
 )
 from serving.gateway.frames import combine, frame_count, frames_to_read, split_frames
 from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable, open_model
 from serving.gateway.report import MANUFACTURER, sanitised_header
+from serving.gateway.security import caller_refusal, peer_subject_cn, server_context
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
 from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool, uid_key
@@ -157,6 +161,7 @@ class Gateway:
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines quote dataset UIDs at length
         self.settings = settings
         self.spool = Spool(settings.spool)
+        self.audit = AuditTrail(settings.audit or Path(settings.spool) / "audit.jsonl")
         self.models: dict[int, Inference] = models or {}
         self.model_wait_s = model_wait_s
         self.backoff = Backoff(settings.retry)
@@ -190,8 +195,14 @@ class Gateway:
             ae.require_calling_aet = list(self.settings.allowed_aets)
         else:
             log.warning("allowed_aets is empty: any calling AE title is accepted")
-        handlers = [(evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS), (evt.EVT_C_STORE, self._on_c_store)]
-        self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
+        handlers = [(evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS), (evt.EVT_C_STORE, self._on_c_store),
+                    (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected)]
+        tls = server_context(self.settings.tls)
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+                                       ssl_context=tls)
+        self.audit.record("configuration-loaded", detail=f"DICOM {'TLS' if tls else 'plain TCP'} on {self.settings.host}:"
+                          f"{self.settings.port}; {len(self.settings.callers)} caller rule(s), "
+                          f"{len(self.settings.allowed_aets)} allowed AE title(s); {len(self.settings.routes)} route(s)")
         nodelay_server(self._server)
         for target in (self._work_loop, self._send_loop):
             t = threading.Thread(target=self._guarded, args=(target,), daemon=True, name=f"gateway-{target.__name__}")
@@ -200,7 +211,11 @@ class Gateway:
         if self.settings.stow.enabled:
             from serving.gateway.stow import HttpServer
 
-            self._http = HttpServer(self, self.settings.stow.host, self.settings.stow.port).start()
+            key = os.environ.get(self.settings.stow.api_key_env, "").strip()
+            if not key:
+                log.warning("STOW-RS and /status need no credentials ($%s is not set; loopback only)",
+                            self.settings.stow.api_key_env)
+            self._http = HttpServer(self, self.settings.stow.host, self.settings.stow.port, key, self.settings.tls).start()
         log.info("gateway %s listening on %s:%d (DIMSE)%s; %d route(s); destination %s", self.settings.ae_title,
                  self.settings.host, self.settings.port,
                  f", {self._http.url} (STOW-RS, status)" if self._http else "", len(self.settings.routes),
@@ -232,6 +247,7 @@ class Gateway:
             self._http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        self.audit.close()
 
     def __enter__(self) -> "Gateway":
         return self.start()
@@ -247,22 +263,57 @@ class Gateway:
 
     # ---- in: C-STORE and STOW-RS ---------------------------------------------------------------------
 
+    @staticmethod
+    def _peer(event) -> tuple[str, str, str | None]:
+        """The association's calling AE title, peer address and (under TLS) client certificate CN."""
+        requestor = event.assoc.requestor
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        cert = sock.getpeercert() if hasattr(sock, "getpeercert") else None
+        return str(requestor.ae_title).strip(), str(requestor.address), peer_subject_cn(cert)
+
+    def _on_established(self, event) -> None:
+        """Check the caller (AE title with address and certificate) and audit the association."""
+        aet, address, cn = self._peer(event)
+        refusal = caller_refusal(self.settings.callers, aet, address, cn)
+        if refusal:
+            self.audit.record("association-rejected", MINOR, user=aet, address=address, detail=refusal)
+            log.warning("association from %s at %s aborted: %s", aet, address, refusal)
+            event.assoc.abort()
+            return
+        self.audit.record("association-accepted", user=aet, address=address,
+                          detail="TLS" + (f", client certificate {cn}" if cn else "") if self.settings.tls.cert else "plain TCP")
+
+    def _on_rejected(self, event) -> None:
+        aet, address, _ = self._peer(event)
+        self.audit.record("association-rejected", MINOR, user=aet, address=address, detail="calling AE title not recognised")
+
     def _on_c_store(self, event) -> int:
+        aet, address, cn = self._peer(event)
+        if caller_refusal(self.settings.callers, aet, address, cn):  # never reached after the abort; defence in depth
+            self.refused("C-STORE", STATUS_REFUSED_NOT_AUTHORISED, "caller not allowed")
+            return STATUS_REFUSED_NOT_AUTHORISED
         try:
             data = event.encoded_dataset(include_meta=True)
             ds = pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:  # a truncated or malformed data set
-            self.refused("C-STORE", STATUS_CANNOT_UNDERSTAND, f"cannot read the data set ({type(exc).__name__})")
+            self.refused("C-STORE", STATUS_CANNOT_UNDERSTAND, f"cannot read the data set ({type(exc).__name__})",
+                         user=aet, address=address)
             return STATUS_CANNOT_UNDERSTAND
+        study = uid_key(str(getattr(ds, "StudyInstanceUID", "") or ""))
         try:
-            return self.accept(data, ds)
+            status = self.accept(data, ds)
         except Refused as exc:
-            self.refused("C-STORE", exc.status, exc.reason)
+            self.refused("C-STORE", exc.status, exc.reason, user=aet, address=address, study=study)
             return exc.status
+        self.audit.record("instance-received", user=aet, address=address, object_key=study)
+        return status
 
-    def refused(self, via: str, status: int, reason: str) -> None:
-        """Count and log an instance refused on the way in (`via`: C-STORE, STOW-RS part)."""
+    def refused(self, via: str, status: int, reason: str, user: str | None = None, address: str | None = None,
+                study: str | None = None) -> None:
+        """Count, log and audit an instance refused on the way in (`via`: C-STORE, STOW-RS part)."""
         self.spool.count("refused")
+        self.audit.record("instance-refused", MINOR, user=user, address=address, object_key=study,
+                          detail=f"{via} 0x{status:04X}: {reason}")
         log.info("%s refused (0x%04X): %s", via, status, reason)
 
     def accept(self, data: bytes, ds: pydicom.Dataset | None = None) -> int:
@@ -504,5 +555,16 @@ class Gateway:
             log.info("results %s: %d result(s) of a media type the destination does not take are kept", out.name, len(kept))
         if dest.kind == "none" or not dicom:
             return 0
-        send([pydicom.dcmread(f) for f in dicom], dest, self.settings.ae_title)
+        datasets = [pydicom.dcmread(f) for f in dicom]
+        studies = ",".join(sorted({uid_key(str(d.StudyInstanceUID)) for d in datasets}))
+        try:
+            send(datasets, dest, self.settings.ae_title, self.settings.tls)
+        except Exception as exc:
+            self.audit.record("result-failed", SERIOUS, user=dest.ae_title if dest.kind == "dimse" else "stow",
+                              address=dest.host if dest.kind == "dimse" else dest.url, object_key=studies,
+                              detail=type(exc).__name__)
+            raise
+        self.audit.record("result-sent", user=dest.ae_title if dest.kind == "dimse" else "stow",
+                          address=dest.host if dest.kind == "dimse" else dest.url, object_key=studies,
+                          detail=f"{len(datasets)} result(s)" + (" over TLS" if dest.kind == "dimse" and dest.tls else ""))
         return len(dicom)

@@ -12,6 +12,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_NOT_MATCHING = 0xA900  # data set does not match SOP class (here: no pixel data)
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_REFUSED_NOT_AUTHORISED = 0x0124  # the caller is not allowed (PS3.7 C.4.2.1.4 "Refused: Not Authorized")
 
 
 class Refused(Exception):

@@ -62,18 +62,21 @@ class SendError(RuntimeError):
     """The destination did not acknowledge every result (the reason names no patient data)."""
 
 
-def send(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str) -> None:
-    """Deliver datasets to the destination (C-STORE or STOW-RS); SendError unless every one was acknowledged."""
+def send(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str, tls=None) -> None:
+    """Deliver datasets to the destination (C-STORE or STOW-RS); SendError unless every one was acknowledged.
+    `tls`: the gateway's TLS settings (CA bundle, own certificate) for a destination with `tls: true`."""
     if dest.kind == "dimse":
-        _c_store(datasets, dest, calling_ae)
+        _c_store(datasets, dest, calling_ae, tls)
     elif dest.kind == "stow":
         _stow(datasets, dest)
     elif dest.kind != "none":
         raise SendError(f"unknown destination kind {dest.kind!r}")
 
 
-def _c_store(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str) -> None:
+def _c_store(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str, tls=None) -> None:
     from pynetdicom import AE
+
+    from serving.gateway.security import client_context
 
     tcp_nodelay()
     ae = AE(ae_title=calling_ae)
@@ -81,9 +84,18 @@ def _c_store(datasets: list[pydicom.Dataset], dest: Destination, calling_ae: str
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ts = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class})
         ae.add_requested_context(sop_class, ts + [t for t in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2") if t not in ts])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = None
+    if dest.tls:  # verified against our CA bundle; never falls back to plain TCP
+        if tls is None:
+            raise SendError("destination.tls: no TLS settings given")
+        tls_args = (client_context(tls), dest.tls_server_name or dest.host)
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    except OSError as exc:  # e.g. the certificate failed verification
+        raise SendError(f"association to {dest.ae_title}@{dest.host}:{dest.port} failed ({type(exc).__name__})") from None
     if not assoc.is_established:
-        raise SendError(f"association to {dest.ae_title}@{dest.host}:{dest.port} not established")
+        raise SendError(f"association to {dest.ae_title}@{dest.host}:{dest.port} not established"
+                        + (" (TLS)" if dest.tls else ""))
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)

@@ -36,6 +36,25 @@ class Route:
 
 
 @dataclass
+class Tls:
+    """DICOM TLS and HTTPS (`serving.gateway.security`): PEM files, never logged."""
+
+    cert: str = ""  # this gateway's certificate (chain): enables TLS on its DICOM port and its HTTP server
+    key: str = ""  # its private key
+    ca: str = ""  # CA bundle that peers' certificates must chain to (client certificates; the PACS's and service's)
+    require_client_cert: bool = False  # mutual TLS: a caller without a certificate from `ca` is refused
+
+
+@dataclass
+class Caller:
+    """One allowed caller: its AE title, from these addresses, (under mutual TLS) with this certificate."""
+
+    ae_title: str = ""
+    hosts: list[str] = field(default_factory=list)  # IP addresses or networks (CIDR) it may call from; [] any
+    subject_cn: str = ""  # the client certificate's subject common name it must present; "" any
+
+
+@dataclass
 class Destination:
     """Where results go. kind: dimse (C-STORE SCU), stow (STOW-RS) or none (kept in spool/results)."""
 
@@ -43,6 +62,8 @@ class Destination:
     host: str = "127.0.0.1"
     port: int = 104
     ae_title: str = "PACS"  # the destination's AE title (dimse)
+    tls: bool = False  # dimse over DICOM TLS: the PACS's certificate verified against tls.ca, ours offered if set
+    tls_server_name: str = ""  # the name its certificate is checked against (default: host)
     url: str = ""  # the DICOMweb root for stow, e.g. http://pacs:8042/dicom-web
     headers_env: str = ""  # an environment variable holding 'Name: value' for stow (e.g. a bearer token)
     timeout_s: float = 30.0
@@ -75,6 +96,9 @@ class StowIn:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8043
+    # STOW-RS and /status need this key (header X-API-Key, or Authorization: Bearer) when the variable is set;
+    # beyond loopback a key (or mutual TLS) is required. HTTPS with the gateway's tls.cert.
+    api_key_env: str = "REMEDIS_GATEWAY_API_KEY"
 
 
 @dataclass
@@ -85,6 +109,10 @@ class GatewaySettings:
     host: str = "127.0.0.1"  # loopback unless configured
     port: int = 11112
     allowed_aets: list[str] = field(default_factory=list)  # calling AE titles accepted; [] accepts any (logged)
+    callers: list[Caller] = field(default_factory=list)  # AE title + address (+ certificate) checked together
+    tls: Tls = field(default_factory=Tls)
+    insecure_plain_network: bool = False  # allow listening beyond loopback without TLS (patient data in clear)
+    audit: str = ""  # the audit trail (JSON lines); "" = <spool>/audit.jsonl
     spool: str = "spool"
     spool_min_free_mb: int = 1024  # below this much free disk under the spool, stores are refused (0xA700) before it fills
     retention_days: float = 30.0  # delivered results and failures older than this are purged from the spool; 0 keeps them
@@ -99,6 +127,9 @@ class GatewaySettings:
     retry: Retry = field(default_factory=Retry)
     frames: FrameSettings = field(default_factory=FrameSettings)
     stow: StowIn = field(default_factory=StowIn)
+
+    def _validate_security(self) -> None:
+        _check_security(self)
 
     def validate(self) -> "GatewaySettings":
         """Check the settings; a ValueError names the key."""
@@ -123,6 +154,7 @@ class GatewaySettings:
             raise ConfigError("spool_min_free_mb and retention_days must be >= 0")
         if self.uid_root and (not re.fullmatch(r"[0-9]+(\.[0-9]+)*\.", self.uid_root) or len(self.uid_root) > 40):
             raise ConfigError(f"uid_root: {self.uid_root!r} must be digits and dots ending with a dot, at most 40 characters")
+        self._validate_security()
         if self.trigger not in ("series", "study"):
             raise ConfigError(f"trigger: {self.trigger!r} is not one of series, study")
         if self.frames.mode not in ("all", "first", "middle") or self.frames.max_frames < 1:
@@ -130,6 +162,32 @@ class GatewaySettings:
         if self.retry.max_attempts < 1:
             raise ConfigError(f"retry.max_attempts: {self.retry.max_attempts}; need at least 1")
         return self
+
+
+def _check_security(s: GatewaySettings) -> None:
+    """TLS files present, mutual TLS with a CA, nothing in clear beyond loopback, credentials on the HTTP side."""
+    import os
+
+    from serving.gateway.security import LOOPBACK, plain_network_refusal
+
+    for key in ("cert", "key", "ca"):
+        value = getattr(s.tls, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"tls.{key}: {value} is not a file")
+    if s.tls.require_client_cert and not s.tls.ca:
+        raise ConfigError("tls.require_client_cert: needs tls.ca (the CA bundle client certificates must chain to)")
+    if s.tls.require_client_cert and not s.tls.cert:
+        raise ConfigError("tls.require_client_cert: needs tls.cert and tls.key (TLS on the gateway's ports)")
+    refusal = plain_network_refusal(s)
+    if refusal:
+        raise ConfigError(refusal)
+    if (s.stow.enabled and s.stow.host not in LOOPBACK and not os.environ.get(s.stow.api_key_env, "").strip()
+            and not s.tls.require_client_cert):
+        raise ConfigError(f"stow: listening on {s.stow.host} needs credentials: set the API key in ${s.stow.api_key_env} "
+                          "or require client certificates (tls.require_client_cert)")
+    for i, c in enumerate(s.callers):
+        if not 1 <= len(c.ae_title) <= 16:
+            raise ConfigError(f"callers[{i}].ae_title: must be 1-16 characters, got {c.ae_title!r}")
 
 
 def load_gateway_settings(path: str | Path | None = None, overrides: dict | None = None) -> GatewaySettings:

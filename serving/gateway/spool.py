@@ -34,6 +34,7 @@ from pathlib import Path
 from remedis.files import atomic_write, fsync_dir
 
 STAGES = ("incoming", "work", "outbox", "results", "failed", "unprocessed", "series")
+FILE_MODE = 0o600  # every file the spool writes (instances, results, histories, reasons)
 COUNTERS = ("received", "processed", "sent", "failed", "ignored", "refused", "send_errors", "failed_batches",
             "sanitised_values", "not_processed")
 
@@ -49,8 +50,10 @@ class Spool:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)  # patient data at rest: only the gateway's user reads the spool
         for s in STAGES:
-            (self.root / s).mkdir(parents=True, exist_ok=True)
+            (self.root / s).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.lock = threading.Lock()  # receive vs claim of the same series
         self._counter_lock = threading.Lock()
         self.counters = {k: 0 for k in COUNTERS}
@@ -72,7 +75,7 @@ class Spool:
         nothing; a power cut may lose the last counts, never an instance)."""
         with self._counter_lock:
             self.counters[name] += n
-            atomic_write(self.root / "counters.json", json.dumps(self.counters).encode(), durable=False)
+            atomic_write(self.root / "counters.json", json.dumps(self.counters).encode(), durable=False, mode=FILE_MODE)
 
     def status(self) -> dict:
         """Counters plus what is waiting in each stage (instances incoming/claimed, results unsent)."""
@@ -101,7 +104,7 @@ class Spool:
         of its group: `series_uid` is its series, or its study with the gateway's `trigger: study`."""
         with self.lock:
             path = self.dir("incoming") / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
-            atomic_write(path, data)
+            atomic_write(path, data, mode=FILE_MODE)
             os.utime(path.parent)  # the series' quiet period starts again
         self.count("received")
         return path
@@ -117,15 +120,15 @@ class Spool:
     def record_series(self, route: int, series_uid: str, history: dict) -> None:
         """Keep a series' answered instances (headers without pixels, answers) and its SRs' UIDs, so that a
         series that grows gets one SR covering all of it, superseding the earlier ones. Purged with results."""
-        atomic_write(self.dir("series") / f"{route}-{uid_key(series_uid)}.json", json.dumps(history).encode())
+        atomic_write(self.dir("series") / f"{route}-{uid_key(series_uid)}.json", json.dumps(history).encode(), mode=FILE_MODE)
 
     def keep_unprocessed(self, data: bytes, series_uid: str, sop_uid: str, reason: str) -> Path:
         """Store an instance the gateway acknowledges but cannot process (video), durably, with the reason beside
         it in unprocessed/<series>/; purged like failures after the retention period."""
         folder = self.dir("unprocessed") / uid_key(series_uid)
         path = folder / f"{uid_key(sop_uid)}.dcm"
-        atomic_write(path, data)
-        atomic_write(folder / f"{uid_key(sop_uid)}.reason.txt", (reason + "\n").encode())
+        atomic_write(path, data, mode=FILE_MODE)
+        atomic_write(folder / f"{uid_key(sop_uid)}.reason.txt", (reason + "\n").encode(), mode=FILE_MODE)
         self.count("not_processed")
         return path
 
@@ -176,7 +179,7 @@ class Spool:
             tmp = self.dir("outbox") / f".{batch.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             for name, data in results.items():
-                atomic_write(tmp / name, data)
+                atomic_write(tmp / name, data, mode=FILE_MODE)
             if self.dir("results").joinpath(batch.name).exists():  # processed and sent before a crash
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -194,7 +197,7 @@ class Spool:
             if path.exists():
                 os.replace(path, target / path.name)
             lines.append(f"{path.stem}\t{reason}")
-        atomic_write(target / "reasons.tsv", ("\n".join(lines) + "\n").encode())
+        atomic_write(target / "reasons.tsv", ("\n".join(lines) + "\n").encode(), mode=FILE_MODE)
         return target
 
     def dead_letter(self, batch: Path, reason: str) -> int:

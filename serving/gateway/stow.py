@@ -2,7 +2,11 @@
 
     POST /dicom-web/studies[/{study}]   multipart/related; type="application/dicom"
     GET  /status                        counters (received, processed, sent, failed, queued, ...)
-    GET  /healthz
+    GET  /healthz                       (no credentials: for load balancers and supervisors)
+
+STOW-RS and /status need the API key (header `X-API-Key: <key>` or `Authorization: Bearer <key>`, compared
+in constant time) when one is configured; 401 otherwise, audited without the key. With the gateway's
+`tls.cert` the server speaks HTTPS only (and with `tls.require_client_cert`, mutual TLS).
 
 The STOW-RS answer is the standard DICOM JSON: the stored instances under ReferencedSOPSequence
 (0008,1199), the refused ones under FailedSOPSequence (0008,1198) with their FailureReason
@@ -17,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
 import logging
 import socket
@@ -80,10 +85,52 @@ def _item(ds: pydicom.Dataset | None, reason: int | None = None) -> dict:
     return item
 
 
-def make_app(gateway: Receiver) -> Starlette:
-    """The STOW-RS, status and health routes over `gateway` (anything that accepts instances: `Receiver`)."""
+def _authorised(request: Request, api_key: str) -> bool:
+    """The request carries the API key (or none is configured)."""
+    if not api_key:
+        return True
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:]
+    return hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
+async def _store_parts(gateway: Receiver, parts: list[bytes]) -> tuple[list, list]:
+    """Each part into the gateway: the stored parts' items and the refused ones' (with their status)."""
+    stored, failed = [], []
+    for data in parts:
+        ds = None
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            status = await asyncio.to_thread(gateway.accept, data, ds)
+            stored.append(_item(ds)) if status == 0 else failed.append(_item(ds, status))
+        except Refused as exc:
+            gateway.refused("STOW-RS part", exc.status, exc.reason)
+            failed.append(_item(ds, exc.status))
+        except Exception as exc:  # an unreadable part
+            gateway.refused("STOW-RS part", STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file ({type(exc).__name__})")
+            failed.append(_item(None, STATUS_CANNOT_UNDERSTAND))
+    return stored, failed
+
+
+def make_app(gateway: Receiver, api_key: str = "") -> Starlette:
+    """The STOW-RS, status and health routes over `gateway` (anything that accepts instances: `Receiver`);
+    STOW-RS and status behind `api_key` when it is set."""
+
+    def refuse(request: Request) -> JSONResponse:
+        audit = getattr(gateway, "audit", None)
+        if audit is not None:
+            audit.record("authentication-failed", 4, user="api-key" if request.headers.get("x-api-key") or
+                         request.headers.get("authorization") else "anonymous",
+                         address=request.client.host if request.client else None,
+                         detail=f"{request.method} {request.url.path}: missing or wrong API key")
+        return JSONResponse({"error": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
 
     async def store(request: Request) -> JSONResponse:
+        if not _authorised(request, api_key):
+            return refuse(request)
         declared = int(request.headers.get("content-length") or 0)
         if declared > MAX_BODY:
             return JSONResponse({"error": f"body of {declared} bytes is above the limit of {MAX_BODY}"}, status_code=413)
@@ -92,19 +139,7 @@ def make_app(gateway: Receiver) -> Starlette:
             parts = parse_multipart_related(body, request.headers.get("content-type", ""))
         except StowError as exc:
             return JSONResponse({"error": exc.reason}, status_code=exc.status)
-        stored, failed = [], []
-        for data in parts:
-            ds = None
-            try:
-                ds = pydicom.dcmread(io.BytesIO(data))
-                status = await asyncio.to_thread(gateway.accept, data, ds)
-                stored.append(_item(ds)) if status == 0 else failed.append(_item(ds, status))
-            except Refused as exc:
-                gateway.refused("STOW-RS part", exc.status, exc.reason)
-                failed.append(_item(ds, exc.status))
-            except Exception as exc:  # an unreadable part
-                gateway.refused("STOW-RS part", STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file ({type(exc).__name__})")
-                failed.append(_item(None, STATUS_CANNOT_UNDERSTAND))
+        stored, failed = await _store_parts(gateway, parts)
         answer: dict = {}
         if stored:
             answer["00081199"] = {"vr": "SQ", "Value": stored}
@@ -114,6 +149,8 @@ def make_app(gateway: Receiver) -> Starlette:
         return JSONResponse(answer, status_code=code, media_type="application/dicom+json")
 
     async def status(request: Request) -> JSONResponse:
+        if not _authorised(request, api_key):
+            return refuse(request)
         return JSONResponse(await asyncio.to_thread(gateway.status))
 
     async def healthz(request: Request) -> JSONResponse:
@@ -132,16 +169,23 @@ def make_app(gateway: Receiver) -> Starlette:
 class HttpServer:
     """uvicorn in a background thread (loopback by default)."""
 
-    def __init__(self, gateway: Receiver, host: str, port: int):
+    def __init__(self, gateway: Receiver, host: str, port: int, api_key: str = "", tls=None):
+        import ssl
+
         import uvicorn
 
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
-        self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(make_app(gateway), host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off")
+        https = tls is not None and bool(tls.cert)
+        self.url = f"{'https' if https else 'http'}://{host}:{port}"
+        extra = {}
+        if https:
+            extra = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key or None, "ssl_ca_certs": tls.ca or None,
+                     "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE}
+        config = uvicorn.Config(make_app(gateway, api_key), host=host, port=port, log_level="warning", access_log=False,
+                                lifespan="off", **extra)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-http")
 
