@@ -221,3 +221,26 @@ def test_listening_beyond_loopback_in_clear_is_refused_unless_asked_for(tmp_path
         load_gateway_settings(None, {**base, "tls": {**tls, "require_client_cert": True}})
     with pytest.raises(ConfigError, match="tls.cert: .* is not a file"):
         load_gateway_settings(None, {**base, "tls": {"cert": str(tmp_path / "missing.pem")}})
+
+
+def test_the_audit_command_prints_events_since(tmp_path, capsys):
+    import datetime as dt
+
+    from serving.gateway.audit import AuditTrail, parse_since
+    from serving.gateway.cli import main
+
+    trail = AuditTrail(tmp_path / "spool" / "audit.jsonl")
+    trail.record("configuration-loaded", detail="test")
+    trail.record("authentication-failed", 4, user="anonymous", address="127.0.0.1")
+    trail.close()
+    with open(tmp_path / "spool" / "audit.jsonl", "a") as fh:  # an old line and a damaged one
+        fh.write(json.dumps({"time": "2020-01-01T00:00:00+00:00", "event": "result-sent", "outcome": 0}) + "\n{broken\n")
+    args = ["audit", "--set", f"spool={tmp_path / 'spool'}", "--set", "routes=[{model: x}]", "--set", "stow={enabled: false}"]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["event"] for x in lines] == ["configuration-loaded", "authentication-failed"]
+    assert main(args + ["--since", "3000d", "--event", "result-sent"]) == 0
+    assert [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines()] == ["result-sent"]
+    assert main(args + ["--since", "yesterday"]) == 2
+    assert parse_since("2h", dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)).hour == 10
+    assert stat.S_IMODE((tmp_path / "spool" / "audit.jsonl").stat().st_mode) == 0o600

@@ -2,6 +2,7 @@
 
     remedis-gateway serve --config serving/gateway.yaml [--set port=11112 --set destination.kind=dimse]
     remedis-gateway status --config serving/gateway.yaml      # counters from the spool, no server needed
+    remedis-gateway audit --config serving/gateway.yaml --since 1d   # the audit trail's lines (JSON)
 
 A separate command from `remedis` because the gateway sits on top of `serving` (DESIGN.md: `remedis`
 never imports `serving`); it runs the same service code (`serving.answer`, `serving.runtime`).
@@ -55,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="remedis-gateway", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("serve", "run the gateway until stopped (SIGTERM / Ctrl-C)"),
-                        ("status", "print the counters (received, processed, sent, failed, queued) as JSON")):
+                        ("status", "print the counters (received, processed, sent, failed, queued) as JSON"),
+                        ("audit", "print the audit trail's events (one JSON line each), e.g. --since 1d")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="gateway YAML (default serving/gateway.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        if name == "audit":
+            p.add_argument("--since", default="1d", help="a duration (30m, 12h, 1d, 2w) or an ISO date (default 1d)")
+            p.add_argument("--event", action="append", default=[], help="only these events (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -66,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"remedis-gateway: {exc}", file=sys.stderr)
         return 2
+    if args.command == "audit":
+        from pathlib import Path
+
+        from serving.gateway.audit import parse_since, read_trail
+
+        try:
+            since = parse_since(args.since)
+        except ValueError as exc:
+            print(f"remedis-gateway: {exc}", file=sys.stderr)
+            return 2
+        for line in read_trail(settings.audit or Path(settings.spool) / "audit.jsonl", since):
+            if not args.event or line["event"] in args.event:
+                print(json.dumps(line))
+        return 0
     if args.command == "status":
         from serving.gateway.spool import Spool
 
