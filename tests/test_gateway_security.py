@@ -9,6 +9,7 @@ import json
 import logging
 import ssl
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -244,3 +245,56 @@ def test_the_audit_command_prints_events_since(tmp_path, capsys):
     assert main(args + ["--since", "yesterday"]) == 2
     assert parse_since("2h", dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)).hour == 10
     assert stat.S_IMODE((tmp_path / "spool" / "audit.jsonl").stat().st_mode) == 0o600
+
+
+def _https_service(cert: Path):
+    """A stand-in inference service over HTTPS on loopback: metadata, and a fixed answer per image."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path.endswith("/metadata"):
+                answer = {"model": {"name": "tls-service", "version": "1"}, "class_names": ["contrast", "no_contrast"],
+                          "positive_class": "contrast", "weights_sha256": "0" * 64}
+            else:
+                n = body.count(b'name="images"')
+                answer = {"results": [{"index": i, "probabilities": {"contrast": 0.7, "no_contrast": 0.3}, "label": "contrast",
+                                       "decision": "argmax", "ood": False, "ood_score": None, "ood_reasons": []} for i in range(n)]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_service_over_https_is_verified_and_an_untrusted_one_is_never_used(tmp_path, pki, shared_data):
+    from serving.gateway.app import Gateway
+    from serving.gateway.inference import InferenceUnavailable
+
+    trusted, rogue = _https_service(pki["gateway"]), _https_service(pki["rogue-pacs"])
+    try:
+        url = f"https://127.0.0.1:{trusted.server_address[1]}"
+        settings = _settings(tmp_path, url, pki, routes=[{"model": url, "modalities": ["CT"]}])
+        with Gateway(settings) as gw:
+            assoc = _assoc(settings.port, tls=_client_tls(pki))
+            assert assoc.send_c_store(study_from(ct_files(shared_data, 1)[0], 1)[0]).Status == 0
+            assoc.release()
+            _wait(lambda: gw.status()["processed"] == 1, 60, "the instance answered by the HTTPS service")
+        bad = f"https://127.0.0.1:{rogue.server_address[1]}"
+        with pytest.raises(InferenceUnavailable, match="unreachable"):  # certificate not trusted: no plain fallback
+            Gateway(_settings(tmp_path / "b", bad, pki, routes=[{"model": bad, "modalities": ["CT"]}])).start()
+    finally:
+        trusted.shutdown()
+        rogue.shutdown()

@@ -184,7 +184,8 @@ class Gateway:
 
         for i, r in enumerate(self.settings.routes):
             if i not in self.models:
-                self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s)
+                self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s,
+                                            ca=self.settings.tls.ca)
         self.spool.recover()
         ae = AE(ae_title=self.settings.ae_title)
         for cx in AllStoragePresentationContexts:

@@ -104,15 +104,16 @@ class LocalInference:
 
 
 class ServiceInference:
-    """The deployed service (`predict_batch`), with its API key from an environment variable."""
+    """The deployed service (`predict_batch`), with its API key from an environment variable; over https its
+    certificate is verified against `ca` (a CA bundle file; the system's CAs when empty)."""
 
-    def __init__(self, url: str, api_key_env: str = "REMEDIS_API_KEY", timeout_s: float = 120.0):
+    def __init__(self, url: str, api_key_env: str = "REMEDIS_API_KEY", timeout_s: float = 120.0, ca: str = ""):
         import httpx
 
         self.url = url.rstrip("/")
         key = os.environ.get(api_key_env, "").strip()
         self.headers = {"X-API-Key": key} if key else {}
-        self.client = httpx.Client(timeout=timeout_s)
+        self.client = httpx.Client(timeout=timeout_s, verify=ca or True)
         meta = self._call("metadata", json={})
         model = meta.get("model", {})
         sha = _find(meta, "weights_sha256") or ""
@@ -176,7 +177,7 @@ def _find(obj: Any, key: str) -> Any:
 
 
 def open_model(model: str, api_key_env: str = "REMEDIS_API_KEY", timeout_s: float = 120.0,
-               threads: int | None = None, wait_s: float = 0.0) -> Inference:
+               threads: int | None = None, wait_s: float = 0.0, ca: str = "") -> Inference:
     """A route's model: an http(s) URL is the deployed service, anything else a model folder.
 
     Args:
@@ -186,7 +187,7 @@ def open_model(model: str, api_key_env: str = "REMEDIS_API_KEY", timeout_s: floa
         deadline = time.time() + wait_s
         while True:
             try:
-                return ServiceInference(model, api_key_env, timeout_s)
+                return ServiceInference(model, api_key_env, timeout_s, ca)
             except InferenceUnavailable:
                 if time.time() >= deadline:
                     raise
