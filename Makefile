@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/bandit -q -r remedis serving
 
 clean:
 	rm -rf $(VENV) runs

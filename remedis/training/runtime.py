@@ -114,7 +114,8 @@ def fit_resumable(trainer: L.Trainer, module: L.LightningModule, train_loader, v
     ckpt = None
     if resume_file is not None and Path(resume_file).is_file():
         try:
-            loops = torch.load(resume_file, map_location="cpu", weights_only=False)["loops"]
+            # our own training state, written by this stage into the run folder (keyed): bandit B614 justified
+            loops = torch.load(resume_file, map_location="cpu", weights_only=False)["loops"]  # nosec B614
             ckpt = str(resume_file)
             log.info("resuming from %s", resume_file)
             # A checkpointable loader (streaming shards) resumes at its saved position. Lightning loads it
