@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import environment  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Target:
@@ -296,7 +299,11 @@ def main() -> None:
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda j: job(args.runs, *j, collect=args.collect), jobs))
-    result = {"benchmark": "label_efficiency", "fractions": FRACTIONS, "recipe": RECIPE, "arms": list(ARMS),
+    from remedis.models.checkpoint import read_meta
+
+    sizes = {t: read_meta(backbone_folder(args.runs, t, "remedis"))["preprocessing"]["image_size"] for t in targets}
+    result = {"benchmark": "label_efficiency", "environment": environment(), "image_size": sizes,
+              "simclr_epochs": 2, "fractions": FRACTIONS, "recipe": RECIPE, "arms": list(ARMS),
               "baselines": list(BASELINES), "wall_seconds": round(time.time() - start), "rows": rows,
               "summary": summarise(rows, args.bootstrap)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

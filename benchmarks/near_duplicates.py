@@ -21,6 +21,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=MANIFEST",
+                    help="also inspect a manifest with its own splits as it is (e.g. a frozen target split)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from remedis.config import RunConfig
@@ -46,6 +48,14 @@ def main() -> None:
                                "near_duplicates": nd, "seconds": round(time.time() - t0, 1)}
         print(kit, {k: nd[k] for k in ("hashed", "pairs", "identical_pairs", "different_patients", "across_splits",
                                         "across_splits_by_split")}, flush=True)
+    for item in args.also:
+        name, path = item.split("=", 1)
+        summary = inspect_manifest(path, duplicate_bits=args.bits)
+        nd = summary["near_duplicates"]
+        result.setdefault("manifests", {})[name] = {"manifest": path, "images": summary["images"],
+                                                    "patients": summary["patients"], "near_duplicates": nd}
+        print(name, {k: nd[k] for k in ("pairs", "across_splits", "eval_images_with_train_twin", "different_labels")},
+              flush=True)
     args.out.write_text(json.dumps(result, indent=1))
 
 
