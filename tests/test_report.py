@@ -218,3 +218,34 @@ def test_multiclass_report_has_per_class_auroc_and_no_operating_point(tmp_path):
     assert "AUROC per class" in page and "macro one-vs-rest" in page and "Operating points" not in page
     for c in "abc":
         assert f"{met['per_class_auroc'][c]['auroc']:.3f}" in page
+
+
+def test_the_report_states_the_claim_by_the_one_rule_and_keeps_predictions_out():
+    """With per-image predictions (what the evaluation stage passes), the report's claim and advice follow
+    `remedis.evaluate.claims`: the best 100% model of any backbone (here random init), paired bootstrap."""
+    import json
+
+    import numpy as np
+
+    from remedis.evaluate.report import build_report
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.4).astype(int)
+    patients = np.array([f"p{i // 2}" for i in range(300)])
+
+    def model(backbone, fraction, images, noise):
+        score = 1 / (1 + np.exp(-(y * 2.0 + rng.normal(0, noise, len(y)))))
+        m = _m(backbone, fraction, images, 0.0)
+        m["_predictions"] = {"targets": y, "probs": np.stack([1 - score, score], 1), "patients": patients, "positive_index": 1}
+        return m
+
+    models = [model("remedis", 0.1, 10, 3.0), model("remedis", 0.25, 25, 0.45), model("remedis", 1.0, 100, 0.45),
+              model("supervised", 1.0, 100, 1.5), model("random", 1.0, 100, 0.4)]
+    r = build_report(models, {"B": {"role": "target"}}, {}, task={"target_site": "B"})
+    claim = r["claim"]
+    assert claim["best_baseline"] in ("random@100%", "remedis@100%") and claim["method"] == "remedis"
+    assert [row["images"] for row in claim["budgets"]] == [10, 25, 100]
+    assert claim["margins"]["0.05"]["budget"] in (0.25, 1.0)
+    assert r["advice"][0].startswith("By the claim rule (non-inferior to the best model trained on all of B's labels")
+    text = json.dumps(r)
+    assert "_predictions" not in text and "p149" not in text  # no per-image data, no patient

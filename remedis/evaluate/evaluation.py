@@ -164,6 +164,10 @@ def evaluate_adapted(model: AdaptedModel, inputs: EvalInputs, n_boot: int = 200,
         vp = _softmax(val_logits[known] / model.temperature)
         entry["validation"] = {"n_images": int(known.sum()), "auroc": _finite(auroc(val_targets[known], vp, model.positive_index)),
                                "ece": _finite(ece(vp, val_targets[known]))}
+    target = sites == inputs.target_site
+    if target.any():  # for the claim rule across models (remedis.evaluate.claims); stripped before the report is written
+        entry["_predictions"] = {"targets": targets[target], "probs": probs[target], "patients": patients[target],
+                                 "positive_index": model.positive_index}
     entry["ood"] = _ood_section(model, inputs, index, logits, emb, sites, detector, seed, memo)
     entry["representation"] = _representation_section(model, inputs, emb, sites, test, seed)
     return entry

@@ -22,7 +22,11 @@ Schema (`schema_version` 2; version 1 had only `sites`, `models[*].sites[*]` aur
                       provenance {weights_sha256, backbone_sha256, ood_sha256, ...}}]
     data_efficiency {backbone: {site: [[budget fraction, auroc], ...]}}
     label_savings   {site: {metric, baseline, baseline_images, baseline_value, method, reached_fraction,
-                            reached_images, reached_value, savings}}
+                            reached_images, reached_value, savings}}  (point estimates against supervised-only;
+                    kept for schema 2 readers: the advice uses `claim`)
+    claim           the claim rule on the target site (remedis.evaluate.claims.data_efficiency_claim): the
+                    smallest budget of the REMEDIS backbone non-inferior to the best 100% model of any backbone,
+                    per margin, with the one-sided paired patient-bootstrap bounds (optional)
     split_shift     {model name: {val_auroc, test_auroc, test_auroc_ci, accept_rate, test_accepted, val_ece,
                                   test_ece, signs, shifted}} (remedis.evaluate.split_shift; optional)
     advice          [plain-language lines: a shifted test split first, then label budgets]
@@ -62,6 +66,8 @@ def build_report(models: list[dict], sites: dict[str, dict], provenance: dict[st
     target = (task or {}).get("target_site") or next((s for s, i in sites.items() if i.get("role") == "target"), None)
     savings = label_savings(models)
     shifts = {m["name"]: sh for m in models if target and "name" in m and (sh := split_shift(m, target)) is not None}
+    claim = report_claim(models, target)
+    models = [{k: v for k, v in m.items() if k != "_predictions"} for m in models]  # per-image data stays out
     return {
         "schema_version": SCHEMA_VERSION,
         "title": title,
@@ -73,9 +79,50 @@ def build_report(models: list[dict], sites: dict[str, dict], provenance: dict[st
         "data_efficiency": data_efficiency(models),
         "label_savings": savings,
         "split_shift": shifts,
-        "advice": shift_advice(models, target) + advice_lines(savings, target),
+        "claim": claim,
+        "advice": shift_advice(models, target) + (claim_advice(claim, target) if claim else advice_lines(savings, target)),
         "provenance": provenance,
     }
+
+
+def report_claim(models: list[dict], target: str | None, method: str = METHOD, n_boot: int = 1000) -> dict | None:
+    """The claim rule on the target site's test images: `method`'s budgets against every backbone's 100% model
+    (its own included). None without per-image predictions, a 100% model or a budget below 100%."""
+    from remedis.evaluate.claims import data_efficiency_claim
+
+    have = [m for m in models if m.get("_predictions") is not None and not m.get("distilled")]
+    ours = {m["fraction"]: m for m in have if m["backbone"] == method}
+    full = {m["backbone"]: m for m in have if m["fraction"] == 1.0}
+    if not target or not full or not [f for f in ours if f < 1.0]:
+        return None
+    first = next(iter(full.values()))["_predictions"]
+    if any(len(m["_predictions"]["targets"]) != len(first["targets"]) for m in have):
+        return None  # not the same test images
+    claim = data_efficiency_claim({f: m["_predictions"]["probs"] for f, m in ours.items()},
+                                  {f"{b}@100%": m["_predictions"]["probs"] for b, m in full.items()},
+                                  first["targets"], first["patients"], n_boot=n_boot, seed=0,
+                                  positive_index=first["positive_index"])
+    images = {m["fraction"]: m["train_images"] for m in ours.values()}
+    for row in claim["budgets"]:
+        row["images"] = images.get(row["fraction"])
+    return {"site": target, "method": method, **claim}
+
+
+def claim_advice(claim: dict, target: str | None) -> list[str]:
+    """The claim in one plain sentence: how many of the site's labels were enough, by the one rule."""
+    images = {r["fraction"]: r["images"] for r in claim["budgets"]}
+    head = (f"By the claim rule (non-inferior to the best model trained on all of {target}'s labels, "
+            f"{claim['best_baseline']} with AUROC {claim['baseline_auroc']:.3f}; one-sided 95% paired patient bootstrap)")
+    at = {m: v for m, v in claim["margins"].items()}
+    strict, loose = at.get("0.02", {}), at.get("0.05", {})
+    if strict.get("budget") is not None and strict["budget"] < 1.0:
+        body = (f": {images[strict['budget']]} labeled images ({strict['budget']:.0%}) with the {claim['method']} backbone "
+                f"are enough at a margin of 0.02 (AUROC {strict['auroc']:.3f})")
+    else:
+        body = f": no budget below 100% of the labels is non-inferior at a margin of 0.02 with the {claim['method']} backbone"
+    if loose.get("budget") is not None and loose["budget"] < 1.0 and loose["budget"] != strict.get("budget"):
+        body += f"; at 0.05, {images[loose['budget']]} ({loose['budget']:.0%}, AUROC {loose['auroc']:.3f})"
+    return [head + body + "."]
 
 
 def data_efficiency(models: list[dict]) -> dict[str, dict[str, list]]:
