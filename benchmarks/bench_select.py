@@ -9,7 +9,9 @@ well each choice labels a clustered pool.
 2. Label quality on the unit test's clustered pool (10 clusters, 925 images, sizes 400 to 10): the accuracy
    of a 1-nearest-neighbour classifier on the chosen images' labels, over the whole pool, mean of 5 seeds,
    at budgets 10, 20 and 40, for every strategy (random is the baseline).
-The embedding pass (decoding and a forward pass per image) is not part of these figures.
+3. The embedding pass `remedis select` runs before choosing: the backbone (ResNet-18, the kits' network) over
+   `--images` decoded 64 px grey images held in memory (`remedis.models.inference.embed_cache`, the same call),
+   its time and peak RSS. File decoding is not included (it depends on the format; see bench_data.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,29 @@ def clustered_accuracy(strategy: str, budget: int, seeds=range(5)) -> float:
     return float(np.mean(scores))
 
 
+def embedding_pass(n: int, size: int = 64) -> dict:
+    """Seconds and peak RSS to embed `n` in-memory images with a ResNet-18 at `size` px (what select does)."""
+    import torch
+
+    from remedis.data.dataset import ImageCache
+    from remedis.data.manifest import Record
+    from remedis.data.preprocess import Preprocessing
+    from remedis.models.backbones import create_backbone
+    from remedis.models.inference import embed_cache
+
+    torch.manual_seed(0)
+    pixels = torch.rand(n, 1, size, size).half()
+    cache = ImageCache([Record(Path(f"/x/{i}.png"), "", "s", f"p{i}") for i in range(n)], pixels, Preprocessing(size))
+    net = create_backbone("resnet18", 1).eval()
+    with peak_rss() as mem:
+        t0 = time.perf_counter()
+        emb = embed_cache(net, cache)
+        seconds = time.perf_counter() - t0
+    assert emb.shape[0] == n
+    return fig(f"embed {n} images ({size} px, resnet18, in memory)", seconds, "s",
+               peak_rss_mb=(mem["peak"] - mem["start"]) / 2**20, images_per_s=n / seconds)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=20000)
@@ -80,6 +105,7 @@ def main(argv=None) -> int:
         figures.append(fig(f"{name}: choose {args.budget} of {args.images}", seconds, "s", reference=reference,
                            reference_name="all pairwise dot products once", peak_rss_mb=(mem["peak"] - mem["start"]) / 2**20,
                            patients=len({patients[i] for i in chosen.indices})))
+    figures.append(embedding_pass(args.images))
     quality = {name: {str(b): clustered_accuracy(name, b) for b in (10, 20, 40)} for name in strategy_names()}
     result = {"benchmark": "select", "environment": environment(), "images": args.images, "dim": args.dim,
               "budget": args.budget, "figures": figures, "clustered_pool_1nn_accuracy": quality}
