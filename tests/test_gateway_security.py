@@ -39,6 +39,8 @@ def pki(tmp_path_factory):
         cert = issuer.issue_cert(ident) if name != "modality" else issuer.issue_cert("modality.example", common_name="MODALITY1")
         out[name] = folder / f"{name}.pem"
         cert.private_key_and_cert_chain_pem.write_to_path(out[name])
+        cert.private_key_pem.write_to_path(folder / f"{name}.key")  # separate files, as dcmtk takes them
+        cert.cert_chain_pems[0].write_to_path(folder / f"{name}.crt")
     return out
 
 
@@ -298,3 +300,34 @@ def test_the_service_over_https_is_verified_and_an_untrusted_one_is_never_used(t
     finally:
         trusted.shutdown()
         rogue.shutdown()
+
+
+def test_dcmtk_echoscu_and_storescu_over_tls_with_a_client_certificate(tmp_path, model, pki, shared_data):
+    """dcmtk's own TLS clients (`+tls key cert`, `+cf ca`): accepted with the modality's certificate and an SR made;
+    without a certificate (`+tla`) or over plain TCP, refused."""
+    import subprocess
+
+    from gateway_support import dcmtk_tool, write_all
+
+    from serving.gateway.app import Gateway
+
+    echoscu, storescu = dcmtk_tool("echoscu"), dcmtk_tool("storescu")
+    if not echoscu or not storescu:
+        pytest.skip("dcmtk not installed (apt-get install dcmtk)")
+    folder = Path(pki["ca"]).parent
+    tls = ["+tls", str(folder / "modality.key"), str(folder / "modality.crt"), "+cf", str(pki["ca"])]
+    settings = _settings(tmp_path, model, pki)
+    paths = write_all(study_from(ct_files(shared_data, 1)[0], 2, size=None), tmp_path / "study")
+
+    def run(tool, *args, files=()):
+        return subprocess.run([tool, *args, "-aet", "MODALITY1", "-aec", "REMEDIS", "127.0.0.1", str(settings.port), *files],
+                              capture_output=True, text=True, timeout=60)
+
+    with Gateway(settings) as gw:
+        assert run(echoscu, *tls).returncode == 0
+        stored = run(storescu, *tls, files=[str(p) for p in paths])
+        assert stored.returncode == 0, stored.stderr
+        _wait(lambda: gw.status()["processed"] == 2, 60, "the instances stored over TLS")
+        assert run(echoscu, "+tla", "+cf", str(pki["ca"])).returncode != 0  # no client certificate
+        assert run(echoscu).returncode != 0  # plain TCP to the TLS port
+    assert len(list((tmp_path / "spool").rglob("sr-*.dcm"))) == 1
