@@ -43,4 +43,4 @@ def test_gateway_with_orthanc_and_dcmtk_in_a_private_network(shared_data):
     proc = subprocess.run(["unshare", "--net", "sh", "-c", inner], cwd=ROOT, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "5 passed" in proc.stdout, proc.stdout[-3000:]

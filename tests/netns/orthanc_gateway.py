@@ -38,16 +38,23 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
-    def __init__(self, root: Path, gateway_port: int):
+    def __init__(self, root: Path, gateway_port: int, tls: dict | None = None):
+        """`tls`: {"key", "crt", "ca"} files for DICOM TLS (Orthanc's certificate and key, the trusted CA)."""
         self.root = root
         self.http, self.dicom = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
-        (root / "orthanc.json").write_text(json.dumps({
+        config = {
             "Name": "remedis-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
             "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"gw": ["REMEDIS", "127.0.0.1", gateway_port]}, "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": False}))
+            "DicomCheckCalledAet": False}
+        if tls:
+            config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(tls["crt"]), "DicomTlsPrivateKey": str(tls["key"]),
+                           "DicomTlsTrustedCertificates": str(tls["ca"]), "DicomTlsRemoteCertificateRequired": True,
+                           "DicomModalities": {"gw": {"AET": "REMEDIS", "Host": "127.0.0.1", "Port": gateway_port,
+                                                      "UseDicomTls": True}}})
+        (root / "orthanc.json").write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{self.http}"
         self.proc = None
 
@@ -230,3 +237,46 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(env, tmp_path):
             assert gw.status()["sent"] == 3
         finally:
             pacs.stop()
+
+
+def test_orthanc_over_dicom_tls_both_ways(tmp_path):
+    """Orthanc with DICOM TLS (its certificate trusted by the gateway, the gateway's by it, both required) pushes a
+    study to the gateway and receives the SR over TLS."""
+    trustme = pytest.importorskip("trustme")
+    from serving.gateway.app import Gateway
+    from serving.gateway.settings import load_gateway_settings
+
+    ca = trustme.CA()
+    files = {"ca": tmp_path / "ca.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    for name in ("orthanc", "gateway"):
+        cert = ca.issue_cert("127.0.0.1", common_name=name)
+        for part, blob in (("key", cert.private_key_pem), ("crt", cert.cert_chain_pems[0])):
+            files[f"{name}.{part}"] = tmp_path / f"{name}.{part}"
+            blob.write_to_path(files[f"{name}.{part}"])
+    gw_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", gw_port, tls={"key": files["orthanc.key"], "crt": files["orthanc.crt"],
+                                                          "ca": files["ca"]}).start()
+    settings = load_gateway_settings(None, {
+        "port": gw_port, "spool": str(tmp_path / "spool"), "quiet_seconds": 0.5,
+        "routes": [{"model": str(make_model(tmp_path / "model", ct_files(SHARED, 12))), "modalities": ["CT"]}],
+        "tls": {"cert": str(files["gateway.crt"]), "key": str(files["gateway.key"]), "ca": str(files["ca"]),
+                "require_client_cert": True},
+        "callers": [{"ae_title": "ORTHANC", "hosts": ["127.0.0.1"], "subject_cn": "orthanc"}],
+        "destination": {"kind": "dimse", "host": "127.0.0.1", "port": orthanc.dicom, "ae_title": "ORTHANC", "tls": True},
+        "retry": {"initial_s": 0.5, "max_s": 2}, "stow": {"enabled": False}})
+    try:
+        with Gateway(settings) as gw:
+            f = ct_files(SHARED, 1)[0]
+            ident = orthanc.upload(f)["ID"]
+            r = httpx.post(f"{orthanc.url}/modalities/gw/store", json={"Resources": [ident], "Synchronous": True}, timeout=120)
+            assert r.status_code == 200, r.text
+            src = pydicom.dcmread(f, stop_before_pixels=True)
+            srs = wait_for(lambda: orthanc.srs(src.StudyInstanceUID), what="the SR in Orthanc over TLS")
+            assert len(srs) == 1 and gw.status()["sent"] == 1
+        events = [json.loads(x) for x in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
+        accepted = [e for e in events if e["event"] == "association-accepted"]
+        assert accepted and "client certificate orthanc" in accepted[0]["detail"]
+        assert any(e["event"] == "result-sent" and "over TLS" in e["detail"] for e in events)
+    finally:
+        orthanc.stop()
