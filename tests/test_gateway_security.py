@@ -201,7 +201,7 @@ def test_stow_and_status_over_https_need_the_api_key(tmp_path, model, pki, share
         assert client.get(f"{url}/status", headers={"Authorization": "Bearer s3cret-key-123"}).json()["received"] == 1
         assert client.get(f"{url}/healthz").status_code == 200
         with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     events = _audit(tmp_path)
     assert sum(e["event"] == "authentication-failed" for e in events) == 3
     text = (tmp_path / "spool" / "audit.jsonl").read_text() + caplog.text

@@ -185,7 +185,7 @@ class HttpServer:
             extra = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key or None, "ssl_ca_certs": tls.ca or None,
                      "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE}
         config = uvicorn.Config(make_app(gateway, api_key), host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", **extra)
+                                lifespan="off", timeout_graceful_shutdown=2, **extra)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-http")
 
