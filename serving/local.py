@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 
 # bandit B404 / B603: this module starts `bentoml serve` with arguments it builds itself, no shell
 import subprocess  # nosec B404
@@ -35,12 +36,14 @@ class LocalServer:
 
     def __init__(self, model: str, bentoml_home: str | Path, config: str | Path | None = None,
                  env: dict[str, str] | None = None, startup_timeout: float = 180.0, target: str = "serving.service:RemedisService",
-                 fail_on: tuple[str, ...] = ()):
+                 fail_on: tuple[str, ...] = (), https_ca: str | Path | None = None):
         """fail_on: log texts that mean the service will never be ready (its workers keep restarting):
-        `start` raises as soon as one appears instead of waiting `startup_timeout`."""
+        `start` raises as soon as one appears instead of waiting `startup_timeout`. https_ca: the config serves
+        HTTPS (its `tls`); its certificate is checked against this CA bundle."""
         self.model, self.config, self.target, self.fail_on = model, config, target, fail_on
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.https_ca = https_ca
+        self.url = f"{'https' if https_ca else 'http'}://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(env or {})}
         self.startup_timeout = startup_timeout
@@ -64,8 +67,9 @@ class LocalServer:
                 self.stop(kill=True)
                 raise RuntimeError(f"service failed to start:\n{self.log_text()[-4000:]}")
             try:
-                # bandit B310: the URL is our own http://127.0.0.1 address
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:  # nosec B310
+                # bandit B310: the URL is our own http(s)://127.0.0.1 address
+                context = ssl.create_default_context(cafile=str(self.https_ca)) if self.https_ca else None
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2, context=context) as r:  # nosec B310
                     if r.status == 200:
                         return self
             except OSError:

@@ -161,7 +161,20 @@ def _error(ctx: bentoml.Context, status: int, reason: str, field: str | None = N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http={"host": SETTINGS.host})
+def _ssl() -> dict[str, Any]:
+    """BentoML's TLS options from `tls` in the serving config: HTTPS only when a certificate is set."""
+    t = SETTINGS.tls
+    if not t.cert:
+        return {}
+    out: dict[str, Any] = {"enabled": True, "certfile": t.cert, "keyfile": t.key or t.cert}
+    if t.ca:
+        out["ca_certs"] = t.ca
+    out["cert_reqs"] = 2 if t.require_client_cert else 0  # ssl.CERT_REQUIRED / CERT_NONE
+    return out
+
+
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http={"host": SETTINGS.host},
+                 ssl=_ssl())
 class RemedisService:
     """The BentoML service: loads one adapted model once and answers uploads with calibrated probabilities, the
     label at the operating point and an OOD flag with reasons."""

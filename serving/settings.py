@@ -70,6 +70,16 @@ class AuthSettings:
 
 
 @dataclass
+class TlsSettings:
+    """HTTPS for the service (PEM files; never logged): BentoML's own TLS options."""
+
+    cert: str = ""  # the service's certificate chain: HTTPS only when set
+    key: str = ""  # its private key
+    ca: str = ""  # CA bundle that client certificates must chain to (with require_client_cert)
+    require_client_cert: bool = False  # mutual TLS
+
+
+@dataclass
 class ServeSettings:
     """The service's settings (serving.yaml): model, devices, precision, batching, limits, authentication, modalities."""
 
@@ -86,6 +96,7 @@ class ServeSettings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def validate(self) -> "ServeSettings":
         """Check the settings; a ValueError names the key."""
@@ -101,6 +112,12 @@ class ServeSettings:
                 raise ConfigError(f"{where}: must be >= 1, got {value}")
         if self.batching.coalesce_in_flight < 0:
             raise ConfigError(f"batching.coalesce_in_flight: must be >= 0, got {self.batching.coalesce_in_flight}")
+        for key in ("cert", "key", "ca"):
+            value = getattr(self.tls, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"tls.{key}: {value} is not a file")
+        if self.tls.require_client_cert and not (self.tls.cert and self.tls.ca):
+            raise ConfigError("tls.require_client_cert: needs tls.cert, tls.key and tls.ca")
         if self.resources.gpu < 0:
             raise ConfigError(f"resources.gpu: must be >= 0, got {self.resources.gpu}")
         return self

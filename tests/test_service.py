@@ -506,3 +506,38 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
         uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
         assert results[uid]["probabilities"]["malignant"] == pytest.approx(answer.probabilities["malignant"], abs=1e-6)
         assert results[uid]["label"] == answer.label and results[uid]["ood"] == answer.ood
+
+
+def test_the_service_serves_https_and_the_gateway_verifies_its_certificate(svc, tmp_path, monkeypatch):
+    """`tls` in the serving config: the service answers over HTTPS only (BentoML's TLS), and the gateway's hop to
+    it verifies the certificate against the site's CA; a certificate from another CA is never used."""
+    trustme = pytest.importorskip("trustme")
+    from serving.gateway.inference import InferenceUnavailable, ServiceInference
+    from serving.local import LocalServer
+
+    ca, rogue = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    rogue.cert_pem.write_to_path(tmp_path / "rogue.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "svc.key")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "svc.crt")
+    config = tmp_path / "serving.yaml"
+    config.write_text(f"tls: {{cert: {tmp_path / 'svc.crt'}, key: {tmp_path / 'svc.key'}}}\n"
+                      "auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}\n")
+    server = LocalServer(svc["tag"], svc["tmp"] / "bentoml", config, env={"REMEDIS_TEST_API_KEY": KEY},
+                         https_ca=tmp_path / "ca.pem", startup_timeout=120).start()
+    try:
+        png = next(f for f in svc["files"] if f.suffix == ".png")
+        r = httpx.post(f"{server.url}/predict", files={"image": _file(png)}, headers={"X-API-Key": KEY}, timeout=60,
+                       verify=str(tmp_path / "ca.pem"))
+        assert r.status_code == 200 and r.json()["probabilities"]["malignant"] == pytest.approx(
+            float(_expected(svc, png)["probs"][1]), abs=1e-5)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
+            httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=3)
+        monkeypatch.setenv("REMEDIS_TEST_API_KEY", KEY)
+        assert ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(tmp_path / "ca.pem")).info.class_names == [
+            "benign", "malignant"]
+        with pytest.raises(InferenceUnavailable, match="unreachable"):
+            ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(tmp_path / "rogue.pem"))
+    finally:
+        server.stop()
