@@ -194,8 +194,8 @@ class Gateway:
         ae.maximum_pdu_size = 0
         if self.settings.allowed_aets:
             ae.require_calling_aet = list(self.settings.allowed_aets)
-        else:
-            log.warning("allowed_aets is empty: any calling AE title is accepted")
+        elif not self.settings.callers:
+            log.warning("allowed_aets and callers are empty: any calling AE title is accepted")
         handlers = [(evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS), (evt.EVT_C_STORE, self._on_c_store),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected)]
         tls = server_context(self.settings.tls)

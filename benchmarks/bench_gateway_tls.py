@@ -1,0 +1,97 @@
+"""The cost of DICOM TLS on the gateway's way in (issue 31): instances/s accepted by C-STORE over 4 parallel
+associations, plain TCP against mutual TLS (trustme certificates, TLS 1.3 as negotiated), the same instances,
+the same gateway settings, in the same run; the plain run is the reference. Receiving is where TLS costs: the
+model and the SR do not change. No destination (results stay in the spool), so only the way in is measured.
+
+    .venv/bin/python benchmarks/bench_gateway_tls.py --out benchmarks/results/gateway-tls-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from gateway_support import ct_files, free_port, make_model, study_from  # noqa: E402
+
+from benchmarks._common import environment, fig  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def accept_rate(settings, instances, client_tls: ssl.SSLContext | None) -> float:
+    """Instances/s the gateway acknowledges over 4 parallel associations (until the last C-STORE response)."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    from serving.gateway.app import Gateway
+    from serving.gateway.send import tcp_nodelay
+
+    tcp_nodelay()
+
+    def send(chunk):
+        ae = AE(ae_title="MODALITY1")
+        ae.requested_contexts = StoragePresentationContexts
+        kw = {"tls_args": (client_tls, "127.0.0.1")} if client_tls else {}
+        a = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title, **kw)
+        try:
+            return [a.send_c_store(ds).Status for ds in chunk]
+        finally:
+            a.release()
+
+    with Gateway(settings):
+        chunks = [instances[i::4] for i in range(4)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [s for r in pool.map(send, chunks) for s in r]
+        seconds = time.perf_counter() - t0
+    assert statuses == [0] * len(instances), "every instance acknowledged"
+    return len(instances) / seconds
+
+
+def main() -> None:
+    import trustme
+
+    from serving.gateway.settings import load_gateway_settings
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, default=300)
+    ap.add_argument("--size", type=int, default=256, help="CT pixels cropped to this size")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-tls-"))
+    model = make_model(tmp / "model", ct_files(SHARED, 12), size=64)
+    instances = [ds for _ in range(args.instances // 25) for ds in study_from(ct_files(SHARED, 1)[0], 25, size=args.size)]
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp / "ca.pem")
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp / "gateway.pem")
+    client = ca.issue_cert("modality.example", common_name="MODALITY1")
+    client.private_key_and_cert_chain_pem.write_to_path(tmp / "modality.pem")
+    client_tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp / "ca.pem"))
+    client_tls.load_cert_chain(str(tmp / "modality.pem"))
+    rates = {}
+    for name, tls in (("plain", {}), ("tls", {"cert": str(tmp / "gateway.pem"), "key": str(tmp / "gateway.pem"),
+                                             "ca": str(tmp / "ca.pem"), "require_client_cert": True})):
+        settings = load_gateway_settings(None, {
+            "port": free_port(), "spool": str(tmp / f"spool-{name}"), "quiet_seconds": 3600,  # receive only
+            "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False}, "tls": tls,
+            "callers": [{"ae_title": "MODALITY1", "hosts": ["127.0.0.1"]}]})
+        rates[name] = accept_rate(settings, instances, client_tls if tls else None)
+    result = {"benchmark": "gateway_tls", "environment": environment(), "instances": len(instances), "image_size": args.size,
+              "figures": [fig("C-STORE accepted, plain TCP (4 associations)", rates["plain"], "instances/s"),
+                          fig("C-STORE accepted, mutual DICOM TLS (4 associations)", rates["tls"], "instances/s",
+                              reference=rates["plain"], reference_name="plain TCP")]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["figures"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
