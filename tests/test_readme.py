@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -258,7 +259,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _numbers(value, out: set[float], max_list: int = 20) -> None:
-    """Every number in a JSON value, skipping long lists (per-image predictions, which would match anything)."""
+    """Every number in a JSON value, skipping long lists (per-image predictions, which would match anything);
+    a short list of numbers (one per seed) also gives its mean and sample sd."""
     if isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
@@ -269,14 +271,18 @@ def _numbers(value, out: set[float], max_list: int = 20) -> None:
     elif isinstance(value, list) and len(value) <= max_list:
         for v in value:
             _numbers(v, out, max_list)
+        numeric = [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if 2 <= len(numeric) == len(value):  # per-seed values: their mean and sd are figures too
+            out.add(sum(numeric) / len(numeric))
+            out.add(statistics.stdev(numeric))
     elif isinstance(value, str):
         out.update(float(x) for x in re.findall(r"\d+(?:\.\d+)?", value))
 
 
 def test_every_number_in_does_it_work_comes_from_a_results_json():
     """The README's "Does it work?" section names its result files; each number it prints (AUROCs, counts,
-    budgets, sizes) must occur in one of them, a decimal as the JSON's value rounded to the digits shown,
-    a percentage also as a fraction."""
+    budgets, sizes) must occur in one of them, a decimal as the JSON's value (or a mean or sd of per-seed
+    values) rounded to the digits shown, a percentage also as a fraction."""
     import json
 
     text = README.read_text()
