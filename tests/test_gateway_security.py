@@ -249,6 +249,62 @@ def test_the_audit_command_prints_events_since(tmp_path, capsys):
     assert stat.S_IMODE((tmp_path / "spool" / "audit.jsonl").stat().st_mode) == 0o600
 
 
+def test_audit_lines_also_reach_a_syslog_collector_as_rfc5424(tmp_path):
+    import re
+    import socket
+
+    from serving.gateway.audit import AuditTrail
+    from serving.gateway.settings import ConfigError, load_gateway_settings
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(10)
+    tcp = socket.create_server(("127.0.0.1", 0))
+    tcp.settimeout(10)
+    pattern = re.compile(r"<(\d+)>1 (\S+) (\S+) remedis-gateway (\d+) (\S+) - (\{.*\})$")
+
+    trail = AuditTrail(tmp_path / "a.jsonl", syslog=f"udp://127.0.0.1:{udp.getsockname()[1]}")
+    trail.record("association-rejected", 4, user="MODALITY", address="10.0.0.7", detail="address not allowed")
+    m = pattern.match(udp.recv(65536).decode())
+    assert m, "not an RFC 5424 message"
+    assert int(m.group(1)) == 13 * 8 + 4  # facility log audit, severity warning for a minor failure
+    assert m.group(5) == "association-rejected" and json.loads(m.group(6))["address"] == "10.0.0.7"
+    assert json.loads(m.group(6)) == json.loads((tmp_path / "a.jsonl").read_text())  # the same line as the file
+    trail.close()
+
+    trail = AuditTrail(tmp_path / "b.jsonl", syslog=f"tcp://127.0.0.1:{tcp.getsockname()[1]}")
+    trail.record("configuration-loaded")
+    trail.record("result-sent", user="PACS")
+    conn, _ = tcp.accept()
+    conn.settimeout(10)
+    stream = b""
+    while stream.count(b"remedis-gateway") < 2:
+        stream += conn.recv(65536)
+    frames = []
+    while stream:  # RFC 6587 octet counting: "<length> <message>"
+        length, rest = stream.split(b" ", 1)
+        frames.append(rest[: int(length)].decode())
+        stream = rest[int(length):]
+    assert [pattern.match(f).group(5) for f in frames] == ["configuration-loaded", "result-sent"]
+    assert int(pattern.match(frames[0]).group(1)) == 13 * 8 + 6
+    conn.close()
+    tcp.close()
+    trail.close()
+
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # a collector that is down: the file keeps every line, the copies are counted as dropped
+    trail = AuditTrail(tmp_path / "c.jsonl", syslog=f"tcp://127.0.0.1:{port}")
+    trail.record("configuration-loaded")
+    trail.record("result-failed", 8)
+    assert trail.syslog.dropped == 2 and len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
+    trail.close()
+    udp.close()
+    base = {"routes": [{"model": "x"}], "stow": {"enabled": False}, "spool": str(tmp_path / "s")}
+    with pytest.raises(ConfigError, match="audit_syslog: 'syslog.example' is not udp://"):
+        load_gateway_settings(None, {**base, "audit_syslog": "syslog.example"})
+
+
 def _https_service(cert: Path):
     """A stand-in inference service over HTTPS on loopback: metadata, and a fixed answer per image."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -161,7 +161,7 @@ class Gateway:
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines quote dataset UIDs at length
         self.settings = settings
         self.spool = Spool(settings.spool)
-        self.audit = AuditTrail(settings.audit or Path(settings.spool) / "audit.jsonl")
+        self.audit = AuditTrail(settings.audit or Path(settings.spool) / "audit.jsonl", settings.audit_syslog)
         self.models: dict[int, Inference] = models or {}
         self.model_wait_s = model_wait_s
         self.backoff = Backoff(settings.retry)
@@ -260,7 +260,8 @@ class Gateway:
         """Counters, queue sizes, the destination and routes, the last error (no identifier)."""
         return {**self.spool.status(), "destination": self.settings.destination.kind,
                 "routes": [r.name or Path(r.model).name for r in self.settings.routes], "last_error": self.last_error,
-                "healthy": self.healthy()}
+                "healthy": self.healthy(),
+                **({"syslog_dropped": self.audit.syslog.dropped} if self.audit.syslog is not None else {})}
 
     # ---- in: C-STORE and STOW-RS ---------------------------------------------------------------------
 

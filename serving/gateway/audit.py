@@ -14,6 +14,11 @@ The fields follow a DICOM audit message (PS3.15 A.5, IHE ATNA) in a form a SIEM 
 Lines are appended with O_APPEND and flushed at once, so concurrent writers never interleave a line and a
 killed process loses none that was written. `remedis-gateway audit --since 1d` prints them.
 
+An optional syslog sink (`audit_syslog`: `udp://host:514`, `tcp://host:601` or `unix:/dev/log`) sends each
+line to a collector as well, as an RFC 5424 message (facility 13, "log audit"; severity from the outcome;
+MSGID the event; the JSON line as MSG; TCP framed by octet counting, RFC 6587). The file stays the record:
+a collector that is down costs the syslog copy (counted in `syslog_dropped`, warned once), never an event.
+
 Example:
     >>> trail = AuditTrail("spool/audit.jsonl")
     >>> trail.record("association-accepted", 0, user="MODALITY1", address="10.0.0.5")
@@ -23,16 +28,101 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 EVENTS = ("association-accepted", "association-rejected", "instance-received", "instance-refused", "result-sent",
           "result-failed", "authentication-failed", "configuration-loaded")
 SUCCESS, MINOR, SERIOUS, MAJOR = 0, 4, 8, 12
+LOG_AUDIT = 13  # RFC 5424 facility "log audit"
+SEVERITY = {SUCCESS: 6, MINOR: 4, SERIOUS: 3, MAJOR: 2}  # informational, warning, error, critical
+log = logging.getLogger("remedis.gateway")
+
+
+def parse_syslog_target(target: str) -> tuple[str, str | tuple[str, int]]:
+    """`udp://host:port`, `tcp://host:port` or `unix:/path` -> (kind, address); ValueError names the problem."""
+    if target.startswith("unix:"):
+        path = target[len("unix:"):]
+        if not path:
+            raise ValueError(f"audit_syslog: {target!r} names no socket path")
+        return "unix", path
+    parts = urlsplit(target)
+    if parts.scheme not in ("udp", "tcp") or not parts.hostname:
+        raise ValueError(f"audit_syslog: {target!r} is not udp://host:port, tcp://host:port or unix:/path")
+    try:
+        port = parts.port or (514 if parts.scheme == "udp" else 601)
+    except ValueError:
+        raise ValueError(f"audit_syslog: {target!r} has no valid port") from None
+    return parts.scheme, (parts.hostname, port)
+
+
+def rfc5424(line: dict[str, Any], payload: str, hostname: str, app: str = "remedis-gateway") -> bytes:
+    """One RFC 5424 message for an audit line: PRI, version 1, its time, host, app, pid, the event as MSGID."""
+    pri = LOG_AUDIT * 8 + SEVERITY.get(int(line["outcome"]), 4)
+    header = f"<{pri}>1 {line['time']} {hostname or '-'} {app} {os.getpid()} {line['event']} -"
+    return f"{header} {payload}".encode()
+
+
+class SyslogSink:
+    """Best-effort copy of audit lines to a syslog collector (RFC 5424 over UDP, TCP or a Unix datagram socket).
+
+    Args:
+        target: `udp://host:port`, `tcp://host:port` or `unix:/dev/log`.
+        timeout: seconds to connect or send over TCP before the copy is dropped.
+    """
+
+    def __init__(self, target: str, timeout: float = 2.0):
+        self.kind, self.address = parse_syslog_target(target)
+        self.timeout = timeout
+        self.hostname = socket.gethostname().split(".")[0][:255]
+        self.dropped = 0
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    def _connect(self) -> socket.socket:
+        if self.kind == "tcp":
+            return socket.create_connection(self.address, timeout=self.timeout)
+        family = socket.AF_UNIX if self.kind == "unix" else socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.address)
+        return sock
+
+    def send(self, line: dict[str, Any], payload: str) -> bool:
+        """Send one line; False (and counted) when the collector cannot be reached."""
+        message = rfc5424(line, payload, self.hostname)
+        if self.kind == "tcp":
+            message = f"{len(message)} ".encode() + message
+        for attempt in (0, 1):  # one reconnect: a collector restarted since the last line
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+                self._sock.sendall(message) if self.kind == "tcp" else self._sock.send(message)
+                return True
+            except OSError as exc:
+                self.close()
+                if attempt:
+                    self.dropped += 1
+                    if not self._warned:
+                        log.warning("audit syslog %s unreachable (%s); the audit file keeps every line",
+                                    self.kind, type(exc).__name__)
+                        self._warned = True
+        return False
+
+    def close(self) -> None:
+        """Close the socket (reopened by the next send)."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
 
 
 class AuditTrail:
@@ -40,13 +130,15 @@ class AuditTrail:
 
     Args:
         path: the file; its folder is created (0700).
+        syslog: optional collector for a copy of every line (`udp://host:514`, `tcp://host:601`, `unix:/dev/log`).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, syslog: str = ""):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.syslog = SyslogSink(syslog) if syslog else None
 
     def record(self, event: str, outcome: int = SUCCESS, *, user: str | None = None, address: str | None = None,
                object_key: str | None = None, detail: str | None = None) -> dict[str, Any]:
@@ -55,9 +147,11 @@ class AuditTrail:
             raise ValueError(f"audit event {event!r} is not one of {', '.join(EVENTS)}")
         line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                 "outcome": int(outcome), "user": user, "address": address, "object": object_key, "detail": detail}
-        data = (json.dumps({k: v for k, v in line.items() if v is not None}) + "\n").encode()
+        payload = json.dumps({k: v for k, v in line.items() if v is not None})
         with self._lock:
-            os.write(self._fd, data)
+            os.write(self._fd, (payload + "\n").encode())
+            if self.syslog is not None:
+                self.syslog.send(line, payload)
         return line
 
     def close(self) -> None:
@@ -66,6 +160,8 @@ class AuditTrail:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            if self.syslog is not None:
+                self.syslog.close()
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:

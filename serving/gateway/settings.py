@@ -113,6 +113,7 @@ class GatewaySettings:
     tls: Tls = field(default_factory=Tls)
     insecure_plain_network: bool = False  # allow listening beyond loopback without TLS (patient data in clear)
     audit: str = ""  # the audit trail (JSON lines); "" = <spool>/audit.jsonl
+    audit_syslog: str = ""  # also send each audit line to a syslog collector (RFC 5424): udp://host:514, tcp://host:601, unix:/dev/log
     spool: str = "spool"
     spool_min_free_mb: int = 1024  # below this much free disk under the spool, stores are refused (0xA700) before it fills
     retention_days: float = 30.0  # delivered results and failures older than this are purged from the spool; 0 keeps them
@@ -185,6 +186,13 @@ def _check_security(s: GatewaySettings) -> None:
             and not s.tls.require_client_cert):
         raise ConfigError(f"stow: listening on {s.stow.host} needs credentials: set the API key in ${s.stow.api_key_env} "
                           "or require client certificates (tls.require_client_cert)")
+    if s.audit_syslog:
+        from serving.gateway.audit import parse_syslog_target
+
+        try:
+            parse_syslog_target(s.audit_syslog)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     for i, c in enumerate(s.callers):
         if not 1 <= len(c.ae_title) <= 16:
             raise ConfigError(f"callers[{i}].ae_title: must be 1-16 characters, got {c.ae_title!r}")
