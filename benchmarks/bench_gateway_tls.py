@@ -1,7 +1,9 @@
-"""The cost of DICOM TLS on the gateway's way in (issue 31): instances/s accepted by C-STORE over 4 parallel
-associations, plain TCP against mutual TLS (trustme certificates, TLS 1.3 as negotiated), the same instances,
-the same gateway settings, in the same run; the plain run is the reference. Receiving is where TLS costs: the
-model and the SR do not change. No destination (results stay in the spool), so only the way in is measured.
+"""The cost of DICOM TLS on the gateway (issue 31), plain TCP against mutual TLS (trustme certificates, TLS 1.3
+as negotiated), the same instances and gateway settings in the same run; the plain run is the reference:
+
+  accepted    instances/s acknowledged by C-STORE over 4 parallel associations (no processing: the way in).
+  delivered   end to end: the same instances in, the model in process, one SR per series C-STOREd to a PACS
+              (a pynetdicom storage SCP, over mutual TLS in the TLS run), until the last SR has arrived.
 
     .venv/bin/python benchmarks/bench_gateway_tls.py --out benchmarks/results/gateway-tls-cpu.json
 """
@@ -27,8 +29,9 @@ from benchmarks._common import environment, fig  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def accept_rate(settings, instances, client_tls: ssl.SSLContext | None) -> float:
-    """Instances/s the gateway acknowledges over 4 parallel associations (until the last C-STORE response)."""
+def accept_rate(settings, instances, client_tls: ssl.SSLContext | None, until=None, timeout: float = 600.0) -> float:
+    """Instances/s the gateway acknowledges over 4 parallel associations (until the last C-STORE response);
+    with `until`, the gateway runs on until that condition holds (polled, with a deadline)."""
     from pynetdicom import AE, StoragePresentationContexts
 
     from serving.gateway.app import Gateway
@@ -51,9 +54,32 @@ def accept_rate(settings, instances, client_tls: ssl.SSLContext | None) -> float
         t0 = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
             statuses = [s for r in pool.map(send, chunks) for s in r]
+        deadline = time.time() + timeout
+        while until is not None and not until():
+            if time.time() > deadline:
+                raise TimeoutError("the results did not all arrive")
+            time.sleep(0.01)
         seconds = time.perf_counter() - t0
     assert statuses == [0] * len(instances), "every instance acknowledged"
     return len(instances) / seconds
+
+
+def delivered_rate(settings, instances, client_tls: ssl.SSLContext | None, pacs_tls: ssl.SSLContext | None) -> float:
+    """Instances/s from the first C-STORE to the last series' SR received by the PACS."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    series = len({ds.SeriesInstanceUID for ds in instances})
+    received = []
+    pacs = AE(ae_title="PACS")
+    pacs.supported_contexts = AllStoragePresentationContexts
+    server = pacs.start_server(("127.0.0.1", settings.destination.port), block=False, ssl_context=pacs_tls,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(1) or 0)])
+    try:
+        t0 = time.perf_counter()
+        accept_rate(settings, instances, client_tls, until=lambda: len(received) >= series)
+        return len(instances) / (time.perf_counter() - t0)
+    finally:
+        server.shutdown()
 
 
 def main() -> None:
@@ -76,18 +102,30 @@ def main() -> None:
     client.private_key_and_cert_chain_pem.write_to_path(tmp / "modality.pem")
     client_tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp / "ca.pem"))
     client_tls.load_cert_chain(str(tmp / "modality.pem"))
+    ca.issue_cert("127.0.0.1", common_name="PACS").private_key_and_cert_chain_pem.write_to_path(tmp / "pacs.pem")
+    pacs_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp / "ca.pem"))
+    pacs_tls.load_cert_chain(str(tmp / "pacs.pem"))
+    pacs_tls.verify_mode = ssl.CERT_REQUIRED
     rates = {}
-    for name, tls in (("plain", {}), ("tls", {"cert": str(tmp / "gateway.pem"), "key": str(tmp / "gateway.pem"),
-                                             "ca": str(tmp / "ca.pem"), "require_client_cert": True})):
-        settings = load_gateway_settings(None, {
-            "port": free_port(), "spool": str(tmp / f"spool-{name}"), "quiet_seconds": 3600,  # receive only
-            "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False}, "tls": tls,
-            "callers": [{"ae_title": "MODALITY1", "hosts": ["127.0.0.1"]}]})
-        rates[name] = accept_rate(settings, instances, client_tls if tls else None)
+    gateway_tls = {"cert": str(tmp / "gateway.pem"), "key": str(tmp / "gateway.pem"), "ca": str(tmp / "ca.pem"),
+                   "require_client_cert": True}
+    for mode in ("accepted", "delivered"):
+        for name, tls in (("plain", {}), ("tls", gateway_tls)):
+            settings = load_gateway_settings(None, {
+                "port": free_port(), "spool": str(tmp / f"spool-{mode}-{name}"), "tls": tls,
+                "quiet_seconds": 3600 if mode == "accepted" else 0.5,  # accepted: receive only
+                "destination": {"kind": "dimse", "port": free_port(), "ae_title": "PACS", "tls": bool(tls)},
+                "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False},
+                "callers": [{"ae_title": "MODALITY1", "hosts": ["127.0.0.1"]}]})
+            client = client_tls if tls else None
+            rates[mode, name] = (accept_rate(settings, instances, client) if mode == "accepted" else
+                                 delivered_rate(settings, instances, client, pacs_tls if tls else None))
     result = {"benchmark": "gateway_tls", "environment": environment(), "instances": len(instances), "image_size": args.size,
-              "figures": [fig("C-STORE accepted, plain TCP (4 associations)", rates["plain"], "instances/s"),
-                          fig("C-STORE accepted, mutual DICOM TLS (4 associations)", rates["tls"], "instances/s",
-                              reference=rates["plain"], reference_name="plain TCP")]}
+              "series": len({ds.SeriesInstanceUID for ds in instances}),
+              "figures": [f for mode, what in (("accepted", "C-STORE accepted"), ("delivered", "delivered (SR at the PACS)"))
+                          for f in (fig(f"{what}, plain TCP (4 associations)", rates[mode, "plain"], "instances/s"),
+                                    fig(f"{what}, mutual DICOM TLS in and out (4 associations)", rates[mode, "tls"],
+                                        "instances/s", reference=rates[mode, "plain"], reference_name="plain TCP"))]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["figures"], indent=1))
