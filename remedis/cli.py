@@ -8,6 +8,7 @@ as a `register(subparsers)` function and a thin face over the stage functions of
     remedis evaluate / report ...                                     (remedis.commands.evaluate)
     remedis export --model runs/x/adapted/remedis@1 --name site-x     (remedis.commands.export)
     remedis data synth|index|inspect|split|shard|merge ...            (remedis.commands.data)
+    remedis monitor label labels.csv --store sqlite:///predictions.db (remedis.commands.monitor)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 from remedis.config import ConfigError
 
-COMMANDS = ("run", "pretrain", "select", "adapt", "evaluate", "export", "data")  # modules of remedis.commands, in --help order
+# modules of remedis.commands, in --help order
+COMMANDS = ("run", "pretrain", "select", "adapt", "evaluate", "export", "data", "monitor")
 
 
 def build_parser() -> argparse.ArgumentParser:

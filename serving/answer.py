@@ -61,6 +61,12 @@ class Answer:
             out.update(frames=list(self.frames), frame=self.frame)
         return out
 
+    def log_fields(self) -> dict[str, Any]:
+        """The prediction log's columns of this answer (remedis.monitor.store)."""
+        return {"probabilities": {k: float(v) for k, v in self.probabilities.items()}, "label": self.label,
+                "decision": self.decision, "ood": self.ood,
+                "ood_score": None if self.ood_score is None else float(self.ood_score), "ood_reasons": list(self.ood_reasons)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Answer:
         """An answer from the service's JSON (extra fields such as `format` or `warnings` are ignored)."""

@@ -44,6 +44,7 @@ from serving.coalesce import Coalescer
 from serving.guard import RequestGuard
 from serving.hop import call_resending
 from serving.inputs import Upload, UploadError, check_upload, expand_zip, sniff
+from serving.monitoring import ServiceMonitor
 from serving.settings import resolve
 
 log = logging.getLogger("bentoml.remedis")  # under BentoML's logger, so it reaches the server log
@@ -202,6 +203,8 @@ class RemedisService:
         self.decode_limiter = anyio.CapacityLimiter(4)
         in_flight = SETTINGS.batching.coalesce_in_flight if SETTINGS.max_batch_size > 1 else 0
         self.coalescer = Coalescer(self._call_model, SETTINGS.max_batch_size, in_flight) if in_flight else None
+        self.monitor = ServiceMonitor(SETTINGS.monitor, self._model, meta.get("weights_sha256")) if SETTINGS.monitor.store else None
+        self.caller = "api-key" if SETTINGS.auth.enabled else "anonymous"
         log.info("serving %s: %d classes, operating point %s, OOD %s, input contract %s", self.tag, len(self.class_names),
                  "none (argmax)" if self.calibration.threshold is None else f"{self.calibration.threshold:.4f}",
                  f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none",
@@ -298,7 +301,8 @@ class RemedisService:
             return failure
         up, out, warnings, reasons = done
         answer = self._answers(out, [reasons])[0]
-        return {**answer.to_dict(), "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model}
+        return {**answer.to_dict(), "format": up.format, "modality": up.modality, "warnings": warnings, "model": self._model,
+                **self._logged(up, answer, out[0])}
 
     @bentoml.api(input_spec=ImagesInput)
     async def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
@@ -333,11 +337,40 @@ class RemedisService:
                 results.append({"index": i, **Refusal(p.reason, p.status).to_dict()})
             else:
                 results.append({"index": i, **answers[i].to_dict(), "format": p[0].format, "modality": p[0].modality,
-                                "warnings": p[2]})
+                                "warnings": p[2], **self._logged(p[0], answers[i], out[good.index(i)])})
         n_bad = len(files) - len(good)
         if n_bad:
             log.info("predict_batch: %d of %d items refused", n_bad, len(files))
         return {"results": results, "count": len(files), "errors": n_bad, "model": self._model}
+
+    def _logged(self, up: Upload, answer: Answer, output: np.ndarray) -> dict[str, str]:
+        """Queue the answer for the prediction log (when on); its pseudonymous key for the response."""
+        if self.monitor is None:
+            return {}
+        return {"key": self.monitor.record(up, answer, self.caller, output[len(self.class_names):])}
+
+    @bentoml.api
+    async def feedback(self, labels: list[dict[str, str]], ctx: bentoml.Context, source: str = "") -> dict:
+        """Ground truth for logged predictions: `{"labels": [{"key": ..., "label": ...}], "source": "pathology"}`.
+        Each key is one a prediction's answer returned; each label one of the model's classes. Nothing is
+        attached when any item is wrong (422) or any key has no logged prediction (404)."""
+        if self.monitor is None:
+            return _error(ctx, 404, "the prediction log is off (monitor.store in the serving config)", "labels")
+        pairs = []
+        for i, item in enumerate(labels):
+            key, label = str(item.get("key", "")).strip(), str(item.get("label", "")).strip()
+            if not key or label not in self.class_names:
+                reason = "no key" if not key else f"label {label[:40]!r} is not one of {', '.join(self.class_names)}"
+                return _error(ctx, 422, f"labels[{i}]: {reason}", "labels")
+            pairs.append((key, label))
+        if not pairs:
+            return _error(ctx, 400, "no labels", "labels")
+        await anyio.to_thread.run_sync(self.monitor.writer.flush, 5.0)  # a label for an answer just given
+        attached, unknown = await anyio.to_thread.run_sync(self.monitor.writer.store.attach_labels, pairs, source[:200])
+        if unknown:
+            return _error(ctx, 404, f"{len(unknown)} key(s) have no logged prediction; nothing attached", "labels")
+        log.info("feedback: %d label(s) attached", attached)
+        return {"attached": attached}
 
     @bentoml.api(input_spec=ImageInput)
     async def embed(self, image: Path, ctx: bentoml.Context) -> dict:
@@ -367,7 +400,7 @@ class RemedisService:
             "ood_detector": ood,
             "input_contract": self.contract.summary() if self.contract is not None else None,
             "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size,
-                        "runtime": runtime},
+                        "runtime": runtime, "prediction_log": self.monitor.stats() if self.monitor else None},
         }
 
     def _model_failure(self, ctx: bentoml.Context, exc: Exception) -> JSONResponse:

@@ -80,6 +80,17 @@ class TlsSettings:
 
 
 @dataclass
+class MonitorSettings:
+    """The prediction log (remedis.monitor): every answer appended to a store, off the request path."""
+
+    store: str = ""  # SQLAlchemy URL (sqlite:///predictions.db, postgresql+psycopg://...) or a SQLite path; "" = off
+    secret_env: str = "REMEDIS_MONITOR_SECRET"  # the site's secret for pseudonymous keys (>= 16 characters) ...
+    secret_file: str = ""  # ... or a file holding it (first line); the file wins when set
+    embeddings: bool = False  # also keep each image's embedding (float16) for drift tests
+    queue: int = 10_000  # answers that may wait for the store; beyond it they are dropped and counted
+
+
+@dataclass
 class ServeSettings:
     """The service's settings (serving.yaml): model, devices, precision, batching, limits, authentication, modalities."""
 
@@ -97,6 +108,7 @@ class ServeSettings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def validate(self) -> "ServeSettings":
         """Check the settings; a ValueError names the key."""
@@ -118,6 +130,8 @@ class ServeSettings:
                 raise ConfigError(f"tls.{key}: {value} is not a file")
         if self.tls.require_client_cert and not (self.tls.cert and self.tls.ca):
             raise ConfigError("tls.require_client_cert: needs tls.cert, tls.key and tls.ca")
+        if self.monitor.store and self.monitor.queue < 1:
+            raise ConfigError(f"monitor.queue: must be >= 1, got {self.monitor.queue}")
         if self.resources.gpu < 0:
             raise ConfigError(f"resources.gpu: must be >= 0, got {self.resources.gpu}")
         return self
@@ -131,6 +145,7 @@ class ServeSettings:
         """What `metadata` shows: everything but where the key lives."""
         d = asdict(self)
         d["auth"] = {"enabled": self.auth.enabled, "header": self.auth.header}
+        d["monitor"] = {"enabled": bool(self.monitor.store), "embeddings": self.monitor.embeddings}  # not where it is
         return d
 
 
@@ -155,6 +170,21 @@ def resolve(args: Any = None) -> ServeSettings:
     s = load_settings(cfg)
     s.model = getattr(args, "model", None) or os.environ.get("REMEDIS_MODEL") or s.model
     return s
+
+
+def read_monitor_secret(monitor: MonitorSettings) -> bytes:
+    """The site's secret for the prediction log's keys; a clear error (never the secret) when it is missing."""
+    if monitor.secret_file:
+        try:
+            lines = Path(monitor.secret_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"monitor.secret_file: cannot read {monitor.secret_file} ({type(exc).__name__})") from None
+        secret, where = (lines[0].strip() if lines else ""), f"file {monitor.secret_file}"
+    else:
+        secret, where = os.environ.get(monitor.secret_env, "").strip(), f"environment variable {monitor.secret_env}"
+    if len(secret) < 16:
+        raise ConfigError(f"monitor.store is set but the secret from {where} is missing or shorter than 16 characters")
+    return secret.encode()
 
 
 def read_api_key(auth: AuthSettings) -> str:

@@ -30,6 +30,7 @@ from conftest import ROOT
 httpx = pytest.importorskip("httpx")
 
 KEY = "test-" + secrets.token_hex(16)
+MONITOR_SECRET = "monitor-" + secrets.token_hex(16)
 PLANTED = {"PatientName": "Quixote^Dulcinea", "PatientID": "PID-93417", "PatientBirthDate": "19610203",
            "AccessionNumber": "ACC-55123"}
 
@@ -111,8 +112,9 @@ modalities: [US]
 batching: {max_batch_size: 8, max_latency_ms: 30000}
 limits: {max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}
 auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}
-""")
-    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY}).start()
+monitor: {store: "sqlite:///%s", embeddings: true}
+""" % (tmp / "predictions.db"))
+    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY, "REMEDIS_MONITOR_SECRET": MONITOR_SECRET}).start()
     offline = AdaptedModel.load(folder)
     try:
         yield {"url": server.url, "server": server, "files": files, "offline": offline, "tmp": tmp, "tag": tag,
@@ -331,6 +333,59 @@ def test_modality_mismatch_is_reported_not_refused(svc):
     assert r.status_code == 200, r.text
     assert r.json()["modality"] == "CT" and "CT" in r.json()["warnings"][0]  # the configured `modalities: [US]`
     assert r.json()["ood"] is True and "modality CT, model trained on US" in r.json()["ood_reasons"]
+
+
+def _logged(svc, keys: list[str], timeout: float = 30.0) -> list[dict]:
+    """The prediction log's rows for `keys`, polled until all are written (the writer commits every 0.5 s)."""
+    from remedis.monitor.store import PredictionStore
+
+    store = PredictionStore(f"sqlite:///{svc['tmp'] / 'predictions.db'}")
+    deadline = time.time() + timeout
+    try:
+        while True:
+            rows = [r for r in store.rows() if r["key"] in set(keys)]
+            if len({r["key"] for r in rows}) == len(set(keys)) or time.time() > deadline:
+                return rows
+            time.sleep(0.1)
+    finally:
+        store.close()
+
+
+def test_every_answer_is_logged_with_a_key_and_labels_join_it_later(svc):
+    from remedis.monitor.keys import instance_key
+
+    phi = _dicom(svc["tmp"] / "phi-log.dcm", (np.random.default_rng(5).random((40, 40)) * 4000).astype(np.uint16), **PLANTED)
+    png = svc["files"][0]
+    one = _post(svc, "predict", files={"image": _file(phi)}).json()
+    batch = _post(svc, "predict_batch", files=[("images", _file(png)), ("images", _file(phi))]).json()
+    keys = [one["key"], *(r["key"] for r in batch["results"])]
+    # A DICOM image is keyed by its SOP Instance UID (the same instance twice: one key), a PNG by its bytes.
+    import pydicom
+
+    assert one["key"] == batch["results"][1]["key"] == instance_key(pydicom.dcmread(phi).SOPInstanceUID, MONITOR_SECRET.encode())
+    assert batch["results"][0]["key"].startswith("b-")
+    rows = _logged(svc, keys)
+    assert len(rows) >= 3
+    mine = [r for r in rows if r["key"] == one["key"]][0]
+    assert mine["modality"] == "US" and mine["rows"] == 40 and mine["columns"] == 40 and mine["role"] == "primary"
+    assert mine["model_name"] == "svc-test" and len(mine["weights_sha256"]) == 64 and mine["caller"] == "api-key"
+    assert mine["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6) and mine["label"] == one["label"]
+    assert mine["ood"] == one["ood"] and mine["ood_reasons"] == one["ood_reasons"]
+    assert mine["embedding"] is not None and mine["embedding"].dtype == np.float16 and mine["truth"] is None
+    # No planted identifier anywhere in the store's file.
+    raw = (svc["tmp"] / "predictions.db").read_bytes() + b"".join(
+        p.read_bytes() for p in svc["tmp"].glob("predictions.db-*") if p.is_file())
+    for value in PLANTED.values():
+        for part in re.split(r"\^", value):
+            assert part.encode() not in raw, part
+    # Feedback: a wrong label and an unknown key are refused whole; the right ones join.
+    assert _post(svc, "feedback", json={"labels": [{"key": one["key"], "label": "cancer"}]}).status_code == 422
+    r = _post(svc, "feedback", json={"labels": [{"key": one["key"], "label": "malignant"}, {"key": "i-" + "0" * 32, "label": "benign"}]})
+    assert r.status_code == 404 and "1 key(s)" in r.json()["error"]
+    assert _post(svc, "feedback", json={"labels": [{"key": one["key"], "label": "malignant"}]}, headers={}).status_code == 401
+    r = _post(svc, "feedback", json={"labels": [{"key": one["key"], "label": "malignant"}], "source": "pathology"})
+    assert r.status_code == 200 and r.json() == {"attached": 1}
+    assert {r["truth"] for r in _logged(svc, [one["key"]])} == {"malignant"}
 
 
 def test_no_patient_identifier_in_responses_or_logs(svc):

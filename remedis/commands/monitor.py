@@ -1,0 +1,60 @@
+"""`remedis monitor`: after go-live, what the deployed model saw and how it did, from its prediction log.
+
+The service (and the gateway's in-process route) appends every answer to the store named by `monitor.store`
+in the serving config (`remedis.monitor.store`). `remedis monitor label` attaches ground truth that came
+later (a radiologist's read, a pathology result) to those predictions by their pseudonymous keys.
+"""
+
+from __future__ import annotations
+
+from remedis.commands import command_parser
+
+EXAMPLES = """examples:
+  remedis monitor label labels.csv --store sqlite:///var/lib/remedis/predictions.db --source pathology
+  REMEDIS_MONITOR_SECRET=... remedis monitor label reads.csv --store postgresql+psycopg://remedis@db/remedis
+
+labels.csv holds a 'label' column and either 'key' (as the service's answer returned it) or 'sop_instance_uid'
+(hashed here with the site's secret, the same one the service uses: --secret-file or $REMEDIS_MONITOR_SECRET).
+A file with any unknown key or label attaches nothing: fix it and send it again whole."""
+
+
+def cmd_label(args) -> int:
+    """`remedis monitor label`: attach the CSV's labels to logged predictions."""
+    from remedis.config import ConfigError
+    from remedis.monitor.labels import read_label_rows, read_secret
+    from remedis.monitor.store import PredictionStore
+
+    secret = read_secret(args.secret_file)
+    try:
+        with open(args.labels, newline="", encoding="utf-8") as fh:
+            rows = read_label_rows(fh, secret, args.labels)
+    except OSError as exc:
+        raise ConfigError(f"{args.labels}: cannot read it ({type(exc).__name__})") from None
+    store = PredictionStore(args.store)
+    try:
+        sources = {s for _, _, s in rows} - {""}
+        source = args.source or (sources.pop() if len(sources) == 1 else "")
+        attached, unknown = store.attach_labels([(k, v) for k, v, _ in rows], source=source)
+    finally:
+        store.close()
+    if unknown:
+        raise ConfigError(f"{args.labels}: {len(unknown)} of {len(rows)} row(s) match no logged prediction "
+                          f"(first key {unknown[0]}); nothing attached")
+    print(f"labels: {attached} attached to logged predictions ({args.labels}{', source ' + source if source else ''})")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `remedis monitor` to the command line."""
+    m = command_parser(sub, "monitor", "after go-live: the prediction log and labels that come later",
+                       "After go-live: work with the deployed model's prediction log (monitor.store in the serving "
+                       "config).", EXAMPLES)
+    msub = m.add_subparsers(dest="monitor_command", required=True)
+    s = command_parser(msub, "label", "attach ground truth to logged predictions",
+                       "Attach ground truth (a read, a pathology result) to logged predictions by key or SOP Instance "
+                       "UID; all rows or none.", EXAMPLES)
+    s.add_argument("labels", help="CSV with label and key or sop_instance_uid (optional source)")
+    s.add_argument("--store", required=True, help="the prediction log: sqlite:///path.db or postgresql+psycopg://...")
+    s.add_argument("--secret-file", default=None, help="the site's secret (else $REMEDIS_MONITOR_SECRET); for UIDs")
+    s.add_argument("--source", default="", help="where the labels come from, e.g. pathology, radiologist")
+    s.set_defaults(func=cmd_label)
