@@ -52,11 +52,12 @@ class ServiceMonitor:
         model: the served model's name and version.
         weights_sha256: the served weights' hash.
         secret: the site's secret (default: read as the settings say).
+        positive_class: of a binary model, the class its operating point decides for (monitor reports need it).
     """
 
     def __init__(self, settings: MonitorSettings, model: dict[str, str], weights_sha256: str | None,
-                 secret: bytes | None = None):
-        self.settings = settings
+                 secret: bytes | None = None, positive_class: str | None = None):
+        self.settings, self.positive_class = settings, positive_class
         self.secret = secret if secret is not None else read_monitor_secret(settings)
         self.model, self.weights_sha256 = model, weights_sha256
         self.writer = PredictionWriter(PredictionStore(settings.store), capacity=settings.queue)
@@ -77,7 +78,7 @@ class ServiceMonitor:
             "weights_sha256": self.weights_sha256, "role": role, "caller": caller, "modality": up.modality,
             "manufacturer": facts.get("Manufacturer"), "device_model": facts.get("ManufacturerModelName"),
             "photometric": src.photometric if src is not None else None, "rows": up.rows or None,
-            "columns": up.columns or None, **answer.log_fields(),
+            "columns": up.columns or None, "positive_class": self.positive_class, **answer.log_fields(),
             "embedding": embedding if self.settings.embeddings else None}
         self.writer.submit(row)
         return key

@@ -203,7 +203,9 @@ class RemedisService:
         self.decode_limiter = anyio.CapacityLimiter(4)
         in_flight = SETTINGS.batching.coalesce_in_flight if SETTINGS.max_batch_size > 1 else 0
         self.coalescer = Coalescer(self._call_model, SETTINGS.max_batch_size, in_flight) if in_flight else None
-        self.monitor = ServiceMonitor(SETTINGS.monitor, self._model, meta.get("weights_sha256")) if SETTINGS.monitor.store else None
+        positive = self.class_names[self.calibration.positive_index] if len(self.class_names) == 2 else None
+        self.monitor = (ServiceMonitor(SETTINGS.monitor, self._model, meta.get("weights_sha256"), positive_class=positive)
+                        if SETTINGS.monitor.store else None)
         self.caller = "api-key" if SETTINGS.auth.enabled else "anonymous"
         log.info("serving %s: %d classes, operating point %s, OOD %s, input contract %s", self.tag, len(self.class_names),
                  "none (argmax)" if self.calibration.threshold is None else f"{self.calibration.threshold:.4f}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from remedis.commands import command_parser
 
 EXAMPLES = """examples:
+  remedis monitor report --store sqlite:///var/lib/remedis/predictions.db --since 30d --window 1d -o monitor/
   remedis monitor label labels.csv --store sqlite:///var/lib/remedis/predictions.db --source pathology
   REMEDIS_MONITOR_SECRET=... remedis monitor label reads.csv --store postgresql+psycopg://remedis@db/remedis
 
@@ -44,6 +45,42 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """`remedis monitor report`: the JSON and HTML report of the log's recent windows."""
+    import datetime as dt
+    import json
+    from pathlib import Path
+
+    from remedis.config import ConfigError
+    from remedis.files import atomic_write_text
+    from remedis.monitor.report import monitor_report, parse_duration, render_html
+    from remedis.monitor.store import PredictionStore
+
+    try:
+        since, window = parse_duration(args.since), parse_duration(args.window)
+    except ValueError as exc:
+        raise ConfigError(f"--since/--window: {exc}") from None
+    start = (dt.datetime.now(dt.timezone.utc) - since).isoformat(timespec="milliseconds")
+    store = PredictionStore(args.store)
+    try:
+        rows = list(store.rows(since=start, role="primary", model_name=args.model))
+    finally:
+        store.close()
+    names = sorted({r["model_name"] or "" for r in rows})
+    if len(names) > 1:
+        raise ConfigError(f"the log holds several models in this period ({', '.join(names)}); choose one with --model")
+    report = monitor_report(rows, window, args.reference_windows)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "monitor.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "monitor.html", render_html(report))
+    print(f"monitor: {len(rows)} answers in {len(report['windows'])} window(s) of {args.window}, "
+          f"{len(report['alarms'])} alarm(s); {out / 'monitor.html'}")
+    for a in report["alarms"][:10]:
+        print(f"  alarm {a['window']} {a['group']}: {a['figure']} {a['value']:.3g} ({a['rule']})")
+    return 0
+
+
 def register(sub) -> None:
     """Add `remedis monitor` to the command line."""
     m = command_parser(sub, "monitor", "after go-live: the prediction log and labels that come later",
@@ -58,3 +95,16 @@ def register(sub) -> None:
     s.add_argument("--secret-file", default=None, help="the site's secret (else $REMEDIS_MONITOR_SECRET); for UIDs")
     s.add_argument("--source", default="", help="where the labels come from, e.g. pathology, radiologist")
     s.set_defaults(func=cmd_label)
+    r = command_parser(msub, "report", "what the model saw and how it did, per window and device",
+                       "The monitoring report (JSON + HTML) of the prediction log: volume, OOD-flag and positive "
+                       "rates with CIs, drift tests against a reference period, estimated performance from the "
+                       "calibrated probabilities, measured performance where labels came, and alarms with their rules.",
+                       EXAMPLES)
+    r.add_argument("--store", required=True, help="the prediction log: sqlite:///path.db or postgresql+psycopg://...")
+    r.add_argument("--since", default="30d", help="how far back (30m, 12h, 30d, 2w; default 30d)")
+    r.add_argument("--window", default="1d", help="window length (default 1d; 1w for a quiet site)")
+    r.add_argument("--reference-windows", type=int, default=1,
+                   help="the first windows pooled as the reference, when the model was known to be fine (default 1)")
+    r.add_argument("--model", default=None, help="the model name, when the log holds several")
+    r.add_argument("--output", "-o", required=True, help="folder for monitor.json and monitor.html")
+    r.set_defaults(func=cmd_report)

@@ -20,7 +20,7 @@ from typing import IO
 from remedis.config import ConfigError
 from remedis.monitor.keys import instance_key
 
-SECRET_ENV = "REMEDIS_MONITOR_SECRET"
+SECRET_ENV = "REMEDIS_MONITOR_SECRET"  # nosec B105 - the name of the environment variable, not a secret
 
 
 def read_secret(path: str | None) -> bytes | None:

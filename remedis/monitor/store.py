@@ -59,6 +59,7 @@ PREDICTIONS = Table(
     Column("photometric", String(32)), Column("rows", Integer), Column("columns", Integer),
     Column("probabilities", Text, nullable=False),  # JSON {class: probability}
     Column("label", String(200)), Column("decision", String(32)),
+    Column("positive_class", String(200)),  # binary models: the class the operating point decides for
     Column("ood", Boolean), Column("ood_score", Float), Column("ood_reasons", Text),  # reasons: JSON list
     Column("embedding", LargeBinary),  # float16 bytes, when the service is set to keep them
 )

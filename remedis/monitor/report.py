@@ -1,0 +1,301 @@
+"""The monitoring report: what the deployed model saw and how it did, per time window and per device, from
+its prediction log (`remedis.monitor.store`), with the rule behind every alarm.
+
+Per window (and per manufacturer / device model within it), against a reference period (the log's first
+`reference_windows` windows, when the model was known to be fine; or an explicit time range):
+
+- volume; the OOD-flag rate with a Wilson 95% CI against the expected rate (the detector accepts 95% of the
+  validation images, so 0.05; alarm: one-sided binomial test) and the reasons that rose;
+- input drift: the OOD score against the reference (two-sample Kolmogorov-Smirnov, scipy) and, when the
+  log keeps embeddings, a classifier two-sample test on them (scikit-learn logistic regression, out-of-fold
+  AUROC; its p-value from the Mann-Whitney U test of the out-of-fold scores). frouros, the drift library
+  considered first (BSD-3), pins numpy < 2.2 and scipy < 1.15, which this project's stack has passed;
+- output drift: the positive-decision rate (Wilson CI; alarm: Fisher's exact test against the reference's
+  rate) and the histogram of the positive-class probability (KS against the reference);
+- performance without labels, an estimate (NannyML's CBPE idea): with calibrated probabilities p, the
+  expected AUROC, sensitivity and specificity at the operating point;
+- performance with labels where they have come: AUROC, sensitivity and specificity, ECE, with image-bootstrap
+  95% CIs (the log holds no patient key, so images are resampled).
+
+An alarm names its window, group, figure, value, reference and rule. Binary models only (the rows' positive
+class); a log of several models is reported per model name.
+
+Example:
+    >>> report = monitor_report(rows, window=parse_duration("1d"))      # doctest: +SKIP
+    >>> [a["rule"] for a in report["alarms"]]                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+ALPHA = 0.01  # two-sample tests: an alarm below this p-value (several windows are tested: kept strict)
+EXPECTED_FLAG_RATE = 0.05  # the detector's threshold accepts 95% of the site's validation images
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """`30m`, `12h`, `1d`, `2w` as a timedelta; ValueError names the text otherwise."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhdw])", str(text).strip())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r}: give a duration such as 30m, 12h, 1d or 2w")
+    unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+    return dt.timedelta(**{unit: float(m.group(1))})
+
+
+def wilson(successes: int, n: int) -> list[float | None]:
+    """Wilson score 95% interval of a proportion (scipy's binomtest interval)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return [None, None]
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def expected_performance(p: np.ndarray, decided_positive: np.ndarray) -> dict[str, float | None]:
+    """Confidence-based performance estimation: if the calibrated probability p_i of the positive class is
+    right, image i is positive with probability p_i, so the expected counts give the expected sensitivity and
+    specificity at the operating point and the expected AUROC (pairs ordered by score, weighted by p_i (1 - p_j))."""
+    p = np.asarray(p, dtype=np.float64)
+    d = np.asarray(decided_positive, dtype=bool)
+    if len(p) < 2:
+        return {"auroc": None, "sensitivity": None, "specificity": None}
+    pos, neg = p.sum(), (1 - p).sum()
+    sens = float((p * d).sum() / pos) if pos > 0 else None
+    spec = float(((1 - p) * ~d).sum() / neg) if neg > 0 else None
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    # sum over pairs i != j of p_i (1 - p_j) [s_i > s_j] + 0.5 [s_i == s_j]: ranks with ties by groups
+    _, start, counts = np.unique(ps, return_index=True, return_counts=True)
+    neg_cum = np.concatenate([[0.0], np.cumsum(1 - ps)])
+    num = 0.0
+    for s, c in zip(start, counts):
+        group = ps[s:s + c]
+        below = neg_cum[s]  # sum of (1 - p_j) over strictly lower scores
+        same_neg = (1 - group).sum()
+        num += (group * below).sum() + 0.5 * ((group * same_neg).sum() - (group * (1 - group)).sum())
+    den = pos * neg - (p * (1 - p)).sum()
+    return {"auroc": float(num / den) if den > 0 else None, "sensitivity": sens, "specificity": spec}
+
+
+def labeled_performance(p: np.ndarray, decided: np.ndarray, truth: np.ndarray, n_boot: int = 200,
+                        seed: int = 0) -> dict[str, Any]:
+    """AUROC, sensitivity, specificity at the decision and ECE on the labeled images, with bootstrap CIs."""
+    from remedis.metrics import auroc, ece, percentile_ci
+
+    p, decided, truth = np.asarray(p, float), np.asarray(decided, bool), np.asarray(truth, int)
+
+    def figures(i: np.ndarray) -> dict[str, float | None]:
+        y, q, d = truth[i], p[i], decided[i]
+        two = np.stack([1 - q, q], 1)
+        both = 0 < y.sum() < len(y)
+        return {"auroc": float(auroc(y, two, 1)) if both else None,
+                "sensitivity": float(d[y == 1].mean()) if (y == 1).any() else None,
+                "specificity": float((~d[y == 0]).mean()) if (y == 0).any() else None,
+                "ece": float(ece(two, y)) if len(y) else None}
+
+    every = np.arange(len(p))
+    out: dict[str, Any] = {"n": int(len(p)), "positives": int(truth.sum()), **figures(every)}
+    rng = np.random.default_rng(seed)
+    boots = [figures(rng.integers(0, len(p), len(p))) for _ in range(n_boot)] if len(p) >= 2 else []
+    for name in ("auroc", "sensitivity", "specificity"):
+        out[f"{name}_ci"] = percentile_ci([b[name] for b in boots if b[name] is not None], n_boot)
+    return out
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason's kind without values: "modality CT, model trained on US" -> "modality"."""
+    return re.split(r"[\s:(,]", reason.strip(), maxsplit=1)[0].lower() or "other"
+
+
+def _classifier_test(ref: np.ndarray, cur: np.ndarray, seed: int = 0) -> dict[str, float] | None:
+    """Classifier two-sample test on embeddings: out-of-fold AUROC of reference vs current, its p-value."""
+    from scipy.stats import mannwhitneyu
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if min(len(ref), len(cur)) < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    ref = ref[rng.permutation(len(ref))[:1000]]
+    cur = cur[rng.permutation(len(cur))[:1000]]
+    x = np.concatenate([ref, cur]).astype(np.float32)
+    y = np.r_[np.zeros(len(ref)), np.ones(len(cur))]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    s = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
+    return {"auroc": float(roc_auc_score(y, s)),
+            "p_value": float(mannwhitneyu(s[y == 1], s[y == 0], alternative="greater").pvalue)}
+
+
+def _summary(rows: list[dict], ref: list[dict] | None, expected_flag_rate: float, n_boot: int) -> dict[str, Any]:
+    """The figures of one window (or group) of rows, with tests against the reference rows."""
+    from scipy.stats import ks_2samp
+
+    positive = rows[0]["positive_class"]
+    p = np.array([r["probabilities"].get(positive, np.nan) for r in rows], dtype=float)
+    decided = np.array([r["label"] == positive for r in rows])
+    flagged = sum(bool(r["ood"]) for r in rows)
+    out: dict[str, Any] = {
+        "n": len(rows),
+        "ood_rate": flagged / len(rows), "ood_rate_ci": wilson(flagged, len(rows)), "ood_expected": expected_flag_rate,
+        "ood_reasons": dict(Counter(_reason_kind(x) for r in rows for x in r["ood_reasons"]).most_common(5)),
+        "positive_rate": float(decided.mean()), "positive_rate_ci": wilson(int(decided.sum()), len(rows)),
+        "probability_histogram": np.histogram(p[~np.isnan(p)], bins=10, range=(0, 1))[0].tolist(),
+        "estimated": expected_performance(p, decided),
+    }
+    labeled = [i for i, r in enumerate(rows) if r.get("truth") is not None]
+    if labeled:
+        truth = np.array([rows[i]["truth"] == positive for i in labeled], dtype=int)
+        out["labeled"] = labeled_performance(p[labeled], decided[labeled], truth, n_boot)
+    if ref:
+        rp = np.array([r["probabilities"].get(positive, np.nan) for r in ref], dtype=float)
+        rs = np.array([r["ood_score"] for r in ref if r["ood_score"] is not None], dtype=float)
+        cs = np.array([r["ood_score"] for r in rows if r["ood_score"] is not None], dtype=float)
+        tests: dict[str, Any] = {}
+        if len(rs) >= 5 and len(cs) >= 5:
+            k = ks_2samp(rs, cs)
+            tests["ood_score"] = {"statistic": float(k.statistic), "p_value": float(k.pvalue)}
+        k = ks_2samp(rp[~np.isnan(rp)], p[~np.isnan(p)])
+        tests["positive_probability"] = {"statistic": float(k.statistic), "p_value": float(k.pvalue)}
+        re_ = [r["embedding"] for r in ref if r.get("embedding") is not None]
+        ce = [r["embedding"] for r in rows if r.get("embedding") is not None]
+        if re_ and ce:
+            c2st = _classifier_test(np.stack(re_).astype(np.float32), np.stack(ce).astype(np.float32))
+            if c2st:
+                tests["embedding"] = c2st
+        out["drift"] = tests
+    return out
+
+
+def _alarms(where: dict[str, str], s: dict[str, Any], ref: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The alarms one window's figures raise, each with its rule."""
+    out = []
+
+    def alarm(figure, value, reference, rule):
+        out.append({**where, "figure": figure, "value": value, "reference": reference, "rule": rule})
+
+    from scipy.stats import binomtest, fisher_exact
+
+    flagged = round(s["ood_rate"] * s["n"])
+    if binomtest(flagged, s["n"], s["ood_expected"], alternative="greater").pvalue < ALPHA:
+        alarm("ood_rate", s["ood_rate"], s["ood_expected"], f"one-sided binomial test against the expected rate, p < {ALPHA}")
+    if ref is not None:
+        pos, ref_pos = round(s["positive_rate"] * s["n"]), round(ref["positive_rate"] * ref["n"])
+        table = [[pos, s["n"] - pos], [ref_pos, ref["n"] - ref_pos]]
+        if fisher_exact(table).pvalue < ALPHA:
+            alarm("positive_rate", s["positive_rate"], ref["positive_rate"],
+                  f"Fisher's exact test of the positive-decision rate against the reference's, p < {ALPHA}")
+        for name, test in s.get("drift", {}).items():
+            if test["p_value"] < ALPHA:
+                stat = test.get("statistic", test.get("auroc"))
+                rule = ("classifier two-sample test on embeddings" if name == "embedding"
+                        else f"two-sample KS on the {name.replace('_', ' ')}")
+                alarm(f"drift:{name}", stat, None, f"{rule}, p < {ALPHA}")
+        lab, ref_lab = s.get("labeled"), ref.get("labeled")
+        if lab and ref_lab and lab["auroc_ci"][1] is not None and ref_lab["auroc"] is not None and lab["auroc_ci"][1] < ref_lab["auroc"]:
+            alarm("labeled_auroc", lab["auroc"], ref_lab["auroc"], "bootstrap 95% CI of the labeled AUROC below the reference AUROC")
+    return out
+
+
+def monitor_report(rows: list[dict], window: dt.timedelta, reference_windows: int = 1,
+                   expected_flag_rate: float = EXPECTED_FLAG_RATE, n_boot: int = 200, min_group: int = 30) -> dict[str, Any]:
+    """The report of a prediction log's rows (time-ordered, one model, role primary): per window and device.
+
+    Args:
+        rows: `PredictionStore.rows()` of one model.
+        window: the length of a window (the first starts at the first row's day, 00:00 UTC).
+        reference_windows: the first windows pooled as the reference (when the model was known to be fine).
+        expected_flag_rate: the OOD-flag rate expected on familiar images (1 - the detector's accept rate).
+        n_boot: bootstrap resamples for the labeled figures.
+        min_group: a device group is reported within a window from this many images on.
+    """
+    rows = [r for r in rows if r.get("positive_class")]
+    if not rows:
+        return {"windows": [], "alarms": [], "note": "no binary-model rows in the log for this period"}
+    times = [dt.datetime.fromisoformat(r["time"]) for r in rows]
+    t0 = times[0].replace(hour=0, minute=0, second=0, microsecond=0)
+    index = [int((t - t0) / window) for t in times]
+    by_window: dict[int, list[dict]] = {}
+    for i, r in zip(index, rows):
+        by_window.setdefault(i, []).append(r)
+    first = sorted(by_window)[:reference_windows]
+    ref_rows = [r for w in first for r in by_window[w]]
+    reference = _summary(ref_rows, None, expected_flag_rate, n_boot)
+    windows, alarms = [], []
+    for w in sorted(by_window):
+        start = t0 + w * window
+        where = {"window": start.isoformat(timespec="minutes"), "group": "all"}
+        s = _summary(by_window[w], None if w in first else ref_rows, expected_flag_rate, n_boot)
+        s.update(start=where["window"], end=(start + window).isoformat(timespec="minutes"), reference=w in first, groups={})
+        alarms += _alarms(where, s, None if w in first else reference)
+        devices: dict[str, list[dict]] = {}
+        for r in by_window[w]:
+            devices.setdefault(f"{r.get('manufacturer') or 'unknown'} / {r.get('device_model') or 'unknown'}", []).append(r)
+        if len(devices) > 1:
+            for name, group in sorted(devices.items()):
+                if len(group) >= min_group:
+                    g = _summary(group, None if w in first else ref_rows, expected_flag_rate, n_boot)
+                    s["groups"][name] = g
+                    alarms += _alarms({**where, "group": name}, g, None if w in first else reference)
+        windows.append(s)
+    model = rows[0]
+    return {"model": {"name": model.get("model_name"), "version": model.get("model_version"),
+                      "weights_sha256": model.get("weights_sha256"), "positive_class": model.get("positive_class")},
+            "window": str(window), "reference": {"windows": len(first), **reference}, "windows": windows,
+            "alarms": alarms, "rules": {"alpha": ALPHA, "expected_flag_rate": expected_flag_rate,
+                                        "estimated": "expected from calibrated probabilities (CBPE); an estimate, not a measurement"}}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(v: Any, ci: list) -> str:
+    return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and ci[0] is not None else _fmt(v)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page of the report (no script, no external request)."""
+    from html import escape
+
+    m = report.get("model", {})
+    head = ("<tr><th>window</th><th>group</th><th>images</th><th>OOD rate [95% CI]</th><th>positive rate [95% CI]</th>"
+            "<th>estimated AUROC / sens / spec</th><th>labeled: n, AUROC [95% CI]</th><th>drift p (OOD score, "
+            "probability, embedding)</th></tr>")
+
+    def line(start: str, group: str, s: dict[str, Any]) -> str:
+        e, lab, d = s["estimated"], s.get("labeled"), s.get("drift", {})
+        cells = [start, group, s["n"], _ci(s["ood_rate"], s["ood_rate_ci"]), _ci(s["positive_rate"], s["positive_rate_ci"]),
+                 f"{_fmt(e['auroc'])} / {_fmt(e['sensitivity'])} / {_fmt(e['specificity'])}",
+                 f"{lab['n']}, {_ci(lab['auroc'], lab['auroc_ci'])}" if lab else "-",
+                 ", ".join(_fmt(d[k]["p_value"], 4) if k in d else "-" for k in ("ood_score", "positive_probability", "embedding"))]
+        return "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>"
+
+    body = []
+    for w in report.get("windows", []):
+        body.append(line(w["start"] + (" (reference)" if w["reference"] else ""), "all", w))
+        body += [line(w["start"], name, g) for name, g in w["groups"].items()]
+    alarms = "".join(f"<li>{escape(a['window'])} {escape(a['group'])}: {escape(a['figure'])} = {escape(_fmt(a['value']))}"
+                     f" (reference {escape(_fmt(a['reference']))}): {escape(a['rule'])}</li>" for a in report.get("alarms", []))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>remedis monitor</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:3px 6px;font-size:13px}</style></head><body>"
+            f"<h1>Monitoring: {escape(str(m.get('name')))} {escape(str(m.get('version')))}</h1>"
+            f"<p>Window {escape(report.get('window', ''))}; positive class {escape(str(m.get('positive_class')))}. "
+            "Estimated figures come from the calibrated probabilities (CBPE) and are estimates, not measurements. "
+            "Research use only.</p>"
+            f"<h2>Alarms</h2><ul>{alarms or '<li>none</li>'}</ul>"
+            f"<h2>Windows</h2><table>{head}{''.join(body)}</table></body></html>")

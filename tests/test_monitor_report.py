@@ -1,0 +1,94 @@
+"""The monitoring report (remedis.monitor.report): its estimators against independent references, and its
+alarms on a simulated log: quiet on a stable stretch, raised by a shift."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+from remedis.monitor.report import expected_performance, monitor_report, parse_duration, wilson
+from remedis.monitor.store import PredictionStore
+
+START = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+def test_wilson_interval_equals_scipy():
+    for k, n in ((0, 10), (3, 10), (50, 400), (400, 400)):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert wilson(k, n) == pytest.approx([ci.low, ci.high], abs=1e-9)
+
+
+def test_expected_performance_equals_the_average_over_labels_drawn_from_the_probabilities():
+    rng = np.random.default_rng(0)
+    p = np.round(rng.beta(0.7, 1.3, 400), 2)  # rounded: ties in the scores as well
+    decided = p >= 0.4
+    est = expected_performance(p, decided)
+    aurocs, sens, spec = [], [], []
+    for _ in range(1000):  # Monte Carlo: the labels a calibrated model's probabilities imply
+        y = rng.random(len(p)) < p
+        aurocs.append(roc_auc_score(y, p))
+        sens.append(decided[y].mean())
+        spec.append((~decided[~y]).mean())
+    assert est["auroc"] == pytest.approx(np.mean(aurocs), abs=0.003)
+    assert est["sensitivity"] == pytest.approx(np.mean(sens), abs=0.003)
+    assert est["specificity"] == pytest.approx(np.mean(spec), abs=0.003)
+
+
+def _rows(rng, day: int, n: int, ood: float = 0.02, shift: float = 0.0, positive_boost: float = 0.0,
+          labeled: bool = False, device: str = "GE") -> list[dict]:
+    out = []
+    for i in range(n):
+        p = float(np.clip(rng.beta(1, 3) + positive_boost, 0, 1))
+        flagged = rng.random() < ood
+        out.append({"time": (START + dt.timedelta(days=day, seconds=i * 60)).isoformat(timespec="milliseconds"),
+                    "key": f"i-{day:04d}{i:06d}", "model_name": "site-b", "model_version": "3", "positive_class": "malignant",
+                    "probabilities": {"benign": 1 - p, "malignant": p}, "label": "malignant" if p >= 0.5 else "benign",
+                    "ood": flagged, "ood_score": float(rng.normal(shift, 1)), "manufacturer": device, "device_model": "X1",
+                    "ood_reasons": ["modality CT, model trained on US"] if flagged else [], "caller": "api-key",
+                    "embedding": rng.normal(shift, 1, 16), "truth": ("malignant" if rng.random() < p else "benign") if labeled else None})
+    return out
+
+
+def test_a_stable_stretch_raises_no_alarm_and_a_shift_raises_the_right_ones():
+    rng = np.random.default_rng(1)
+    rows = [r for day in range(8) for r in _rows(rng, day, 150, labeled=day == 3)]
+    rows += _rows(rng, 8, 150, ood=0.3, shift=1.0, positive_boost=0.3)  # another scanner arrives
+    report = monitor_report(rows, parse_duration("1d"), reference_windows=2)
+    assert len(report["windows"]) == 9 and report["windows"][0]["reference"] and not report["windows"][2]["reference"]
+    stable = [a for a in report["alarms"] if a["window"] < "2026-11-09"]
+    assert stable == [], stable
+    shifted = {a["figure"] for a in report["alarms"] if a["window"].startswith("2026-11-09")}
+    assert {"ood_rate", "positive_rate", "drift:ood_score", "drift:embedding", "drift:positive_probability"} <= shifted
+    last = report["windows"][-1]
+    assert last["ood_reasons"] == {"modality": last["ood_rate"] * 150}
+    labeled = report["windows"][3]["labeled"]  # labels drawn from calibrated probabilities: estimate inside the CI
+    lo, hi = labeled["auroc_ci"]
+    assert labeled["n"] == 150 and lo <= report["windows"][3]["estimated"]["auroc"] <= hi
+    assert all(a["rule"] for a in report["alarms"])
+
+
+def test_remedis_monitor_report_writes_json_and_html_without_identifiers(tmp_path, capsys):
+    from remedis.cli import main
+
+    rng = np.random.default_rng(2)
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = _rows(rng, 0, 60) + _rows(rng, 1, 60, ood=0.5)
+    for i, r in enumerate(rows):  # into the last two days
+        r["time"] = (now - dt.timedelta(hours=47) + dt.timedelta(minutes=i * 40)).isoformat(timespec="milliseconds")
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    store = PredictionStore(url)
+    store.append(rows)
+    store.close()
+    assert main(["monitor", "report", "--store", url, "--since", "3d", "--window", "1d", "-o", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "120 answers" in out and "alarm" in out
+    report = json.loads((tmp_path / "m" / "monitor.json").read_text())
+    assert sum(w["n"] for w in report["windows"]) == 120 and any(a["figure"] == "ood_rate" for a in report["alarms"])
+    html = (tmp_path / "m" / "monitor.html").read_text()
+    assert "<script" not in html and "ood_rate" in html and "i-0000" not in html
+    assert main(["monitor", "report", "--store", url, "--window", "soon", "-o", str(tmp_path / "m")]) == 2
