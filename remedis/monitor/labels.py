@@ -20,7 +20,8 @@ from typing import IO
 from remedis.config import ConfigError
 from remedis.monitor.keys import instance_key
 
-SECRET_ENV = "REMEDIS_MONITOR_SECRET"  # nosec B105 - the name of the environment variable, not a secret
+# bandit B105: the name of the environment variable that holds the secret, not a secret
+SECRET_ENV = "REMEDIS_MONITOR_SECRET"  # nosec B105
 
 
 def read_secret(path: str | None) -> bytes | None:
