@@ -260,19 +260,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def _numbers(value, out: set[float], max_list: int = 20) -> None:
     """Every number in a JSON value, skipping long lists (per-image predictions, which would match anything);
-    a short list of numbers (one per seed) also gives its mean and sample sd."""
+    a short list of numbers (one per seed) also gives its length, mean and sample sd; keys give their numbers."""
     if isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
         out.add(float(value))
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            _numbers(str(k), out, max_list)  # keys name budgets and sizes ("remedis@0.25", "10%")
             _numbers(v, out, max_list)
     elif isinstance(value, list) and len(value) <= max_list:
         for v in value:
             _numbers(v, out, max_list)
         numeric = [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if 2 <= len(numeric) == len(value):  # per-seed values: their mean and sd are figures too
+        if 2 <= len(numeric) == len(value):  # per-seed values: their count, mean and sd are figures too
+            out.add(float(len(numeric)))
             out.add(sum(numeric) / len(numeric))
             out.add(statistics.stdev(numeric))
     elif isinstance(value, str):
