@@ -92,3 +92,39 @@ def test_remedis_monitor_report_writes_json_and_html_without_identifiers(tmp_pat
     html = (tmp_path / "m" / "monitor.html").read_text()
     assert "<script" not in html and "ood_rate" in html and "i-0000" not in html
     assert main(["monitor", "report", "--store", url, "--window", "soon", "-o", str(tmp_path / "m")]) == 2
+
+
+def test_compare_a_shadow_version_pairs_by_key_and_matches_scikit_learn(tmp_path, capsys):
+    from remedis.cli import main
+    from remedis.monitor.report import compare_versions
+
+    rng = np.random.default_rng(3)
+    y = rng.random(300) < 0.3
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for i, truth in enumerate(y):
+        for version, noise, role in (("3", 1.2, "primary"), ("4", 0.5, "shadow")):  # the shadow separates better
+            p = float(1 / (1 + np.exp(-(2 * truth - 1 + rng.normal(0, noise)))))
+            rows.append({"time": (now - dt.timedelta(minutes=300 - i)).isoformat(timespec="milliseconds"),
+                         "key": f"i-{i:032d}", "model_name": "site-b", "model_version": version, "role": role,
+                         "positive_class": "malignant", "probabilities": {"benign": 1 - p, "malignant": p},
+                         "label": "malignant" if p >= 0.5 else "benign", "ood": bool(rng.random() < 0.05), "ood_reasons": []})
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    store = PredictionStore(url)
+    store.append(rows + [{**rows[0], "key": "i-only-primary"}])
+    store.attach_labels([(f"i-{i:032d}", "malignant" if t else "benign") for i, t in enumerate(y[:200])])
+    logged = list(store.rows())
+    store.close()
+    result = compare_versions(logged, "site-b:3", "site-b:4", n_boot=300)
+    assert result["paired_images"] == 300 and result["only_primary"] == 1 and result["labeled"]["n"] == 200
+    by = {(r["key"], r["model_version"]): r["probabilities"]["malignant"] for r in rows}
+    expected = (roc_auc_score(y[:200], [by[(f"i-{i:032d}", "4")] for i in range(200)])
+                - roc_auc_score(y[:200], [by[(f"i-{i:032d}", "3")] for i in range(200)]))
+    lab = result["labeled"]
+    assert lab["auroc_difference"] == pytest.approx(expected, abs=1e-9)
+    assert lab["auroc_difference_ci"][0] > 0  # the better version is shown better, with its CI
+    assert 0.5 < result["decision_agreement"] < 1
+    assert main(["monitor", "compare", "--store", url, "--primary", "site-b:3", "--shadow", "site-b:4",
+                 "-o", str(tmp_path / "c.json")]) == 0
+    assert "300 images answered by both" in capsys.readouterr().out and (tmp_path / "c.json").is_file()
+    assert main(["monitor", "compare", "--store", url, "--primary", "site-b:3", "--shadow", "site-b:9"]) == 2

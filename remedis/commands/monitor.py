@@ -11,6 +11,7 @@ from remedis.commands import command_parser
 
 EXAMPLES = """examples:
   remedis monitor report --store sqlite:///var/lib/remedis/predictions.db --since 30d --window 1d -o monitor/
+  remedis monitor compare --store sqlite:///var/lib/remedis/predictions.db --primary site-b:3 --shadow site-b:4
   remedis monitor label labels.csv --store sqlite:///var/lib/remedis/predictions.db --source pathology
   REMEDIS_MONITOR_SECRET=... remedis monitor label reads.csv --store postgresql+psycopg://remedis@db/remedis
 
@@ -81,6 +82,44 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """`remedis monitor compare`: a shadow version against the primary on the same images."""
+    import datetime as dt
+    import json
+    from pathlib import Path
+
+    from remedis.config import ConfigError
+    from remedis.files import atomic_write_text
+    from remedis.monitor.report import compare_versions, parse_duration
+    from remedis.monitor.store import PredictionStore
+
+    try:
+        start = (dt.datetime.now(dt.timezone.utc) - parse_duration(args.since)).isoformat(timespec="milliseconds")
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    store = PredictionStore(args.store)
+    try:
+        rows = list(store.rows(since=start))
+    finally:
+        store.close()
+    try:
+        result = compare_versions(rows, args.primary, args.shadow)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.output:
+        atomic_write_text(Path(args.output), json.dumps(result, indent=1))
+    pos, ood = result["positive_rate"], result["ood_rate"]
+    print(f"compare: {result['paired_images']} images answered by both; decisions agree on {result['decision_agreement']:.1%}")
+    print(f"  positive rate {pos['primary']:.3f} -> {pos['shadow']:.3f}; OOD-flag rate {ood['primary']:.3f} -> {ood['shadow']:.3f}")
+    lab = result.get("labeled")
+    if lab and "auroc_difference" in lab:
+        lo, hi = lab["auroc_difference_ci"]
+        ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""
+        print(f"  labeled {lab['n']}: AUROC {lab['auroc_primary']:.3f} -> {lab['auroc_shadow']:.3f} "
+              f"(difference {lab['auroc_difference']:+.3f}{ci}, paired bootstrap 95% CI)")
+    return 0
+
+
 def register(sub) -> None:
     """Add `remedis monitor` to the command line."""
     m = command_parser(sub, "monitor", "after go-live: the prediction log and labels that come later",
@@ -108,3 +147,13 @@ def register(sub) -> None:
     r.add_argument("--model", default=None, help="the model name, when the log holds several")
     r.add_argument("--output", "-o", required=True, help="folder for monitor.json and monitor.html")
     r.set_defaults(func=cmd_report)
+    c = command_parser(msub, "compare", "a shadow version against the primary on the same traffic",
+                       "A shadow version against the primary on the images both answered: decision agreement, the "
+                       "change in positive and OOD-flag rates, and with labels the paired AUROC difference with its "
+                       "bootstrap CI: the evidence to promote it or not.", EXAMPLES)
+    c.add_argument("--store", required=True, help="the prediction log")
+    c.add_argument("--primary", required=True, help="the primary as name:version (or :version)")
+    c.add_argument("--shadow", required=True, help="the candidate as name:version (or :version)")
+    c.add_argument("--since", default="30d", help="how far back (default 30d)")
+    c.add_argument("--output", "-o", default=None, help="also write the comparison as JSON")
+    c.set_defaults(func=cmd_compare)

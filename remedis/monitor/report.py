@@ -299,3 +299,60 @@ def render_html(report: dict[str, Any]) -> str:
             "Research use only.</p>"
             f"<h2>Alarms</h2><ul>{alarms or '<li>none</li>'}</ul>"
             f"<h2>Windows</h2><table>{head}{''.join(body)}</table></body></html>")
+
+
+def compare_versions(rows: list[dict], primary: str, shadow: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """A shadow version against the primary on the same traffic: the evidence to promote it or not.
+
+    Rows of both versions (any role) are paired by key: agreement of the decisions, the difference in the
+    OOD-flag and positive-decision rates (shadow - primary, paired bootstrap 95% CIs) and, where labels came,
+    the paired AUROC difference with its bootstrap CI.
+
+    Args:
+        rows: `PredictionStore.rows()` holding answers of both versions.
+        primary: the primary's `name:version` (or version alone).
+        shadow: the shadow's `name:version` (or version alone).
+    """
+    from remedis.metrics import auroc, percentile_ci
+
+    def pick(spec: str) -> dict[str, dict]:
+        name, _, version = spec.rpartition(":")
+        return {r["key"]: r for r in rows if r["model_version"] == version and (not name or r["model_name"] == name)}
+
+    a, b = pick(primary), pick(shadow)
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        raise ValueError(f"no image was answered by both {primary} and {shadow}")
+    positive = a[keys[0]]["positive_class"]
+    pa = np.array([a[k]["probabilities"].get(positive, np.nan) for k in keys])
+    pb = np.array([b[k]["probabilities"].get(positive, np.nan) for k in keys])
+    da = np.array([a[k]["label"] == positive for k in keys])
+    db = np.array([b[k]["label"] == positive for k in keys])
+    fa = np.array([bool(a[k]["ood"]) for k in keys])
+    fb = np.array([bool(b[k]["ood"]) for k in keys])
+    rng = np.random.default_rng(seed)
+    boots = [rng.integers(0, len(keys), len(keys)) for _ in range(n_boot)]
+    out: dict[str, Any] = {
+        "primary": primary, "shadow": shadow, "paired_images": len(keys), "only_primary": len(set(a) - set(b)),
+        "only_shadow": len(set(b) - set(a)), "decision_agreement": float((da == db).mean()),
+        "positive_rate": {"primary": float(da.mean()), "shadow": float(db.mean()), "difference": float(db.mean() - da.mean()),
+                          "ci": percentile_ci([float(db[i].mean() - da[i].mean()) for i in boots], n_boot)},
+        "ood_rate": {"primary": float(fa.mean()), "shadow": float(fb.mean()), "difference": float(fb.mean() - fa.mean()),
+                     "ci": percentile_ci([float(fb[i].mean() - fa[i].mean()) for i in boots], n_boot)},
+    }
+    truth = [a[k].get("truth") or b[k].get("truth") for k in keys]
+    lab = np.array([t is not None for t in truth])
+    if lab.any():
+        y = np.array([t == positive for t in truth])[lab].astype(int)
+        qa, qb = pa[lab], pb[lab]
+        two = lambda q: np.stack([1 - q, q], 1)  # noqa: E731
+        out["labeled"] = {"n": int(lab.sum()), "positives": int(y.sum())}
+        if 0 < y.sum() < len(y):
+            diffs = []
+            for i in (rng.integers(0, len(y), len(y)) for _ in range(n_boot)):
+                if 0 < y[i].sum() < len(i):
+                    diffs.append(float(auroc(y[i], two(qb[i]), 1) - auroc(y[i], two(qa[i]), 1)))
+            out["labeled"].update(auroc_primary=float(auroc(y, two(qa), 1)), auroc_shadow=float(auroc(y, two(qb), 1)),
+                                  auroc_difference=float(auroc(y, two(qb), 1) - auroc(y, two(qa), 1)),
+                                  auroc_difference_ci=percentile_ci(diffs, n_boot))
+    return out
