@@ -19,7 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/remedis run configs/quickstart.yaml --output runs/quickstart
 
 # Debian packages some tests need, installed here when missing: chromium for the report's browser test;
-# Orthanc with its DICOMweb plugin and dcmtk for the DICOM gateway's tests against a real PACS. As root with
+# Orthanc with its DICOMweb plugin and dcmtk for the DICOM gateway's tests against a real PACS; PostgreSQL
+# for the prediction log shared by several replicas. As root with
 # apt-get (CI) a failed install fails the run, so those tests never skip there by accident; elsewhere they
 # skip with the reason.
 test: $(STAMP)
@@ -28,6 +29,7 @@ test: $(STAMP)
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	command -v dsrdump >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing for the browser and PACS tests"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/tmp/remedis-apt.log 2>&1 \
