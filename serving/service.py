@@ -207,6 +207,7 @@ class RemedisService:
         self.monitor = (ServiceMonitor(SETTINGS.monitor, self._model, meta.get("weights_sha256"), positive_class=positive)
                         if SETTINGS.monitor.store else None)
         self.caller = "api-key" if SETTINGS.auth.enabled else "anonymous"
+        self.shadow = self._load_shadow() if SETTINGS.shadow.model else None
         log.info("serving %s: %d classes, operating point %s, OOD %s, input contract %s", self.tag, len(self.class_names),
                  "none (argmax)" if self.calibration.threshold is None else f"{self.calibration.threshold:.4f}",
                  f"{self.detector.method} > {self.detector.threshold:.4g}" if self.detector else "none",
@@ -219,6 +220,15 @@ class RemedisService:
         size = f"{c.rows[0]}-{c.rows[1]} x {c.columns[0]}-{c.columns[1]} px" if c.rows and c.columns else "any size"
         return (f"{'/'.join(c.modalities) or 'modality unknown'}, channels {c.channels or 'unknown'}, {size}, "
                 f"{c.n_images} training images")
+
+    def _load_shadow(self):
+        """The candidate version of `shadow.model`, from the BentoML store, answering in shadow."""
+        from serving.shadow import ShadowModel
+
+        model = bentoml.models.get(SETTINGS.shadow.model)
+        log.info("shadow: %s answers the same traffic; its answers are logged, never returned", model.tag)
+        return ShadowModel(model.path, {"name": model.tag.name, "version": model.tag.version or ""}, SETTINGS.monitor,
+                           self.monitor.secret, SETTINGS.shadow.queue)
 
     @staticmethod
     def _load_detector(folder: Path):
@@ -349,7 +359,10 @@ class RemedisService:
         """Queue the answer for the prediction log (when on); its pseudonymous key for the response."""
         if self.monitor is None:
             return {}
-        return {"key": self.monitor.record(up, answer, self.caller, output[len(self.class_names):])}
+        key = self.monitor.record(up, answer, self.caller, output[len(self.class_names):])
+        if self.shadow is not None:
+            self.shadow.submit(up, self.caller)
+        return {"key": key}
 
     @bentoml.api
     async def feedback(self, labels: list[dict[str, str]], ctx: bentoml.Context, source: str = "") -> dict:
@@ -402,7 +415,8 @@ class RemedisService:
             "ood_detector": ood,
             "input_contract": self.contract.summary() if self.contract is not None else None,
             "serving": {**SETTINGS.public(), "model": str(self.tag), "max_batch_size": SETTINGS.max_batch_size,
-                        "runtime": runtime, "prediction_log": self.monitor.stats() if self.monitor else None},
+                        "runtime": runtime, "prediction_log": self.monitor.stats() if self.monitor else None,
+                        "shadow": self.shadow.stats() if self.shadow else None},
         }
 
     def _model_failure(self, ctx: bentoml.Context, exc: Exception) -> JSONResponse:

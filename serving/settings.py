@@ -91,6 +91,14 @@ class MonitorSettings:
 
 
 @dataclass
+class ShadowSettings:
+    """A candidate version answering the same traffic in shadow (logged only; serving.shadow)."""
+
+    model: str = ""  # BentoML tag of the candidate, e.g. site-b:v4; "" = none. Needs monitor.store
+    queue: int = 256  # uploads waiting for the shadow; beyond it images are skipped and counted
+
+
+@dataclass
 class ServeSettings:
     """The service's settings (serving.yaml): model, devices, precision, batching, limits, authentication, modalities."""
 
@@ -109,6 +117,7 @@ class ServeSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    shadow: ShadowSettings = field(default_factory=ShadowSettings)
 
     def validate(self) -> "ServeSettings":
         """Check the settings; a ValueError names the key."""
@@ -130,6 +139,8 @@ class ServeSettings:
                 raise ConfigError(f"tls.{key}: {value} is not a file")
         if self.tls.require_client_cert and not (self.tls.cert and self.tls.ca):
             raise ConfigError("tls.require_client_cert: needs tls.cert, tls.key and tls.ca")
+        if self.shadow.model and not self.monitor.store:
+            raise ConfigError("shadow.model: a shadow's answers go only to the prediction log; set monitor.store")
         if self.monitor.store and self.monitor.queue < 1:
             raise ConfigError(f"monitor.queue: must be >= 1, got {self.monitor.queue}")
         if self.resources.gpu < 0:

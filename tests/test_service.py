@@ -113,7 +113,8 @@ batching: {max_batch_size: 8, max_latency_ms: 30000}
 limits: {max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}
 auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}
 monitor: {store: "sqlite:///%s", embeddings: true}
-""" % (tmp / "predictions.db"))
+shadow: {model: "%s"}
+""" % (tmp / "predictions.db", tag))
     server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY, "REMEDIS_MONITOR_SECRET": MONITOR_SECRET}).start()
     offline = AdaptedModel.load(folder)
     try:
@@ -366,7 +367,14 @@ def test_every_answer_is_logged_with_a_key_and_labels_join_it_later(svc):
     assert batch["results"][0]["key"].startswith("b-")
     rows = _logged(svc, keys)
     assert len(rows) >= 3
-    mine = [r for r in rows if r["key"] == one["key"]][0]
+    mine = [r for r in rows if r["key"] == one["key"] and r["role"] == "primary"][0]
+    # The same version runs in shadow here: its logged answers, read with its own runtime, equal the primary's.
+    deadline = time.time() + 60
+    while not (shadow := [r for r in _logged(svc, keys) if r["role"] == "shadow"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert shadow and all(r["key"] in keys for r in shadow)
+    assert shadow[0]["probabilities"] == pytest.approx(
+        [r for r in rows if r["key"] == shadow[0]["key"] and r["role"] == "primary"][0]["probabilities"], abs=1e-5)
     assert mine["modality"] == "US" and mine["rows"] == 40 and mine["columns"] == 40 and mine["role"] == "primary"
     assert mine["model_name"] == "svc-test" and len(mine["weights_sha256"]) == 64 and mine["caller"] == "api-key"
     assert mine["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6) and mine["label"] == one["label"]
