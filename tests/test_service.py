@@ -336,15 +336,16 @@ def test_modality_mismatch_is_reported_not_refused(svc):
     assert r.json()["ood"] is True and "modality CT, model trained on US" in r.json()["ood_reasons"]
 
 
-def _logged(svc, keys: list[str], timeout: float = 30.0) -> list[dict]:
-    """The prediction log's rows for `keys`, polled until all are written (the writer commits every 0.5 s)."""
+def _logged(svc, keys: list[str], timeout: float = 30.0, role: str = "primary") -> list[dict]:
+    """The prediction log's rows of `role` for `keys`, polled until every key has one (the writers commit every
+    0.5 s; the primary's and the shadow's rows come from two writers, in either order)."""
     from remedis.monitor.store import PredictionStore
 
     store = PredictionStore(f"sqlite:///{svc['tmp'] / 'predictions.db'}")
     deadline = time.time() + timeout
     try:
         while True:
-            rows = [r for r in store.rows() if r["key"] in set(keys)]
+            rows = [r for r in store.rows(role=role) if r["key"] in set(keys)]
             if len({r["key"] for r in rows}) == len(set(keys)) or time.time() > deadline:
                 return rows
             time.sleep(0.1)
@@ -369,10 +370,8 @@ def test_every_answer_is_logged_with_a_key_and_labels_join_it_later(svc):
     assert len(rows) >= 3
     mine = [r for r in rows if r["key"] == one["key"] and r["role"] == "primary"][0]
     # The same version runs in shadow here: its logged answers, read with its own runtime, equal the primary's.
-    deadline = time.time() + 60
-    while not (shadow := [r for r in _logged(svc, keys) if r["role"] == "shadow"]) and time.time() < deadline:
-        time.sleep(0.2)
-    assert shadow and all(r["key"] in keys for r in shadow)
+    shadow = _logged(svc, keys, timeout=60, role="shadow")
+    assert {r["key"] for r in shadow} == set(keys) and all(r["role"] == "shadow" for r in shadow)
     assert shadow[0]["probabilities"] == pytest.approx(
         [r for r in rows if r["key"] == shadow[0]["key"] and r["role"] == "primary"][0]["probabilities"], abs=1e-5)
     assert mine["modality"] == "US" and mine["rows"] == 40 and mine["columns"] == 40 and mine["role"] == "primary"
