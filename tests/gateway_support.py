@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,13 @@ def dcmtk_tool(name: str) -> str | None:
         if "dcmtk" in (out.stdout + out.stderr).lower():
             return path
     return None
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition", every: float = 0.05) -> None:
+    """Poll `predicate` every `every` seconds until it holds; AssertionError naming `what` after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

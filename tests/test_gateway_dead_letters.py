@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from gateway_support import ct_files, free_port, make_model, sr_results, study_from, to_bytes
+from gateway_support import ct_files, free_port, make_model, sr_results, study_from, to_bytes, wait_until
 
 pytest.importorskip("pynetdicom")
 
@@ -31,13 +31,7 @@ def _settings(tmp: Path, model: str, **over):
     return load_gateway_settings(None, {**base, **over})
 
 
-def _wait(predicate, timeout=60.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_until  # poll with a deadline (tests/gateway_support.py)
 
 
 def test_odd_headers_give_an_sr_whose_finding_is_the_decision(tmp_path, model, shared_data):

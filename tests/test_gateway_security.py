@@ -10,11 +10,10 @@ import logging
 import ssl
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from gateway_support import ct_files, free_port, make_model, no_identifiers, study_from
+from gateway_support import ct_files, free_port, make_model, no_identifiers, study_from, wait_until
 
 pynetdicom = pytest.importorskip("pynetdicom")
 trustme = pytest.importorskip("trustme")
@@ -76,13 +75,7 @@ def _assoc(port: int, aet="MODALITY1", tls=None, bind=None):
     return ae.associate("127.0.0.1", port, ae_title="REMEDIS", **kw)
 
 
-def _wait(predicate, timeout=60.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_until  # poll with a deadline (tests/gateway_support.py)
 
 
 def _audit(tmp: Path) -> list[dict]:
