@@ -135,6 +135,8 @@ def layout_figures(name: str, size: int, batch: int, iters: int) -> list[dict]:
 
 def _compile_targets(reduced: bool) -> list[tuple[str, int]]:
     env = os.environ.get("BENCH_COMPILE_TARGETS")
+    if env == "none":  # no torch.compile figures (a cold compile is the slowest part on a small CPU)
+        return []
     if env:
         return [(t.split("@")[0], int(t.split("@")[1])) for t in env.split(",") if t]
     # Full: the demo backbone (what adapt and serving run) and resnet50. Reduced: the smallest timm ResNet,

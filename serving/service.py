@@ -206,6 +206,11 @@ class RemedisService:
         positive = self.class_names[self.calibration.positive_index] if len(self.class_names) == 2 else None
         self.monitor = (ServiceMonitor(SETTINGS.monitor, self._model, meta.get("weights_sha256"), positive_class=positive)
                         if SETTINGS.monitor.store else None)
+        self.gauges = None
+        if self.monitor is not None and positive is not None and SETTINGS.monitor.gauges.every_s > 0:
+            from serving.monitor_gauges import ReportGauges
+
+            self.gauges = ReportGauges(self.monitor.writer.store, self._model, SETTINGS.monitor.gauges)
         self.caller = "api-key" if SETTINGS.auth.enabled else "anonymous"
         self.shadow = self._load_shadow() if SETTINGS.shadow.model else None
         log.info("serving %s: %d classes, operating point %s, OOD %s, input contract %s", self.tag, len(self.class_names),

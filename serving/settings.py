@@ -80,6 +80,16 @@ class TlsSettings:
 
 
 @dataclass
+class MonitorGaugeSettings:
+    """The latest window's monitoring figures and alarms as Prometheus gauges on /metrics (serving.monitor_gauges)."""
+
+    every_s: float = 300.0  # recomputed this often from the store; 0 = no gauges
+    window: str = "1d"  # the latest window: the answers of the last day (30m, 12h, 1d, 1w)
+    reference_since: str = ""  # the reference period, UTC date or time (e.g. the first weeks after go-live) ...
+    reference_until: str = ""  # ... "" for both: the log's first window
+
+
+@dataclass
 class MonitorSettings:
     """The prediction log (remedis.monitor): every answer appended to a store, off the request path."""
 
@@ -88,6 +98,7 @@ class MonitorSettings:
     secret_file: str = ""  # ... or a file holding it (first line); the file wins when set
     embeddings: bool = False  # also keep each image's embedding (float16) for drift tests
     queue: int = 10_000  # answers that may wait for the store; beyond it they are dropped and counted
+    gauges: MonitorGaugeSettings = field(default_factory=MonitorGaugeSettings)
 
 
 @dataclass
@@ -143,9 +154,32 @@ class ServeSettings:
             raise ConfigError("shadow.model: a shadow's answers go only to the prediction log; set monitor.store")
         if self.monitor.store and self.monitor.queue < 1:
             raise ConfigError(f"monitor.queue: must be >= 1, got {self.monitor.queue}")
+        self._validate_gauges()
         if self.resources.gpu < 0:
             raise ConfigError(f"resources.gpu: must be >= 0, got {self.resources.gpu}")
         return self
+
+    def _validate_gauges(self) -> None:
+        import datetime as dt
+
+        from remedis.monitor.report import parse_duration
+
+        g = self.monitor.gauges
+        if g.every_s < 0:
+            raise ConfigError(f"monitor.gauges.every_s: must be >= 0 (0 = off), got {g.every_s}")
+        try:
+            parse_duration(g.window)
+        except ValueError as exc:
+            raise ConfigError(f"monitor.gauges.window: {exc}") from None
+        for key in ("reference_since", "reference_until"):
+            value = getattr(g, key)
+            try:
+                if value:
+                    dt.datetime.fromisoformat(str(value))
+            except ValueError:
+                raise ConfigError(f"monitor.gauges.{key}: {value!r} is not a date or time such as 2026-11-01") from None
+        if bool(g.reference_since) != bool(g.reference_until):
+            raise ConfigError("monitor.gauges.reference_since/reference_until: give both, or neither (the log's first window)")
 
     @property
     def max_batch_size(self) -> int:

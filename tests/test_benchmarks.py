@@ -18,12 +18,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import run as bench_run  # noqa: E402
 
 # Figures each reduced benchmark must produce (names are part of the JSON contract of the README).
+# The torch.compile figures are left out here (BENCH_COMPILE_TARGETS=none): a cold compile alone took 27 of the
+# fixture's 56 s on 2 cores; `python benchmarks/run.py --reduced` still measures them.
 EXPECTED = {
     "compute": ["matmul fp32", "matmul bf16",
                 *[f"{m} infer {p}" for m in ("resnet18@224", "resnet50@224", "resnetv2_50x1_bit@224", "resnetv2_18_bit@64")
                   for p in ("fp32", "bf16+CL")],
-                "resnetv2_18_bit@64 infer bf16+CL StdConv folded", "resnet10t@32 infer bf16+CL torch.compile",
-                "resnet10t@32 torch.compile time (cold cache)"],
+                "resnetv2_18_bit@64 infer bf16+CL StdConv folded"],
     "train": ["train plain fp32", "train plain bf16+CL", "train Lightning bf16", "train Lightning fp32"],
     "scaling": ["scaling epoch 1000 images", "scaling epoch 10000 images", "scaling peak RSS 10000 images"],
 }
@@ -31,7 +32,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.delenv("BENCH_COMPILE_TARGETS", raising=False)
+    monkeypatch_module.setenv("BENCH_COMPILE_TARGETS", "none")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     code = bench_run.main(["--reduced", "--only", ",".join(EXPECTED), "--output", str(out)])
     report = json.loads(out.read_text())

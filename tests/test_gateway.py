@@ -388,3 +388,39 @@ def test_sigkill_mid_study_then_restart_every_instance_gets_exactly_one_sr(tmp_p
     text = log.read_text() + status.stdout
     assert not no_identifiers(text), "a planted identifier reached the log or status"
     assert "Traceback" not in text
+
+
+def test_in_process_route_logs_every_answer_without_identifiers(tmp_path, model, shared_data, monkeypatch):
+    """`monitor` in the gateway config: each answer of a route running the model in process goes to the prediction
+    log, keyed by the HMAC of its SOP Instance UID, with the gateway as the caller and no patient identifier."""
+    from remedis.monitor.keys import instance_key
+    from remedis.monitor.store import PredictionStore
+    from serving.gateway.app import Gateway
+
+    secret = "gateway-log-secret-0123456789"
+    monkeypatch.setenv("REMEDIS_MONITOR_SECRET", secret)
+    db = tmp_path / "log.db"
+    study = study_from(ct_files(shared_data, 1)[0], 3)  # planted identifiers in every header
+    with Gateway(_settings(tmp_path, model, monitor={"store": f"sqlite:///{db}", "embeddings": True})) as gw:
+        assoc = _assoc(gw.settings.port)
+        assert all(assoc.send_c_store(ds).Status == 0x0000 for ds in study)
+        assoc.release()
+        store = PredictionStore(f"sqlite:///{db}")
+        _wait(lambda: store.count() >= 3, what="three logged answers")
+    rows = list(store.rows())
+    store.close()
+    assert sorted(r["key"] for r in rows) == sorted(instance_key(ds.SOPInstanceUID, secret.encode()) for ds in study)
+    from serving.gateway.inference import LocalInference
+
+    info = LocalInference(model).info
+    for r in rows:
+        assert r["caller"] == "gateway REMEDIS" and r["modality"] == "CT" and r["role"] == "primary"
+        assert r["embedding"] is not None and r["weights_sha256"] == info.weights_sha256
+        assert r["positive_class"] == info.class_names[info.positive_index]
+    expected = expected_probs(model, write_all(study, tmp_path / "files"))
+    got = {r["key"]: r["probabilities"]["contrast"] for r in rows}
+    want = {instance_key(ds.SOPInstanceUID, secret.encode()): float(p[info.class_names.index("contrast")])
+            for ds, p in zip(study, expected)}
+    assert got == pytest.approx(want, abs=1e-5)
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("log.db*"))
+    assert not [v for v in PLANTED.values() if v.split("^")[0].encode() in raw]

@@ -92,6 +92,17 @@ def test_remedis_monitor_report_writes_json_and_html_without_identifiers(tmp_pat
     html = (tmp_path / "m" / "monitor.html").read_text()
     assert "<script" not in html and "ood_rate" in html and "i-0000" not in html
     assert main(["monitor", "report", "--store", url, "--window", "soon", "-o", str(tmp_path / "m")]) == 2
+    # an explicit reference period: the first 20 answers; then every window is tested against it
+    ref_end = rows[20]["time"]
+    assert main(["monitor", "report", "--store", url, "--since", "3d", "--reference-since", rows[0]["time"],
+                 "--reference-until", ref_end, "-o", str(tmp_path / "r")]) == 0
+    explicit = json.loads((tmp_path / "r" / "monitor.json").read_text())
+    assert explicit["reference"]["explicit"] and explicit["reference"]["n"] == 20
+    assert not any(w["reference"] for w in explicit["windows"])
+    assert main(["monitor", "report", "--store", url, "--reference-since", "2026-01-01", "-o", str(tmp_path / "r")]) == 2
+    assert main(["monitor", "report", "--store", url, "--reference-since", "1999-01-01", "--reference-until", "1999-02-01",
+                 "-o", str(tmp_path / "r")]) == 2
+    assert "no answers logged" in capsys.readouterr().err
 
 
 def test_compare_a_shadow_version_pairs_by_key_and_matches_scikit_learn(tmp_path, capsys):
@@ -128,3 +139,56 @@ def test_compare_a_shadow_version_pairs_by_key_and_matches_scikit_learn(tmp_path
                  "-o", str(tmp_path / "c.json")]) == 0
     assert "300 images answered by both" in capsys.readouterr().out and (tmp_path / "c.json").is_file()
     assert main(["monitor", "compare", "--store", url, "--primary", "site-b:3", "--shadow", "site-b:9"]) == 2
+
+
+def test_monitor_report_against_an_explicit_reference_period_tests_every_window():
+    rng = np.random.default_rng(2)
+    reference = [r for day in range(2) for r in _rows(rng, day, 150)]
+    rows = [r for day in range(2, 5) for r in _rows(rng, day, 150)] + _rows(rng, 5, 150, ood=0.3, shift=1.0)
+    report = monitor_report(rows, parse_duration("1d"), reference_rows=reference)
+    assert report["reference"]["explicit"] and report["reference"]["n"] == 300
+    assert not any(w["reference"] for w in report["windows"]) and len(report["windows"]) == 4
+    assert {a["window"][:10] for a in report["alarms"]} == {"2026-11-06"}
+
+
+def test_service_gauges_show_the_latest_window_with_the_report_rules(tmp_path):
+    """serving.monitor_gauges: the gauges of the latest window equal window_figures on the same rows, and the
+    alarm gauges are 1 exactly for the alarms the report raises."""
+    from prometheus_client import CollectorRegistry
+
+    from remedis.monitor.report import window_figures
+    from serving.monitor_gauges import ReportGauges
+    from serving.settings import MonitorGaugeSettings
+
+    rng = np.random.default_rng(3)
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}")
+    first_day = _rows(rng, 0, 200)  # the log's first window: the reference by default
+    quiet = _rows(rng, 5, 200)
+    store.append(first_day + quiet)
+    registry = CollectorRegistry()
+    gauges = ReportGauges(store, {"name": "site-b", "version": "3"}, MonitorGaugeSettings(every_s=300, window="1d"),
+                          start=False, registry=registry)
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"model": "site-b:3", **labels})
+
+    now = START + dt.timedelta(days=6)
+    out = gauges.refresh(now)
+    assert out["images"] == 200 and out["reference_images"] == 200 and out["alarms"] == []
+    figures, _ = window_figures(quiet, first_day)
+    assert value("remedis_monitor_images") == 200
+    assert value("remedis_monitor_ood_rate") == pytest.approx(figures["ood_rate"])
+    assert value("remedis_monitor_estimated", metric="auroc") == pytest.approx(figures["estimated"]["auroc"])
+    assert value("remedis_monitor_drift_p_value", test="embedding") == pytest.approx(figures["drift"]["embedding"]["p_value"])
+    assert value("remedis_monitor_alarm", figure="ood_rate") == 0.0
+    # a new scanner on day 7: the OOD-rate and drift alarms go to 1
+    store.append(_rows(rng, 7, 200, ood=0.3, shift=1.0, positive_boost=0.3))
+    out = gauges.refresh(START + dt.timedelta(days=8))
+    assert {"ood_rate", "positive_rate", "drift:embedding"} <= set(out["alarms"])
+    assert value("remedis_monitor_alarm", figure="ood_rate") == 1.0 and value("remedis_monitor_alarm", figure="positive_rate") == 1.0
+    assert value("remedis_monitor_ood_rate") > 0.2
+    # an explicit reference period; a young log's window never reaches back into it
+    young = ReportGauges(store, {"name": "site-b", "version": "3"}, MonitorGaugeSettings(window="1d"), start=False,
+                         registry=CollectorRegistry())
+    assert young.refresh(START + dt.timedelta(hours=20))["images"] == 0
+    store.close()

@@ -112,22 +112,60 @@ modalities: [US]
 batching: {max_batch_size: 8, max_latency_ms: 30000}
 limits: {max_upload_bytes: 300000, max_request_bytes: 3000000, max_pixels: 250000, max_batch_files: 10}
 auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}
-monitor: {store: "sqlite:///%s", embeddings: true}
+monitor: {store: "sqlite:///%s", embeddings: true, gauges: {every_s: 1, window: 1d, reference_since: "2000-01-01",
+          reference_until: "2000-01-02"}}
 shadow: {model: "%s"}
 """ % (tmp / "predictions.db", tag))
-    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY, "REMEDIS_MONITOR_SECRET": MONITOR_SECRET}).start()
-    offline = AdaptedModel.load(folder)
+    # A second server of the same model over HTTPS, for test_the_service_serves_https...: started beside the main one
+    # (a server's start is mostly single-threaded imports, so two overlap on two cores).
+    https = _https_server(tag, home, tmp / "tls")
+    starting = ThreadPoolExecutor(1).submit(https[0].start) if https else None
+    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY, "REMEDIS_MONITOR_SECRET": MONITOR_SECRET})
     try:
+        server.start()
+        offline = AdaptedModel.load(folder)
         yield {"url": server.url, "server": server, "files": files, "offline": offline, "tmp": tmp, "tag": tag,
                "detector": OODDetector.load(folder), "threshold": threshold, "folder": folder,
-               "contract": model.input_contract}
+               "contract": model.input_contract, "https": (https, starting)}
     finally:
+        _CLIENT.close()  # its keep-alive connections would hold the server's graceful shutdown
         server.stop()
+        if https:
+            starting.exception(timeout=240)  # started or failed (the HTTPS test reports which): then stopped
+            https[0].stop()
+
+
+def _https_server(tag: str, home: Path, folder: Path):
+    """(a LocalServer over HTTPS with a trustme CA's certificate, the CA file, a rogue CA's file), or None without trustme."""
+    try:
+        import trustme
+    except ImportError:
+        return None
+    from serving.local import LocalServer
+
+    folder.mkdir()
+    ca, rogue = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    rogue.cert_pem.write_to_path(folder / "rogue.pem")
+    cert.private_key_pem.write_to_path(folder / "svc.key")
+    cert.cert_chain_pems[0].write_to_path(folder / "svc.crt")
+    config = folder / "serving.yaml"
+    config.write_text(f"tls: {{cert: {folder / 'svc.crt'}, key: {folder / 'svc.key'}}}\n"
+                      "auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}\n")
+    server = LocalServer(tag, home, config, env={"REMEDIS_TEST_API_KEY": KEY}, https_ca=folder / "ca.pem",
+                         startup_timeout=180)
+    return server, folder / "ca.pem", folder / "rogue.pem"
+
+
+# One pooled keep-alive client for the module's calls (httpx.post builds a client, and its TLS context, per call:
+# most of the client side's CPU, which shares the 2 cores with the server under test).
+_CLIENT = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
 
 
 def _post(svc, route: str, files=None, headers=None, **kw) -> httpx.Response:
     headers = {"X-API-Key": KEY} if headers is None else headers
-    return httpx.post(f"{svc['url']}/{route}", files=files, headers=headers, timeout=60, **kw)
+    return _CLIENT.post(f"{svc['url']}/{route}", files=files, headers=headers, **kw)
 
 
 def _file(path: Path, ctype: str | None = None):
@@ -395,6 +433,26 @@ def test_every_answer_is_logged_with_a_key_and_labels_join_it_later(svc):
     assert {r["truth"] for r in _logged(svc, [one["key"]])} == {"malignant"}
 
 
+def test_metrics_carry_the_monitoring_gauges_of_the_latest_window(svc):
+    """monitor.gauges: the API worker recomputes the latest window from the log (every second here) and /metrics
+    shows it (the figures against a reference are checked in tests/test_monitor_report.py; this log's reference
+    period, in 2000, is empty, so only the volume and the refresh time are set)."""
+    png = svc["files"][0]
+    assert _post(svc, "predict", files={"image": _file(png)}).status_code == 200
+    pattern = re.compile(r'^remedis_monitor_images\{model="svc-test:[^"]+"\} ([0-9.e+]+)$', re.M)
+    deadline, seen = time.time() + 60, None
+    while time.time() < deadline:
+        text = httpx.get(f"{svc['url']}/metrics", timeout=30).text
+        m = pattern.search(text)
+        if m and float(m.group(1)) >= 1:
+            seen = text
+            break
+        time.sleep(0.2)
+    assert seen, "remedis_monitor_images never counted an answer"
+    assert re.search(r'^remedis_monitor_refreshed_timestamp_seconds\{model="svc-test:[^"]+"\} [0-9.e+]+$', seen, re.M)
+    assert 'remedis_monitor_alarm{figure="ood_rate"' in seen or 'remedis_monitor_alarm{model=' in seen
+
+
 def test_no_patient_identifier_in_responses_or_logs(svc):
     phi = _dicom(svc["tmp"] / "phi.dcm", (np.random.default_rng(4).random((40, 40)) * 4000).astype(np.uint16), **PLANTED)
     broken = phi.read_bytes()[:-900]
@@ -544,6 +602,7 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
     assert isinstance(got[-1], Refusal) and got[-1].status in (415, 422)
     for f, answer in zip(dcms, got):
         assert answer.probabilities["malignant"] == pytest.approx(float(_expected(svc, f)["probs"][1]), abs=1e-5)
+    model.close()
     monkeypatch.setenv("REMEDIS_TEST_API_KEY", "wrong-key-0123456789")
     with pytest.raises(InferenceUnavailable, match="API key"):
         ServiceInference(svc["url"], "REMEDIS_TEST_API_KEY")
@@ -570,36 +629,26 @@ def test_the_gateway_gets_its_answers_from_the_service_with_its_key(svc, tmp_pat
         assert results[uid]["label"] == answer.label and results[uid]["ood"] == answer.ood
 
 
-def test_the_service_serves_https_and_the_gateway_verifies_its_certificate(svc, tmp_path, monkeypatch):
+def test_the_service_serves_https_and_the_gateway_verifies_its_certificate(svc, monkeypatch):
     """`tls` in the serving config: the service answers over HTTPS only (BentoML's TLS), and the gateway's hop to
     it verifies the certificate against the site's CA; a certificate from another CA is never used."""
-    trustme = pytest.importorskip("trustme")
     from serving.gateway.inference import InferenceUnavailable, ServiceInference
-    from serving.local import LocalServer
 
-    ca, rogue = trustme.CA(), trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    rogue.cert_pem.write_to_path(tmp_path / "rogue.pem")
-    cert.private_key_pem.write_to_path(tmp_path / "svc.key")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "svc.crt")
-    config = tmp_path / "serving.yaml"
-    config.write_text(f"tls: {{cert: {tmp_path / 'svc.crt'}, key: {tmp_path / 'svc.key'}}}\n"
-                      "auth: {enabled: true, key_env: REMEDIS_TEST_API_KEY}\n")
-    server = LocalServer(svc["tag"], svc["tmp"] / "bentoml", config, env={"REMEDIS_TEST_API_KEY": KEY},
-                         https_ca=tmp_path / "ca.pem", startup_timeout=120).start()
-    try:
-        png = next(f for f in svc["files"] if f.suffix == ".png")
-        r = httpx.post(f"{server.url}/predict", files={"image": _file(png)}, headers={"X-API-Key": KEY}, timeout=60,
-                       verify=str(tmp_path / "ca.pem"))
-        assert r.status_code == 200 and r.json()["probabilities"]["malignant"] == pytest.approx(
-            float(_expected(svc, png)["probs"][1]), abs=1e-5)
-        with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
-            httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=3)
-        monkeypatch.setenv("REMEDIS_TEST_API_KEY", KEY)
-        assert ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(tmp_path / "ca.pem")).info.class_names == [
-            "benign", "malignant"]
-        with pytest.raises(InferenceUnavailable, match="unreachable"):
-            ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(tmp_path / "rogue.pem"))
-    finally:
-        server.stop()
+    https, starting = svc["https"]
+    if https is None:
+        pytest.skip("trustme is not installed (pip install -e '.[dev]')")
+    server, ca_file, rogue_file = https
+    starting.result(timeout=180)
+    png = next(f for f in svc["files"] if f.suffix == ".png")
+    r = httpx.post(f"{server.url}/predict", files={"image": _file(png)}, headers={"X-API-Key": KEY}, timeout=60,
+                   verify=str(ca_file))
+    assert r.status_code == 200 and r.json()["probabilities"]["malignant"] == pytest.approx(
+        float(_expected(svc, png)["probs"][1]), abs=1e-5)
+    with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
+        httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=3)
+    monkeypatch.setenv("REMEDIS_TEST_API_KEY", KEY)
+    verified = ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(ca_file))
+    assert verified.info.class_names == ["benign", "malignant"]
+    verified.close()
+    with pytest.raises(InferenceUnavailable, match="unreachable"):
+        ServiceInference(server.url, "REMEDIS_TEST_API_KEY", ca=str(rogue_file))

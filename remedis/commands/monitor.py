@@ -46,6 +46,22 @@ def cmd_label(args) -> int:
     return 0
 
 
+def _iso_time(text: str | None, name: str) -> str | None:
+    """A date or date-time as the log's UTC ISO text (a date means 00:00 UTC); ConfigError names the option."""
+    import datetime as dt
+
+    from remedis.config import ConfigError
+
+    if not text:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a date or time such as 2026-11-01 or 2026-11-01T08:00") from None
+    t = t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    return t.isoformat(timespec="milliseconds")
+
+
 def cmd_report(args) -> int:
     """`remedis monitor report`: the JSON and HTML report of the log's recent windows."""
     import datetime as dt
@@ -62,15 +78,22 @@ def cmd_report(args) -> int:
     except ValueError as exc:
         raise ConfigError(f"--since/--window: {exc}") from None
     start = (dt.datetime.now(dt.timezone.utc) - since).isoformat(timespec="milliseconds")
+    ref_bounds = [_iso_time(getattr(args, k), f"--{k.replace('_', '-')}") for k in ("reference_since", "reference_until")]
+    if any(ref_bounds) and not all(ref_bounds):
+        raise ConfigError("--reference-since and --reference-until: give both (the period when the model was known to be fine)")
     store = PredictionStore(args.store)
     try:
         rows = list(store.rows(since=start, role="primary", model_name=args.model))
+        reference = (list(store.rows(since=ref_bounds[0], until=ref_bounds[1], role="primary", model_name=args.model))
+                     if all(ref_bounds) else None)
     finally:
         store.close()
+    if reference is not None and not reference:
+        raise ConfigError(f"--reference-since/--reference-until: no answers logged from {ref_bounds[0]} to {ref_bounds[1]}")
     names = sorted({r["model_name"] or "" for r in rows})
     if len(names) > 1:
         raise ConfigError(f"the log holds several models in this period ({', '.join(names)}); choose one with --model")
-    report = monitor_report(rows, window, args.reference_windows)
+    report = monitor_report(rows, window, args.reference_windows, reference_rows=reference)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "monitor.json", json.dumps(report, indent=1))
@@ -144,6 +167,10 @@ def register(sub) -> None:
     r.add_argument("--window", default="1d", help="window length (default 1d; 1w for a quiet site)")
     r.add_argument("--reference-windows", type=int, default=1,
                    help="the first windows pooled as the reference, when the model was known to be fine (default 1)")
+    r.add_argument("--reference-since", default=None,
+                   help="with --reference-until: an explicit reference period (UTC date or time, e.g. the first month "
+                        "after go-live); every window is then tested against it (recommended once the log is long)")
+    r.add_argument("--reference-until", default=None, help="the end of the explicit reference period (exclusive)")
     r.add_argument("--model", default=None, help="the model name, when the log holds several")
     r.add_argument("--output", "-o", required=True, help="folder for monitor.json and monitor.html")
     r.set_defaults(func=cmd_report)

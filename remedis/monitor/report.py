@@ -206,8 +206,31 @@ def _alarms(where: dict[str, str], s: dict[str, Any], ref: dict[str, Any] | None
     return out
 
 
+def window_figures(rows: list[dict], reference_rows: list[dict], expected_flag_rate: float = EXPECTED_FLAG_RATE,
+                   n_boot: int = 200) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One window's figures and alarms against a reference (the service's gauges use it for the latest window).
+
+    Args:
+        rows: the window's logged answers (one binary model, role primary).
+        reference_rows: the reference period's answers.
+        expected_flag_rate: the OOD-flag rate expected on familiar images.
+        n_boot: bootstrap resamples for the labeled figures.
+
+    Example:
+        >>> figures, alarms = window_figures(last_day_rows, first_week_rows)      # doctest: +SKIP
+    """
+    rows = [r for r in rows if r.get("positive_class")]
+    reference_rows = [r for r in reference_rows if r.get("positive_class")]
+    if not rows or not reference_rows:
+        return {"n": len(rows)}, []
+    reference = _summary(reference_rows, None, expected_flag_rate, n_boot)
+    figures = _summary(rows, reference_rows, expected_flag_rate, n_boot)
+    return figures, _alarms({"window": "latest", "group": "all"}, figures, reference)
+
+
 def monitor_report(rows: list[dict], window: dt.timedelta, reference_windows: int = 1,
-                   expected_flag_rate: float = EXPECTED_FLAG_RATE, n_boot: int = 200, min_group: int = 30) -> dict[str, Any]:
+                   expected_flag_rate: float = EXPECTED_FLAG_RATE, n_boot: int = 200, min_group: int = 30,
+                   reference_rows: list[dict] | None = None) -> dict[str, Any]:
     """The report of a prediction log's rows (time-ordered, one model, role primary): per window and device.
 
     Args:
@@ -217,6 +240,8 @@ def monitor_report(rows: list[dict], window: dt.timedelta, reference_windows: in
         expected_flag_rate: the OOD-flag rate expected on familiar images (1 - the detector's accept rate).
         n_boot: bootstrap resamples for the labeled figures.
         min_group: a device group is reported within a window from this many images on.
+        reference_rows: an explicit reference period's rows (e.g. the first month after go-live); then every
+            window of `rows` is tested against them and `reference_windows` is not used.
     """
     rows = [r for r in rows if r.get("positive_class")]
     if not rows:
@@ -227,8 +252,9 @@ def monitor_report(rows: list[dict], window: dt.timedelta, reference_windows: in
     by_window: dict[int, list[dict]] = {}
     for i, r in zip(index, rows):
         by_window.setdefault(i, []).append(r)
-    first = sorted(by_window)[:reference_windows]
-    ref_rows = [r for w in first for r in by_window[w]]
+    explicit = [r for r in (reference_rows or []) if r.get("positive_class")]
+    first = [] if explicit else sorted(by_window)[:reference_windows]
+    ref_rows = explicit or [r for w in first for r in by_window[w]]
     reference = _summary(ref_rows, None, expected_flag_rate, n_boot)
     windows, alarms = [], []
     for w in sorted(by_window):
@@ -250,7 +276,8 @@ def monitor_report(rows: list[dict], window: dt.timedelta, reference_windows: in
     model = rows[0]
     return {"model": {"name": model.get("model_name"), "version": model.get("model_version"),
                       "weights_sha256": model.get("weights_sha256"), "positive_class": model.get("positive_class")},
-            "window": str(window), "reference": {"windows": len(first), **reference}, "windows": windows,
+            "window": str(window), "reference": {"windows": len(first), "explicit": bool(explicit), **reference},
+            "windows": windows,
             "alarms": alarms, "rules": {"alpha": ALPHA, "expected_flag_rate": expected_flag_rate,
                                         "estimated": "expected from calibrated probabilities (CBPE); an estimate, not a measurement"}}
 

@@ -186,6 +186,16 @@ class PredictionStore:
                     row["embedding"] = np.frombuffer(row["embedding"], dtype=np.float16)
                 yield row
 
+    def first_time(self, model_name: str | None = None) -> str | None:
+        """The time of the earliest logged primary answer (of one model), or None for an empty log."""
+        from sqlalchemy import func
+
+        q = select(func.min(PREDICTIONS.c.time)).where(PREDICTIONS.c.role == "primary")
+        if model_name:
+            q = q.where(PREDICTIONS.c.model_name == model_name)
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar_one()
+
     def count(self) -> int:
         """Logged answers in the store."""
         from sqlalchemy import func

@@ -174,6 +174,7 @@ class Gateway:
         self._threads: list[threading.Thread] = []
         self._server = None
         self._http = None
+        self._monitors: list = []
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class Gateway:
             if i not in self.models:
                 self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s,
                                             ca=self.settings.tls.ca)
+        self._log_in_process_routes()
         self.spool.recover()
         ae = AE(ae_title=self.settings.ae_title)
         for cx in AllStoragePresentationContexts:
@@ -239,6 +241,22 @@ class Gateway:
         """Every worker thread alive (or stopping on request)."""
         return self.dead_worker is None and (self._stop.is_set() or all(t.is_alive() for t in self._threads))
 
+    def _log_in_process_routes(self) -> None:
+        """With `monitor.store`, every answer of a route whose model runs in process goes to the prediction log
+        (a route to the service is logged by the service)."""
+        from serving.gateway.inference import LocalInference
+        from serving.monitoring import ServiceMonitor
+
+        if not self.settings.monitor.store:
+            return
+        for model in self.models.values():
+            if isinstance(model, LocalInference) and model.monitor is None:
+                info = model.info
+                positive = info.class_names[info.positive_index] if len(info.class_names) == 2 else None
+                model.log_to(ServiceMonitor(self.settings.monitor, {"name": info.name, "version": info.version},
+                                            info.weights_sha256, positive_class=positive), f"gateway {self.settings.ae_title}")
+                self._monitors.append(model.monitor)
+
     def stop(self) -> None:
         """Stop listening and let the workers finish their current step (what is spooled stays)."""
         self._stop.set()
@@ -248,6 +266,11 @@ class Gateway:
             self._http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        for monitor in self._monitors:  # what is queued is written
+            monitor.close()
+        for model in self.models.values():  # a service's kept-alive connections
+            if hasattr(model, "close"):
+                model.close()
         self.audit.close()
 
     def __enter__(self) -> "Gateway":

@@ -77,6 +77,12 @@ class LocalInference:
         version = str(meta.get("weights_sha256", ""))[:12]
         self.info = ModelInfo(folder.name, version, str(meta.get("weights_sha256", "")), list(meta["class_names"]),
                               int(meta.get("positive_index", 1)))
+        self.monitor = None  # a serving.monitoring.ServiceMonitor: every answer goes to the prediction log
+        self.caller = "gateway"
+
+    def log_to(self, monitor, caller: str) -> None:
+        """Log every answer of this route to `monitor` (the gateway's `monitor` settings), as `caller`."""
+        self.monitor, self.caller = monitor, caller
 
     def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
         """Per DICOM file, its answer, or the refusal the service would give."""
@@ -84,7 +90,7 @@ class LocalInference:
         from serving.inputs import UploadError, check_upload
 
         results: list[Answer | Refusal | None] = [None] * len(files)
-        xs, reasons, where = [], [], []
+        xs, reasons, where, ups = [], [], [], []
         for i, data in enumerate(files):
             try:
                 up = check_upload(data, "application/dicom", self.limits)
@@ -95,11 +101,15 @@ class LocalInference:
             xs.append(x)
             reasons.append(r)
             where.append(i)
+            ups.append(up)
         if xs:
             out = self.runtime.forward(np.stack(xs))
-            for i, a in zip(where, answers(out, self.info.class_names, self.calibration, self.detector, reasons,
-                                           self.contract is not None)):
+            k = len(self.info.class_names)
+            for j, (i, a) in enumerate(zip(where, answers(out, self.info.class_names, self.calibration, self.detector, reasons,
+                                                          self.contract is not None))):
                 results[i] = a
+                if self.monitor is not None:  # queued in microseconds; written by the log's own thread
+                    self.monitor.record(ups[j], a, self.caller, out[j, k:])
         return results  # type: ignore[return-value]
 
 
@@ -114,7 +124,11 @@ class ServiceInference:
         key = os.environ.get(api_key_env, "").strip()
         self.headers = {"X-API-Key": key} if key else {}
         self.client = httpx.Client(timeout=timeout_s, verify=ca or True)
-        meta = self._call("metadata", json={})
+        try:
+            meta = self._call("metadata", json={})
+        except Exception:
+            self.client.close()
+            raise
         model = meta.get("model", {})
         sha = _find(meta, "weights_sha256") or ""
         classes = list(_find(meta, "class_names") or [])
@@ -136,6 +150,10 @@ class ServiceInference:
         if r.status_code >= 400:  # the body is not logged: it may quote what was sent
             raise InferenceRejected(f"the service answered {r.status_code} ({_reason(r.status_code)})")
         return r.json()
+
+    def close(self) -> None:
+        """Close the kept-alive connections (a service's graceful shutdown waits for open ones)."""
+        self.client.close()
 
     def predict(self, files: list[bytes]) -> list[Answer | Refusal]:
         """Per DICOM file, the service's answer, or its refusal (an item's `error` and `status`)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from remedis.config import ConfigError, from_dict
+from serving.settings import MonitorSettings
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "gateway.yaml"
 
@@ -128,6 +129,8 @@ class GatewaySettings:
     retry: Retry = field(default_factory=Retry)
     frames: FrameSettings = field(default_factory=FrameSettings)
     stow: StowIn = field(default_factory=StowIn)
+    # the prediction log of the in-process routes (as the service's `monitor`; a route to the service is logged there)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def _validate_security(self) -> None:
         _check_security(self)
