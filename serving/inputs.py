@@ -40,6 +40,10 @@ class UploadError(ValueError):
         self.reason = reason
 
 
+# Read with the header, for the prediction log only (serving.monitoring): the key's UID and the device facts.
+HEADER_TAGS = ("SOPInstanceUID", "Manufacturer", "ManufacturerModelName")
+
+
 @dataclass
 class Upload:
     """A checked upload: its bytes, the sniffed format and, when the header parsed, its header facts
@@ -106,7 +110,8 @@ def _check_header(up: Upload, limits: LimitSettings) -> None:
     """The header facts (`describe_bytes`: modality, photometric, channels, size), and the declared
     dimensions against the pixel limit, before anything is decoded."""
     try:
-        up.source = describe_bytes(up.data, name="upload.dcm" if up.format == "dicom" else f"upload.{up.format}")
+        up.source = (describe_bytes(up.data, name="upload.dcm", tags=HEADER_TAGS) if up.format == "dicom"
+                     else describe_bytes(up.data, name=f"upload.{up.format}"))
     except ImageTooLargeError:
         raise UploadError(413, f"image dimensions are above this service's limit of {limits.max_pixels} pixels") from None
     except Exception:  # a broken header: the reader gives the precise (safe) reason on decoding

@@ -24,17 +24,20 @@ from remedis.monitor.keys import bytes_key, instance_key
 from remedis.monitor.store import PredictionStore
 from remedis.monitor.writer import PredictionWriter
 from serving.answer import Answer
-from serving.inputs import Upload
+from serving.inputs import HEADER_TAGS, Upload
 from serving.settings import MonitorSettings, read_monitor_secret
 
 log = logging.getLogger("remedis.serving")
-DEVICE_TAGS = ("SOPInstanceUID", "Manufacturer", "ManufacturerModelName")
+DEVICE_TAGS = HEADER_TAGS
 
 
 def _device_facts(up: Upload) -> dict[str, str | None]:
-    """SOP Instance UID (for the key only), manufacturer and model from a DICOM upload's header."""
+    """SOP Instance UID (for the key only), manufacturer and model from a DICOM upload's header (as read with the
+    header when the upload was checked; parsed again only for an upload checked without them)."""
     if up.format != "dicom":
         return {}
+    if up.source is not None and up.source.tags:
+        return {k: (up.source.tags.get(k, "")[:200] or None) for k in DEVICE_TAGS}
     import pydicom
 
     try:

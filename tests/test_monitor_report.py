@@ -192,3 +192,23 @@ def test_service_gauges_show_the_latest_window_with_the_report_rules(tmp_path):
                          registry=CollectorRegistry())
     assert young.refresh(START + dt.timedelta(hours=20))["images"] == 0
     store.close()
+
+
+def test_an_image_sent_again_is_one_observation_not_drift():
+    """A site re-sends images (retries, second reads): windows drawn with replacement from one pool of images.
+    Counted per request, a repeated image lands in both folds of the classifier test and passes for drift; counted
+    once per key (`distinct`), the stable stretch raises no drift alarm."""
+    from remedis.monitor.report import distinct
+
+    rng = np.random.default_rng(4)
+    pool = _rows(rng, 0, 120)
+    rows = []
+    for day in range(12):
+        for i in rng.integers(0, len(pool), 60):
+            rows.append({**pool[i], "time": (START + dt.timedelta(days=day, minutes=int(rng.integers(0, 1400))))
+                         .isoformat(timespec="milliseconds")})
+    rows.sort(key=lambda r: r["time"])
+    assert len(distinct(rows)) <= 120 < len(rows)
+    report = monitor_report(rows, parse_duration("1d"), reference_windows=2)
+    assert not [a for a in report["alarms"] if a["figure"].startswith("drift")], report["alarms"]
+    assert all(w["n"] < w["answers"] for w in report["windows"])

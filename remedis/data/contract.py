@@ -123,13 +123,15 @@ def as_grey_source(source: SourceInfo) -> SourceInfo:
     return replace(source, channels=1, photometric="MONOCHROME2")
 
 
-def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | None = None) -> SourceInfo:
+def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | None = None,
+                   tags: tuple[str, ...] = ()) -> SourceInfo:
     """`describe_file` for bytes (an upload): the format from the bytes and the name (`remedis.data.formats`).
 
     Args:
         data: the file's bytes.
         name: a name for messages and for the format of preamble-less DICOM and NIfTI (".nii", ".nii.gz").
         modality_hint: the modality when the header has none.
+        tags: DICOM attributes to read by keyword into `SourceInfo.tags` (DICOM only).
 
     Example:
         >>> describe_bytes(open("photo.jpg", "rb").read()).channels
@@ -137,7 +139,8 @@ def describe_bytes(data: bytes, name: str = "<upload>", modality_hint: str | Non
     """
     if not data:
         raise ImageReadError(f"{name}: empty file")
-    return format_of(name, data[:132]).describe(data, name, modality_hint)
+    fmt = format_of(name, data[:132])
+    return fmt.describe(data, name, modality_hint, tags=tags) if tags else fmt.describe(data, name, modality_hint)
 
 
 # ---- statistics of the resized pixels -------------------------------------------------------------

@@ -136,16 +136,25 @@ def _classifier_test(ref: np.ndarray, cur: np.ndarray, seed: int = 0) -> dict[st
             "p_value": float(mannwhitneyu(s[y == 1], s[y == 0], alternative="greater").pvalue)}
 
 
+def distinct(rows: list[dict]) -> list[dict]:
+    """One row per key (the latest): an image sent again (a retry, a second request) is one observation, so the
+    rates and the two-sample tests count images, not requests (a repeated image in both folds of the classifier
+    test would otherwise pass for drift)."""
+    return list({r.get("key") or id(r): r for r in rows}.values())
+
+
 def _summary(rows: list[dict], ref: list[dict] | None, expected_flag_rate: float, n_boot: int) -> dict[str, Any]:
     """The figures of one window (or group) of rows, with tests against the reference rows."""
     from scipy.stats import ks_2samp
 
+    answers = len(rows)
+    rows, ref = distinct(rows), (distinct(ref) if ref else ref)
     positive = rows[0]["positive_class"]
     p = np.array([r["probabilities"].get(positive, np.nan) for r in rows], dtype=float)
     decided = np.array([r["label"] == positive for r in rows])
     flagged = sum(bool(r["ood"]) for r in rows)
     out: dict[str, Any] = {
-        "n": len(rows),
+        "n": len(rows), "answers": answers,
         "ood_rate": flagged / len(rows), "ood_rate_ci": wilson(flagged, len(rows)), "ood_expected": expected_flag_rate,
         "ood_reasons": dict(Counter(_reason_kind(x) for r in rows for x in r["ood_reasons"]).most_common(5)),
         "positive_rate": float(decided.mean()), "positive_rate_ci": wilson(int(decided.sum()), len(rows)),
