@@ -212,3 +212,22 @@ def test_an_image_sent_again_is_one_observation_not_drift():
     report = monitor_report(rows, parse_duration("1d"), reference_windows=2)
     assert not [a for a in report["alarms"] if a["figure"].startswith("drift")], report["alarms"]
     assert all(w["n"] < w["answers"] for w in report["windows"])
+
+
+def test_mmd_test_matches_scikit_learn_kernels_holds_its_level_and_finds_a_shift():
+    from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
+
+    from remedis.monitor.report import mmd_test
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, (40, 16)), rng.normal(0, 1, (30, 16))
+    out = mmd_test(a, b, n_perm=200)
+    x = np.concatenate([a, b])
+    d2 = euclidean_distances(x, squared=True)
+    gamma = 1 / np.median(d2[np.triu_indices(len(x), 1)])
+    kxx, kyy, kxy = rbf_kernel(a, a, gamma=gamma), rbf_kernel(b, b, gamma=gamma), rbf_kernel(a, b, gamma=gamma)
+    assert out["statistic"] == pytest.approx(kxx.mean() + kyy.mean() - 2 * kxy.mean(), rel=1e-9)
+    # its level: same distribution, 200 repeats of small windows; p < 0.05 about 5% of the time
+    ps = [mmd_test(rng.normal(0, 1, (40, 16)), rng.normal(0, 1, (30, 16)), n_perm=100, seed=i)["p_value"] for i in range(200)]
+    assert np.mean(np.array(ps) < 0.05) < 0.1
+    assert mmd_test(rng.normal(0, 1, (40, 16)), rng.normal(0.5, 1, (30, 16)))["p_value"] < 0.01

@@ -5,11 +5,13 @@ Per window (and per manufacturer / device model within it), against a reference 
 `reference_windows` windows, when the model was known to be fine; or an explicit time range):
 
 - volume; the OOD-flag rate with a Wilson 95% CI against the expected rate (the detector accepts 95% of the
-  validation images, so 0.05; alarm: one-sided binomial test) and the reasons that rose;
+  validation images, so 0.05) and the reasons that rose; alarm: above the expected rate (one-sided binomial
+  test) and, outside the reference, above the reference's own rate too (one-sided Fisher's exact test): a
+  site whose familiar images are flagged a little more often than the validation split's is not alarmed daily;
 - input drift: the OOD score against the reference (two-sample Kolmogorov-Smirnov, scipy) and, when the
-  log keeps embeddings, a classifier two-sample test on them (scikit-learn logistic regression, out-of-fold
-  AUROC; its p-value from the Mann-Whitney U test of the out-of-fold scores). frouros, the drift library
-  considered first (BSD-3), pins numpy < 2.2 and scipy < 1.15, which this project's stack has passed;
+  log keeps embeddings, a kernel two-sample test on them (squared MMD, Gaussian kernel, permutation
+  p-value). frouros, the drift library considered first (BSD-3), pins numpy < 2.2 and scipy < 1.15, which
+  this project's stack has passed;
 - output drift: the positive-decision rate (Wilson CI; alarm: Fisher's exact test against the reference's
   rate) and the histogram of the positive-class probability (KS against the reference);
 - performance without labels, an estimate (NannyML's CBPE idea): with calibrated probabilities p, the
@@ -113,27 +115,36 @@ def _reason_kind(reason: str) -> str:
     return re.split(r"[\s:(,]", reason.strip(), maxsplit=1)[0].lower() or "other"
 
 
-def _classifier_test(ref: np.ndarray, cur: np.ndarray, seed: int = 0) -> dict[str, float] | None:
-    """Classifier two-sample test on embeddings: out-of-fold AUROC of reference vs current, its p-value."""
-    from scipy.stats import mannwhitneyu
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def mmd_test(ref: np.ndarray, cur: np.ndarray, n_perm: int = 500, cap: int = 500, seed: int = 0) -> dict[str, float] | None:
+    """Kernel two-sample test on embeddings: the squared MMD with a Gaussian kernel (bandwidth: the median pairwise
+    distance) and its permutation p-value, (1 + #{permuted >= observed}) / (1 + n_perm).
 
+    The permutation p-value is exact under exchangeability, so the test holds its level on small windows; a
+    classifier test scored by the Mann-Whitney test of pooled out-of-fold scores did not (in the replay study it
+    alarmed in 9 of 100 stable windows at p < 0.01). Each side is capped at `cap` images (random, seeded).
+
+    Example:
+        >>> mmd_test(np.zeros((20, 4)), np.ones((20, 4)))["p_value"] < 0.01
+        True
+    """
     if min(len(ref), len(cur)) < 10:
         return None
     rng = np.random.default_rng(seed)
-    ref = ref[rng.permutation(len(ref))[:1000]]
-    cur = cur[rng.permutation(len(cur))[:1000]]
-    x = np.concatenate([ref, cur]).astype(np.float32)
-    y = np.r_[np.zeros(len(ref)), np.ones(len(cur))]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    s = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
-    return {"auroc": float(roc_auc_score(y, s)),
-            "p_value": float(mannwhitneyu(s[y == 1], s[y == 0], alternative="greater").pvalue)}
+    ref = np.asarray(ref, np.float64)[rng.permutation(len(ref))[:cap]]
+    cur = np.asarray(cur, np.float64)[rng.permutation(len(cur))[:cap]]
+    x = np.concatenate([ref, cur])
+    sq = (x * x).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    off = d2[np.triu_indices(len(x), 1)]
+    bandwidth = float(np.median(off[off > 0])) if (off > 0).any() else 1.0
+    k = np.exp(-d2 / bandwidth)
+    n, m = len(ref), len(cur)
+    w = np.r_[np.full(n, 1.0 / n), np.full(m, -1.0 / m)]
+    # every permutation's weights at once: MMD^2 (the V-statistic) = w' K w
+    perms = np.stack([rng.permutation(w) for _ in range(n_perm)], axis=1)
+    null = np.einsum("ip,ip->p", perms, k @ perms)
+    observed = float(w @ k @ w)
+    return {"statistic": observed, "p_value": float((1 + (null >= observed).sum()) / (1 + n_perm))}
 
 
 def distinct(rows: list[dict]) -> list[dict]:
@@ -178,9 +189,9 @@ def _summary(rows: list[dict], ref: list[dict] | None, expected_flag_rate: float
         re_ = [r["embedding"] for r in ref if r.get("embedding") is not None]
         ce = [r["embedding"] for r in rows if r.get("embedding") is not None]
         if re_ and ce:
-            c2st = _classifier_test(np.stack(re_).astype(np.float32), np.stack(ce).astype(np.float32))
-            if c2st:
-                tests["embedding"] = c2st
+            mmd = mmd_test(np.stack(re_), np.stack(ce))
+            if mmd:
+                tests["embedding"] = mmd
         out["drift"] = tests
     return out
 
@@ -195,8 +206,16 @@ def _alarms(where: dict[str, str], s: dict[str, Any], ref: dict[str, Any] | None
     from scipy.stats import binomtest, fisher_exact
 
     flagged = round(s["ood_rate"] * s["n"])
-    if binomtest(flagged, s["n"], s["ood_expected"], alternative="greater").pvalue < ALPHA:
+    above_expected = binomtest(flagged, s["n"], s["ood_expected"], alternative="greater").pvalue < ALPHA
+    if ref is None and above_expected:
         alarm("ood_rate", s["ood_rate"], s["ood_expected"], f"one-sided binomial test against the expected rate, p < {ALPHA}")
+    elif ref is not None and above_expected:
+        ref_flagged = round(ref["ood_rate"] * ref["n"])
+        table = [[flagged, s["n"] - flagged], [ref_flagged, ref["n"] - ref_flagged]]
+        if fisher_exact(table, alternative="greater").pvalue < ALPHA:
+            alarm("ood_rate", s["ood_rate"], ref["ood_rate"],
+                  f"above the expected rate (one-sided binomial test) and the reference's rate (one-sided Fisher's exact "
+                  f"test), p < {ALPHA}")
     if ref is not None:
         pos, ref_pos = round(s["positive_rate"] * s["n"]), round(ref["positive_rate"] * ref["n"])
         table = [[pos, s["n"] - pos], [ref_pos, ref["n"] - ref_pos]]
@@ -206,7 +225,7 @@ def _alarms(where: dict[str, str], s: dict[str, Any], ref: dict[str, Any] | None
         for name, test in s.get("drift", {}).items():
             if test["p_value"] < ALPHA:
                 stat = test.get("statistic", test.get("auroc"))
-                rule = ("classifier two-sample test on embeddings" if name == "embedding"
+                rule = ("kernel MMD two-sample test on the embeddings (permutation)" if name == "embedding"
                         else f"two-sample KS on the {name.replace('_', ' ')}")
                 alarm(f"drift:{name}", stat, None, f"{rule}, p < {ALPHA}")
         lab, ref_lab = s.get("labeled"), ref.get("labeled")
