@@ -20,8 +20,8 @@ log on, then the monitoring report on what was logged. Prints one JSON object (a
 4. The estimate without labels against the truth: every logged answer gets its label by SOP Instance UID
    through `remedis monitor label` (the CSV path a site uses); per source, the report's estimated AUROC
    (CBPE, from calibrated probabilities) against the measured one; mean absolute error.
-5. The logging overhead: the same model served with the log off and on, saturated by 32 clients with the
-   same DICOM uploads, in the order off, on, on, off (ABBA).
+5. The logging overhead: the same model served twice, the log off and on (embeddings kept), both up at once;
+   bursts of the same DICOM uploads from 32 clients alternate between them in ABBA order over several rounds.
 6. A killed service: SIGKILL of the whole service mid-traffic; answers the clients received against rows in
    the store, and SQLite's `PRAGMA integrity_check`.
 """
@@ -273,24 +273,33 @@ def replay(args, tag: str, home: Path, tmp: Path, pools: dict[str, list[bytes]])
 
 
 def overhead(args, tag: str, home: Path, tmp: Path, bodies: list[bytes]) -> dict:
-    """Saturated throughput with the log off and on, ABBA; images/s each and the on/off ratio."""
+    """Saturated throughput with the log off and on: both servers up, bursts alternating in ABBA order over
+    `--overhead-rounds` rounds (one server idles while the other is measured; after an "on" burst its rows are
+    written before the next burst starts); images/s per burst and the ratio of the means."""
     from serving.local import LocalServer
 
     env = {"REMEDIS_MONITOR_SECRET": SECRET}
+    store = tmp / "overhead.db"
     runs: dict[str, list[float]] = {"off": [], "on": []}
-    for i, arm in enumerate(("off", "on", "on", "off")):
-        store = tmp / f"overhead-{i}.db" if arm == "on" else None
-        with LocalServer(tag, home, serving_config(tmp, f"overhead-{i}", store), env=env) as srv:
-            client = Client(srv.url, threads=32)
-            client.send(bodies[:64])  # warm-up: the batcher calibrates itself
-            t0 = time.perf_counter()
-            answers = client.send(bodies[: args.overhead_requests])
-            wall = time.perf_counter() - t0
-            runs[arm].append(sum(c == 200 for c, _ in answers) / wall)
-            if store:
-                wait_rows(store, 64 + args.overhead_requests)
-    on, off = float(np.mean(runs["on"])), float(np.mean(runs["off"]))
-    return {"requests": args.overhead_requests, "clients": 32, "images_per_s": runs, "on_vs_off": on / off}
+    with LocalServer(tag, home, serving_config(tmp, "overhead-off", None), env=env) as off, \
+            LocalServer(tag, home, serving_config(tmp, "overhead-on", store), env=env) as on:
+        servers, logged = {"off": off, "on": on}, 0
+        for arm in ("off", "on"):  # warm-up: the batchers calibrate themselves
+            Client(servers[arm].url, threads=32).send(bodies[:64])
+        logged += 64
+        for r in range(args.overhead_rounds):
+            for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                client = Client(servers[arm].url, threads=32)
+                t0 = time.perf_counter()
+                answers = client.send(bodies[: args.overhead_requests])
+                runs[arm].append(sum(c == 200 for c, _ in answers) / (time.perf_counter() - t0))
+                if arm == "on":
+                    logged += args.overhead_requests
+                    wait_rows(store, logged)
+    on_mean, off_mean = float(np.mean(runs["on"])), float(np.mean(runs["off"]))
+    return {"requests_per_burst": args.overhead_requests, "rounds": args.overhead_rounds, "clients": 32,
+            "images_per_s": runs, "on_vs_off": on_mean / off_mean,
+            "on_vs_off_per_round": [a / b for a, b in zip(runs["on"], runs["off"])]}
 
 
 def killed(args, tag: str, home: Path, tmp: Path, bodies: list[bytes]) -> dict:
@@ -340,7 +349,8 @@ def main() -> None:
     ap.add_argument("--reference-windows", type=int, default=2)
     ap.add_argument("--shift-windows", type=int, default=5)
     ap.add_argument("--per-window", type=int, default=50)
-    ap.add_argument("--overhead-requests", type=int, default=1500)
+    ap.add_argument("--overhead-requests", type=int, default=800)
+    ap.add_argument("--overhead-rounds", type=int, default=6)
     ap.add_argument("--kill-after", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="an adapted model folder to reuse (default: adapt one, about 5 min)")
