@@ -117,3 +117,44 @@ addEventListener('load', () => {
     shutil.copy(shot, artifacts / "report-screenshot.png")
     shutil.copy(page, artifacts / "report.html")
     assert json.loads((page.parent / "report.json").read_text())["schema_version"] == 2
+
+
+def test_monitoring_report_renders_offline_in_chromium(tmp_path):
+    """`remedis monitor report`'s HTML (remedis.monitor.report.render_html) in headless Chromium: rendered, not
+    blank, no console error, no request beyond the file itself."""
+    import datetime as dt
+
+    from PIL import Image
+
+    from remedis.monitor.report import monitor_report, render_html
+
+    rng = np.random.default_rng(0)
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for day in range(5):
+        shifted = day == 4
+        for i in range(80):
+            p = float(np.clip(rng.beta(1, 3) + (0.3 if shifted else 0), 0, 1))
+            flagged = rng.random() < (0.3 if shifted else 0.03)
+            rows.append({"time": (start + dt.timedelta(days=day, minutes=i * 10)).isoformat(), "key": f"i-{day}-{i}",
+                         "model_name": "site-b", "model_version": "3", "positive_class": "malignant",
+                         "probabilities": {"benign": 1 - p, "malignant": p}, "label": "malignant" if p >= 0.5 else "benign",
+                         "ood": flagged, "ood_score": float(rng.normal(1.0 if shifted else 0, 1)),
+                         "ood_reasons": ["modality CT, model trained on US"] if flagged else [],
+                         "manufacturer": "GE" if i % 2 else "Toshiba", "device_model": "X1",
+                         "embedding": rng.normal(1.0 if shifted else 0, 1, 8),
+                         "truth": ("malignant" if rng.random() < p else "benign") if day == 3 else None})
+    report = monitor_report(rows, dt.timedelta(days=1))
+    assert report["alarms"]
+    page = tmp_path / "monitor.html"
+    page.write_text(render_html(report))
+    shot, netlog = tmp_path / "monitor.png", tmp_path / "netlog.json"
+    proc = _chromium([f"--screenshot={shot}", "--window-size=1200,1600", f"--log-net-log={netlog}",
+                      "--virtual-time-budget=3000", page.resolve().as_uri()], tmp_path)
+    assert shot.is_file(), proc.stderr[-3000:]
+    assert not [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Failed to load resource" in line]
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert img.std() > 10 and (img < 128).mean() > 0.002
+    requests = {e["params"]["url"] for e in json.loads(netlog.read_text())["events"]
+                if "url" in e.get("params", {}) and "initiator" in e["params"] and e["params"]["initiator"] != "not an origin"}
+    assert not {u for u in requests if not u.startswith(("file:", "data:"))}
