@@ -38,12 +38,23 @@ def make_model(tmp: Path, image_size: int, gpu: int) -> tuple[Path, str, Path]:
     import torch
 
     from remedis.adapt.model import AdaptedModel
+    from remedis.adapt.ood import fit_ood_detector
+    from remedis.data.contract import InputContract, SourceInfo
     from remedis.data.preprocess import Preprocessing
     from remedis.models import Classifier
 
     torch.manual_seed(0)
-    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], Preprocessing(image_size=image_size))
+    pre = Preprocessing(image_size=image_size)
+    model = AdaptedModel(Classifier("resnetv2_18_bit", 2, in_chans=1), ["benign", "malignant"], pre)
+    # A complete folder, as `remedis adapt` writes it (export refuses one without its OOD gate): an input contract
+    # and a Mahalanobis detector fitted on noise images like the ones the clients send.
+    pixels = torch.rand(64, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    model.input_contract = InputContract.fit([SourceInfo("png", None, "MONOCHROME2", 1, image_size, image_size, 1)] * 64, pixels)
+    with torch.inference_mode():
+        x = pre.normalize(pixels)
+        emb, logits = model.embed(x).numpy(), model.logits(x).numpy()
     folder = model.save(tmp / "adapted")
+    fit_ood_detector("mahalanobis", emb[:48], (logits[:48].argmax(1)), logits[48:], emb[48:]).save(folder)
     home = tmp / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     out = subprocess.run([sys.executable, "-m", "remedis.cli", "export", "--model", str(folder), "--name", "bench"],

@@ -114,7 +114,7 @@ def check_servable(model_dir: str | Path, allow_no_ood: bool = False) -> Adapted
     model = AdaptedModel.load(model_dir)
     missing = model.missing_for_serving()
     if missing and not allow_no_ood:
-        raise ExportError(f"{model_dir}: not ready to serve, it has no {' and no '.join(missing)}; re-adapt it with "
+        raise ExportError(f"{model_dir}: not ready to serve, it lacks {' and '.join(missing)}; re-adapt it with "
                           f"this remedis (`remedis adapt` writes both), fit a detector with `remedis evaluate --refit-ood`, "
                           f"or export without the OOD gate with --allow-no-ood")
     return model
