@@ -76,6 +76,7 @@ class ReportGauges:
         self.refreshed = Gauge("remedis_monitor_refreshed_timestamp_seconds", "When the monitoring gauges were computed",
                                ["model"], **mode)
         self.failures = 0
+        self._reference: tuple[tuple[str, str], list[dict]] | None = None  # a closed reference period, read once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="monitor-gauges", daemon=True)
         if start:
@@ -98,7 +99,7 @@ class ReportGauges:
         if bounds is not None and bounds[1] > since:
             since = bounds[1]  # the latest window never reaches back into the reference
         rows = list(self.store.rows(since=since, until=_iso(now), role="primary", model_name=self.name)) if since < _iso(now) else []
-        reference = list(self.store.rows(since=bounds[0], until=bounds[1], role="primary", model_name=self.name)) if bounds else []
+        reference = self._reference_rows(bounds, now) if bounds else []
         figures, alarms = window_figures(rows, reference)
         m = self.label
         self.images.labels(m).set(len(rows))
@@ -118,6 +119,15 @@ class ReportGauges:
             self.alarm.labels(m, figure).set(1.0 if figure in raised else 0.0)
         self.refreshed.labels(m).set(now.timestamp())
         return {"images": len(rows), "reference_images": len(reference), "alarms": sorted(raised), "figures": figures}
+
+    def _reference_rows(self, bounds: tuple[str, str], now: dt.datetime) -> list[dict]:
+        """The reference period's rows; once the period has ended they cannot change, so they are read once."""
+        if self._reference is not None and self._reference[0] == bounds:
+            return self._reference[1]
+        rows = list(self.store.rows(since=bounds[0], until=bounds[1], role="primary", model_name=self.name))
+        if bounds[1] <= _iso(now):
+            self._reference = (bounds, rows)
+        return rows
 
     def _run(self) -> None:
         while True:

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -32,19 +31,11 @@ DEVICE_TAGS = HEADER_TAGS
 
 
 def _device_facts(up: Upload) -> dict[str, str | None]:
-    """SOP Instance UID (for the key only), manufacturer and model from a DICOM upload's header (as read with the
-    header when the upload was checked; parsed again only for an upload checked without them)."""
-    if up.format != "dicom":
+    """SOP Instance UID (for the key only), manufacturer and model of a DICOM upload, as `check_upload` read them
+    with its header (none when the header did not parse)."""
+    if up.format != "dicom" or up.source is None:
         return {}
-    if up.source is not None and up.source.tags:
-        return {k: (up.source.tags.get(k, "")[:200] or None) for k in DEVICE_TAGS}
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(up.data), stop_before_pixels=True, specific_tags=list(DEVICE_TAGS), force=True)
-    except Exception:  # a header the reader already accepted; a failure here costs only the facts
-        return {}
-    return {k: (str(getattr(ds, k, "") or "").strip()[:200] or None) for k in DEVICE_TAGS}
+    return {k: (up.source.tags.get(k, "")[:200] or None) for k in DEVICE_TAGS}
 
 
 class ServiceMonitor:

@@ -439,16 +439,18 @@ def test_metrics_carry_the_monitoring_gauges_of_the_latest_window(svc):
     period, in 2000, is empty, so only the volume and the refresh time are set)."""
     png = svc["files"][0]
     assert _post(svc, "predict", files={"image": _file(png)}).status_code == 200
+    from gateway_support import wait_until
+
     pattern = re.compile(r'^remedis_monitor_images\{model="svc-test:[^"]+"\} ([0-9.e+]+)$', re.M)
-    deadline, seen = time.time() + 60, None
-    while time.time() < deadline:
-        text = httpx.get(f"{svc['url']}/metrics", timeout=30).text
-        m = pattern.search(text)
-        if m and float(m.group(1)) >= 1:
-            seen = text
-            break
-        time.sleep(0.2)
-    assert seen, "remedis_monitor_images never counted an answer"
+    scraped: list[str] = []
+
+    def counted() -> bool:
+        scraped.append(httpx.get(f"{svc['url']}/metrics", timeout=30).text)
+        m = pattern.search(scraped[-1])
+        return bool(m) and float(m.group(1)) >= 1
+
+    wait_until(counted, timeout=60, what="remedis_monitor_images counting an answer", every=0.2)
+    seen = scraped[-1]
     assert re.search(r'^remedis_monitor_refreshed_timestamp_seconds\{model="svc-test:[^"]+"\} [0-9.e+]+$', seen, re.M)
     assert 'remedis_monitor_alarm{figure="ood_rate"' in seen or 'remedis_monitor_alarm{model=' in seen
 
