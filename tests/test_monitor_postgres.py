@@ -74,3 +74,37 @@ def test_two_replicas_log_into_one_postgresql_store_and_labels_join(postgres):
     assert rows["i-b-0"]["probabilities"] == {"benign": 0.4, "malignant": 0.6} and len(rows["i-b-0"]["embedding"]) == 8
     assert {r["caller"] for r in rows.values()} == {"a", "b"}
     store.close()
+
+
+def test_replicas_starting_together_create_the_tables_once(postgres):
+    """Eight replicas open one fresh database at the same instant: every one gets its store (two concurrent
+    `CREATE TABLE IF NOT EXISTS` collide on PostgreSQL's catalog unless they are serialised)."""
+    import threading
+
+    import sqlalchemy
+
+    from remedis.monitor.store import PredictionStore
+
+    admin = sqlalchemy.create_engine(postgres, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text("CREATE DATABASE fresh_start"))
+    admin.dispose()
+    url = postgres.replace("/postgres?", "/fresh_start?")
+    barrier, errors, stores = threading.Barrier(8), [], []
+
+    def start():
+        barrier.wait(timeout=60)
+        try:
+            stores.append(PredictionStore(url))
+        except Exception as exc:  # what a replica that lost the race would raise
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(stores) == 8
+    assert stores[0].append([{"key": "k", "probabilities": {"a": 1.0}, "label": "a"}]) == 1 and stores[1].count() == 1
+    for s in stores:
+        s.close()

@@ -43,6 +43,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 
@@ -105,6 +106,19 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
+_SCHEMA_LOCK = 0x72656D6564  # a fixed PostgreSQL advisory-lock id for creating remedis' tables ("remed")
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the tables that are missing. On PostgreSQL the replicas that start together take an advisory
+    lock first: two concurrent `CREATE TABLE IF NOT EXISTS` of one table collide on the catalog (a unique
+    violation on `pg_class`), and the replica that loses would log nothing."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK})
+        METADATA.create_all(conn)
+
+
 class PredictionStore:
     """The prediction log and its labels in one SQL store (tables created when missing).
 
@@ -114,7 +128,7 @@ class PredictionStore:
 
     def __init__(self, url: str):
         self.engine = open_engine(url)
-        METADATA.create_all(self.engine)
+        create_tables(self.engine)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
         """Insert answers (dicts with the fields of `FIELDS`; probabilities and reasons as Python objects,
