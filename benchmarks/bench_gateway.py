@@ -21,9 +21,11 @@ it runs in a private network namespace: this script re-runs itself under `unshar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from gateway_support import ct_files, free_port, make_model, study_from  # noqa: E402
-from netns.orthanc_gateway import Orthanc, wait_for  # noqa: E402
+from netns.orthanc_gateway import Orthanc  # noqa: E402
 
 from benchmarks._common import environment, fig  # noqa: E402
 
@@ -53,7 +55,6 @@ def _bytes(ds) -> bytes:
 def measure(args) -> dict:
     from pynetdicom import AE, StoragePresentationContexts
 
-    from serving.gateway.app import Gateway
     from serving.gateway.inference import LocalInference
     from serving.gateway.send import tcp_nodelay
     from serving.gateway.settings import load_gateway_settings
@@ -89,29 +90,32 @@ def measure(args) -> dict:
     chunks = [instances[i::4] for i in range(4)]
     # The PACS-side anchor: Orthanc (C++) receiving the same instances over the same 4 associations, each
     # acknowledged once stored (its index and storage on this machine's disk).
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(4) as pool:
         statuses = [s for r in pool.map(lambda c: send_to(orthanc.dicom, "ORTHANC", c), chunks) for s in r]
     orthanc_ips = len(instances) / (time.perf_counter() - t0)
+    sender_ms = 1000 * (time.process_time() - c0) / len(instances)
     assert statuses == [0] * len(instances), sorted(set(statuses))
-    settings = load_gateway_settings(None, {
+    config = {
         "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,
         "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False},
-        "destination": {"kind": "dimse", "port": orthanc.dicom, "ae_title": "ORTHANC"}})
+        "destination": {"kind": "dimse", "port": orthanc.dicom, "ae_title": "ORTHANC"}}
+    settings = load_gateway_settings(None, config)
     try:
-        with Gateway(settings) as gw:
+        with _gateway(settings, config, tmp, args.in_process, args.py_spy) as (status, cpu_s):
             def send(chunk):
                 return send_to(settings.port, settings.ae_title, chunk)
 
             profiler = _start_profile() if args.profile else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s()
             with ThreadPoolExecutor(4) as pool:
                 statuses = [s for r in pool.map(send, chunks) for s in r]
             t_sent = time.perf_counter() - t0
             assert statuses == [0] * len(instances)
-            wait_for(lambda: gw.status()["processed"] >= len(instances) and gw.status()["results_unsent"] == 0,
-                     timeout=3600, what="all results delivered")
+            _poll(lambda: status()["processed"] >= len(instances) and status()["results_unsent"] == 0,
+                  timeout=3600, what="all results delivered")
             gateway_s = time.perf_counter() - t0
+            gateway_ms = 1000 * (cpu_s() - c0) / len(instances)
             gateway_ips = len(instances) / gateway_s
             profile = _stop_profile(profiler, gateway_s) if profiler else None
 
@@ -120,10 +124,10 @@ def measure(args) -> dict:
                 ds = study_from(source, 1, size=args.size)[0]
                 t0 = time.perf_counter()
                 assert send([ds]) == [0]
-                wait_for(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
-                         timeout=120, what="the SR in Orthanc")
+                _poll(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
+                      timeout=120, what="the SR in Orthanc")
                 latencies.append(time.perf_counter() - t0)
-            status = gw.status()
+            final = status()
     finally:
         orthanc.stop()
     lat = np.array(latencies)
@@ -141,12 +145,91 @@ def measure(args) -> dict:
             fig("gateway / Orthanc receiving", gateway_ips, "instances/s", reference=orthanc_ips,
                 reference_name="Orthanc receiving"),
             fig("C-STORE accepted (4 associations)", len(instances) / t_sent, "instances/s"),
+            fig("sender CPU per instance (pynetdicom, to Orthanc)", sender_ms, "ms"),
+            fig("gateway CPU per instance, all its processes" + (" (and the sender's)" if args.in_process else ""),
+                gateway_ms, "ms"),
             fig("C-STORE to SR in Orthanc p50", float(np.percentile(lat, 50)), "s", quiet_seconds=args.quiet),
             fig("C-STORE to SR in Orthanc p99", float(np.percentile(lat, 99)), "s", quiet_seconds=args.quiet),
         ],
-        "gateway_status": {k: status[k] for k in ("received", "processed", "sent", "failed", "refused")},
+        "gateway": "in the benchmark's process" if args.in_process else "its own process (remedis-gateway serve), as deployed",
+        "gateway_status": {k: final[k] for k in ("received", "processed", "sent", "failed", "refused")},
         "profile": profile,
     }
+
+
+def _poll(predicate, timeout: float, what: str, every: float = 0.05):
+    """Wait for `predicate()` to be true, polling every `every` seconds up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | None = None):
+    """The gateway under test, yielding a function that reads its counters. By default its own process, started
+    as deployed (`remedis-gateway serve --config`), so that the benchmark's senders do not share its
+    interpreter; `in_process`: a `Gateway` in this process (what `--profile` needs)."""
+    if in_process:
+        from serving.gateway.app import Gateway
+
+        with Gateway(settings) as gw:
+            yield gw.status, time.process_time
+        return
+    import yaml
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from serving.gateway.spool import Spool
+
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    log = open(tmp / "gateway.log", "w")
+    cmd = [sys.executable, "-m", "serving.gateway.cli", "serve", "--config", str(cfg)]
+    if py_spy:  # sampled stacks of every thread and worker process, as collapsed stacks (flame graph input)
+        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--threads", "--subprocesses",
+               "--rate", "250", "--output", py_spy, "--", *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def echo() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited ({proc.returncode}); see {tmp / 'gateway.log'}")
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+        if not assoc.is_established:
+            return False
+        ok = assoc.send_c_echo().Status == 0
+        assoc.release()
+        return ok
+
+    try:
+        _poll(echo, timeout=120, what="the gateway answering C-ECHO", every=0.2)
+        yield (lambda: Spool(settings.spool).status()), lambda: _cpu_seconds(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT if py_spy else signal.SIGTERM)  # py-spy writes its file on SIGINT
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process, its threads and its waited-for children (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = sum(int(v) for v in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+    children = 0.0
+    kids = {c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+    for child in kids:
+        try:
+            children += _cpu_seconds(int(child))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return own + children
 
 
 def _start_profile():
@@ -201,10 +284,15 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", type=float, default=0.5, help="the gateway's quiet_seconds")
     p.add_argument("--latency-studies", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--profile", action="store_true", help="CPU profile of the gateway run by thread and function (pip install yappi)")
+    p.add_argument("--in-process", action="store_true", help="run the gateway in this process (default: its own, as deployed)")
+    p.add_argument("--profile", action="store_true", help="CPU profile of the gateway run by thread and function "
+                   "(pip install yappi; implies --in-process)")
+    p.add_argument("--py-spy", metavar="FILE", help="sample the gateway process with py-spy into FILE (collapsed "
+                   "stacks by thread; pip install py-spy)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gateway-cpu.json"))
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.in_process = args.in_process or args.profile
     if not args.inner:
         if os.geteuid() != 0:
             print("bench_gateway: needs root for a private network namespace (Orthanc binds every interface)", file=sys.stderr)

@@ -27,14 +27,16 @@ import logging
 import os
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from serving.answer import Answer
 from serving.gateway.audit import MINOR, SERIOUS, AuditTrail
+from serving.gateway.batch import BatchOutcome, route_for, run_batch
 from serving.gateway.codes import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_NOT_MATCHING,
@@ -43,14 +45,14 @@ from serving.gateway.codes import (
     STATUS_SUCCESS,
     Refused,
 )
-from serving.gateway.frames import combine, frame_count, frames_to_read, split_frames
-from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable, open_model
-from serving.gateway.report import MANUFACTURER, sanitised_header
+from serving.gateway.inference import Inference, open_model
+from serving.gateway.report import MANUFACTURER
 from serving.gateway.security import caller_refusal, peer_subject_cn, server_context
 from serving.gateway.send import Backoff, SendError, nodelay_server, send
-from serving.gateway.settings import GatewaySettings, Route
+from serving.gateway.settings import GatewaySettings
 from serving.gateway.spool import Spool, uid_key
-from serving.gateway.writers import DICOM, StudyAnswers, enabled_writers, media_type_of
+from serving.gateway.workers import BatchWorkers, log_in_process_routes
+from serving.gateway.writers import DICOM, media_type_of
 
 PURGE_EVERY_S = 3600.0
 VIDEO_SYNTAXES = frozenset(str(uid) for uid in pydicom.uid.MPEGTransferSyntaxes)  # MPEG-2, MPEG-4 AVC, HEVC
@@ -72,35 +74,16 @@ def _decodable(ts: str) -> bool:
         return False
 
 
-def _earlier(history: dict, now: set[str]) -> tuple[list[tuple[pydicom.Dataset, Answer]], list[pydicom.Dataset]]:
-    """A series' instances answered in earlier batches (not those of this batch: a batch replayed after a crash
-    is not its own predecessor), and the earlier SRs to supersede (not one covering exactly these instances)."""
-    earlier = [(pydicom.Dataset.from_json(h["header"]), Answer.from_dict(h["answer"])) for h in history["instances"]
-               if h["sop"] not in now]
-    covered = {h["sop"] for h in history["instances"]} | now
-    previous = []
-    for sr in history["srs"]:
-        if set(sr["covers"]) == covered:
-            continue
-        ds = pydicom.Dataset()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = sr["study"], sr["series"]
-        ds.SOPClassUID, ds.SOPInstanceUID = sr["sop_class"], sr["sop"]
-        previous.append(ds)
-    return earlier, previous
-
-
-def _grown(history: dict, pairs: list[tuple[pydicom.Dataset, Answer]], made: dict[str, bytes]) -> dict:
-    """The series history after this batch: every answered instance, and the SR just written."""
-    instances = [{"sop": ds.SOPInstanceUID, "header": ds.to_json_dict(bulk_data_threshold=1 << 20), "answer": a.to_dict()}
-                 for ds, a in pairs]
-    srs = list(history["srs"])
-    for name, data in made.items():
-        if name.startswith("sr-"):
-            sr = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            if all(p["sop"] != sr.SOPInstanceUID for p in srs):
-                srs.append({"study": sr.StudyInstanceUID, "series": sr.SeriesInstanceUID, "sop_class": sr.SOPClassUID,
-                            "sop": sr.SOPInstanceUID, "covers": [i["sop"] for i in instances]})
-    return {"instances": instances, "srs": srs}
+def _group_of(batch: Path, trigger: str) -> str:
+    """The series (or with `trigger: study`, the study) a claimed batch belongs to, from its first instance's
+    header (the batch's name if none can be read: then nothing else waits for it)."""
+    for f in sorted(batch.glob("*.dcm"))[:1]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            return str(ds.StudyInstanceUID if trigger == "study" else ds.SeriesInstanceUID)
+        except Exception:  # unreadable: the batch will say so itself
+            break
+    return batch.name
 
 
 def _short_pixel_data(ds: pydicom.Dataset, ts: str) -> str | None:
@@ -116,22 +99,6 @@ def _short_pixel_data(ds: pydicom.Dataset, ts: str) -> str | None:
     except (AttributeError, TypeError, ValueError):
         return "image header incomplete (Rows, Columns or BitsAllocated)"
     return f"pixel data has {have} bytes, the header needs {need} (truncated)" if have < need else None
-
-
-def route_for(ds: pydicom.Dataset, routes: list[Route]) -> int | None:
-    """The index of the first route whose rules match this instance, or None."""
-    modality = str(getattr(ds, "Modality", "") or "").upper()
-    sop = str(getattr(ds, "SOPClassUID", ""))
-    part = str(getattr(ds, "BodyPartExamined", "") or "").upper()
-    for i, r in enumerate(routes):
-        if r.modalities and modality not in {m.upper() for m in r.modalities}:
-            continue
-        if r.sop_classes and sop not in r.sop_classes:
-            continue
-        if r.body_parts and part not in {b.upper() for b in r.body_parts}:
-            continue
-        return i
-    return None
 
 
 def skip_reason(ds: pydicom.Dataset) -> str | None:
@@ -150,7 +117,8 @@ class Gateway:
 
     Args:
         settings: the gateway's settings (`serving.gateway.settings`).
-        models: route index -> an `Inference` to use instead of opening the route's model (tests, benchmarks).
+        models: route index -> an `Inference` to use instead of opening the route's model (tests, benchmarks);
+            then the batches run in the gateway's own thread, whatever `workers` says.
         model_wait_s: how long `start` keeps trying a route's service that is not up yet.
     """
 
@@ -163,6 +131,7 @@ class Gateway:
         self.spool = Spool(settings.spool)
         self.audit = AuditTrail(settings.audit or Path(settings.spool) / "audit.jsonl", settings.audit_syslog)
         self.models: dict[int, Inference] = models or {}
+        self._workers: BatchWorkers | None = None  # the processes that run the batches (`workers`)
         self.model_wait_s = model_wait_s
         self.backoff = Backoff(settings.retry)
         self.model_backoff = Backoff(settings.retry)
@@ -183,11 +152,14 @@ class Gateway:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        for i, r in enumerate(self.settings.routes):
-            if i not in self.models:
-                self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s,
-                                            ca=self.settings.tls.ca)
-        self._log_in_process_routes()
+        if self.settings.workers and not self.models:
+            self._workers = BatchWorkers(self.settings, self.model_wait_s)  # opens the models there; raises if one cannot
+        else:
+            for i, r in enumerate(self.settings.routes):
+                if i not in self.models:
+                    self.models[i] = open_model(r.model, r.api_key_env, r.timeout_s, wait_s=self.model_wait_s,
+                                                ca=self.settings.tls.ca)
+            self._monitors = log_in_process_routes(self.settings, self.models)
         self.spool.recover()
         ae = AE(ae_title=self.settings.ae_title)
         for cx in AllStoragePresentationContexts:
@@ -241,22 +213,6 @@ class Gateway:
         """Every worker thread alive (or stopping on request)."""
         return self.dead_worker is None and (self._stop.is_set() or all(t.is_alive() for t in self._threads))
 
-    def _log_in_process_routes(self) -> None:
-        """With `monitor.store`, every answer of a route whose model runs in process goes to the prediction log
-        (a route to the service is logged by the service)."""
-        from serving.gateway.inference import LocalInference
-        from serving.monitoring import ServiceMonitor
-
-        if not self.settings.monitor.store:
-            return
-        for model in self.models.values():
-            if isinstance(model, LocalInference) and model.monitor is None:
-                info = model.info
-                positive = info.class_names[info.positive_index] if len(info.class_names) == 2 else None
-                model.log_to(ServiceMonitor(self.settings.monitor, {"name": info.name, "version": info.version},
-                                            info.weights_sha256, positive_class=positive), f"gateway {self.settings.ae_title}")
-                self._monitors.append(model.monitor)
-
     def stop(self) -> None:
         """Stop listening and let the workers finish their current step (what is spooled stays)."""
         self._stop.set()
@@ -266,6 +222,8 @@ class Gateway:
             self._http.stop()
         for t in self._threads:
             t.join(timeout=30)
+        if self._workers is not None:  # after the work loop, which applied what was running
+            self._workers.close()
         for monitor in self._monitors:  # what is queued is written
             monitor.close()
         for model in self.models.values():  # a service's kept-alive connections
@@ -387,6 +345,9 @@ class Gateway:
     # ---- processing --------------------------------------------------------------------------------
 
     def _work_loop(self) -> None:
+        """Claim quiet series; run the pending batches (in the worker processes, several series at once, or here),
+        and apply what each gave."""
+        running: dict[str, tuple[str, Path, Future]] = {}  # batch name -> (its group, folder, future) in the workers
         while not self._stop.is_set():
             try:
                 for d in self.spool.quiet_series(self.settings.quiet_seconds):
@@ -395,24 +356,47 @@ class Gateway:
                 self.last_error = f"claiming: {type(exc).__name__}"
                 log.error("claiming a quiet series failed: %s", type(exc).__name__)
             for batch in self.spool.pending_batches():
-                if self._stop.is_set():
+                if self._stop.is_set() or (self._workers is not None and len(running) >= self._workers.size):
                     break
-                if not self.model_backoff.due(batch.name):
+                if batch.name in running or not self.model_backoff.due(batch.name):
                     continue
-                try:
-                    self.process(batch)
-                except Exception as exc:  # never let the loop die: the batch stays in work/, retried with back-off
-                    wait = self.model_backoff.failed(batch.name)
-                    tries = self.model_backoff.attempts(batch.name)
-                    self.last_error = f"processing: {type(exc).__name__}"
-                    # The type only: an exception's message can quote a data element's value.
-                    log.debug("batch %s", batch.name, exc_info=True)
-                    if tries >= self.settings.retry.max_attempts:
-                        self._dead_letter(batch, f"processing failed {tries} times ({type(exc).__name__})")
-                    else:
-                        log.error("batch %s failed (%s; attempt %d of %d), retried in %.0f s", batch.name,
-                                  type(exc).__name__, tries, self.settings.retry.max_attempts, wait)
-            self._stop.wait(0.2)
+                if self._workers is None:
+                    self._attempt(batch, lambda b=batch: self.process(b))
+                    continue
+                group = _group_of(batch, self.settings.trigger)
+                if any(group == g for g, _, _ in running.values()):
+                    continue  # a series' next batch waits for its last: its SR supersedes that one
+                running[batch.name] = (group, batch, self._workers.submit(batch))
+            if running:
+                futures.wait([f for _, _, f in running.values()], timeout=0.2, return_when=futures.FIRST_COMPLETED)
+                self._collect(running, block=False)
+            else:
+                self._stop.wait(0.2)
+        self._collect(running, block=True)  # stopping: what is running finishes and is applied
+
+    def _collect(self, running: dict[str, tuple[str, Path, Future]], block: bool) -> None:
+        """Apply the outcome of every finished batch in `running` (all of them when `block`) and forget it."""
+        for name, (_, batch, future) in list(running.items()):
+            if block or future.done():
+                del running[name]
+                self._attempt(batch, lambda b=batch, f=future: self.apply(b, f.result()))
+
+    def _attempt(self, batch: Path, step) -> None:
+        """Run one batch step; a failure leaves the batch in work/, retried with back-off, and after
+        `retry.max_attempts` failures it goes to failed/ with the reason."""
+        try:
+            step()
+        except Exception as exc:  # never let the loop die
+            wait = self.model_backoff.failed(batch.name)
+            tries = self.model_backoff.attempts(batch.name)
+            self.last_error = f"processing: {type(exc).__name__}"
+            # The type only: an exception's message can quote a data element's value.
+            log.debug("batch %s", batch.name, exc_info=True)
+            if tries >= self.settings.retry.max_attempts:
+                self._dead_letter(batch, f"processing failed {tries} times ({type(exc).__name__})")
+            else:
+                log.error("batch %s failed (%s; attempt %d of %d), retried in %.0f s", batch.name,
+                          type(exc).__name__, tries, self.settings.retry.max_attempts, wait)
 
     def _dead_letter(self, batch: Path, reason: str) -> None:
         """Give a batch up: its instances to failed/ with `reason`, counted; the back-off forgets it."""
@@ -424,109 +408,38 @@ class Gateway:
         log.error("batch %s moved to failed/ (%d instance(s)): %s", batch.name, moved, reason)
 
     def process(self, batch: Path) -> None:
-        """One claimed batch: each instance to its route's model, the answers to every enabled result writer,
-        the results to the outbox; instances the model refuses go to failed/ with the reason."""
-        by_route, failed = self._routes_of(sorted(batch.glob("*.dcm")))
-        results: dict[str, bytes] = {}
-        answered = 0
-        for r, items in by_route.items():
-            try:
-                got = self._answers(batch, r, items)
-            except InferenceRejected as exc:  # a client error: the same request cannot succeed later
-                self._dead_letter(batch, str(exc))
-                return
-            if got is None:
-                return  # the model is unavailable: the batch waits in work/ (back-off)
-            good = [(ds, a) for (_, ds), a in zip(items, got) if isinstance(a, Answer)]
-            failed += [(f, a.reason) for (f, _), a in zip(items, got) if not isinstance(a, Answer)]
-            answered += len(good)
-            results.update(self._write_results(r, items, good))
+        """One claimed batch in this thread: each instance to its route's model, the answers to every enabled
+        result writer (`serving.gateway.batch.run_batch`), the results to the outbox; instances the model refuses
+        go to failed/ with the reason."""
+        self.apply(batch, run_batch(batch, self.settings, self.models))
+
+    def apply(self, batch: Path, outcome: BatchOutcome) -> None:
+        """Put what a batch gave on disk: results to the outbox, refused instances to failed/, the series history,
+        the counters; or, for a model that could not answer, the back-off; for a client error, failed/."""
+        if outcome.rejected is not None:  # a client error: the same request cannot succeed later
+            self._dead_letter(batch, outcome.rejected)
+            return
+        if outcome.unavailable is not None:  # the model is unavailable: the batch waits in work/ (back-off)
+            wait = self.model_backoff.failed(batch.name)
+            self.last_error = outcome.unavailable
+            log.warning("batch %s waits %.0f s: %s", batch.name, wait, outcome.unavailable)
+            return
         self.model_backoff.succeeded(batch.name)
+        if outcome.sanitised:  # header values outside the defined terms, left empty in the results
+            self.spool.count("sanitised_values", outcome.sanitised)
+        for r, group, history in outcome.histories:
+            self.spool.record_series(r, group, history)
+        failed = outcome.failed
         if failed:
             self.spool.keep_failed(batch.name, failed)
             for f, reason in failed:
                 log.info("instance %s of batch %s not processed: %s", f.stem[:12], batch.name, reason)
-        self.spool.finish(batch, results)
-        self.spool.count("processed", answered)
+        self.spool.finish(batch, outcome.results)
+        self.spool.count("processed", outcome.answered)
         if failed:
             self.spool.count("failed", len(failed))
-        log.info("batch %s: %d image(s) answered, %d failed, %d result(s) queued", batch.name, answered, len(failed),
-                 len(results))
-
-    def _routes_of(self, files: list[Path]) -> tuple[dict[int, list[tuple[Path, pydicom.Dataset]]], list[tuple[Path, str]]]:
-        """The batch's instances by route (header only), and those no route takes or that cannot be read."""
-        by_route: dict[int, list[tuple[Path, pydicom.Dataset]]] = {}
-        skipped = []
-        for f in files:
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception as exc:
-                skipped.append((f, f"unreadable ({type(exc).__name__})"))
-                continue
-            r = route_for(ds, self.settings.routes)
-            if r is None:
-                skipped.append((f, "no route takes it"))
-            else:
-                by_route.setdefault(r, []).append((f, ds))
-        return by_route, skipped
-
-    def _answers(self, batch: Path, r: int, items: list[tuple[Path, pydicom.Dataset]]) -> list | None:
-        """The route's model on the instances, `batch_size` at a time; None when it is unavailable now."""
-        model = self.models[r]
-        info = model.info
-        positive = info.class_names[info.positive_index] if len(info.class_names) > info.positive_index else None
-        # Every instance as one or more single images (a multi-frame instance: the frames `frames` chooses).
-        parts: list[bytes] = []
-        spans: list[tuple[int, int, list[int] | None]] = []
-        for f, ds in items:
-            count = frame_count(ds)
-            if count > 1:
-                numbers = frames_to_read(count, self.settings.frames)
-                try:
-                    split = split_frames(pydicom.dcmread(f), numbers)
-                except Exception as exc:  # pixels that do not decode: the model refuses the file itself below
-                    log.info("instance %s: frames not split (%s)", f.stem[:12], type(exc).__name__)
-                    split, numbers = [f.read_bytes()], None
-            else:
-                split, numbers = [f.read_bytes()], None
-            spans.append((len(parts), len(split), numbers))
-            parts += split
-        flat: list = []
-        step = self.settings.batch_size
-        try:
-            for i in range(0, len(parts), step):
-                flat += model.predict(parts[i:i + step])
-        except InferenceUnavailable as exc:
-            wait = self.model_backoff.failed(batch.name)
-            self.last_error = str(exc)
-            log.warning("batch %s waits %.0f s: %s", batch.name, wait, exc)
-            return None
-        return [flat[start] if numbers is None else combine(flat[start:start + n], numbers, positive)
-                for start, n, numbers in spans]
-
-    def _write_results(self, r: int, items: list[tuple[Path, pydicom.Dataset]],
-                       good: list[tuple[pydicom.Dataset, Answer]]) -> dict[str, bytes]:
-        """Every enabled result writer on each study's answers: result name -> bytes."""
-        files_of = {ds.SOPInstanceUID: f for f, ds in items}
-        by_study: dict[str, list[tuple[pydicom.Dataset, Answer]]] = {}
-        emptied = 0
-        for ds, a in good:
-            by_study.setdefault(ds.StudyInstanceUID, []).append((ds, a))
-            emptied += len(sanitised_header(ds)[1])
-        if emptied:  # header values outside the defined terms, left empty in the results (keywords only in the log)
-            self.spool.count("sanitised_values", emptied)
-        results: dict[str, bytes] = {}
-        for study, pairs in by_study.items():
-            series_uid = study if self.settings.trigger == "study" else pairs[0][0].SeriesInstanceUID  # the batch's group
-            history = self.spool.series_history(r, series_uid)
-            earlier, previous = _earlier(history, {ds.SOPInstanceUID for ds, _ in pairs})
-            answers = StudyAnswers(r, study, pairs, files_of, self.models[r].info, self.settings, earlier, previous)
-            made: dict[str, bytes] = {}
-            for writer in enabled_writers(self.settings):
-                made.update({res.name: res.data for res in writer.write(answers)})
-            results.update(made)
-            self.spool.record_series(r, series_uid, _grown(history, earlier + pairs, made))
-        return results
+        log.info("batch %s: %d image(s) answered, %d failed, %d result(s) queued", batch.name, outcome.answered,
+                 len(failed), len(outcome.results))
 
     # ---- out -------------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import re
 import warnings
 from typing import Any
@@ -116,6 +117,44 @@ def sanitised_header(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, list[str]]:
     for k in missing + invalid:
         setattr(ds, k, "")
     return ds, invalid
+
+
+# Beside the Patient and Study modules: the UIDs, and what highdicom's Contributing Equipment Sequence takes
+# from the first source (`ContributingEquipment.for_image_acquisition`).
+_ALSO = frozenset(("SpecificCharacterSet", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
+                   "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
+                   "InstitutionalDepartmentName", "InstitutionAddress", "StationName", "AcquisitionDateTime",
+                   "AcquisitionDate", "AcquisitionTime"))
+
+
+@functools.lru_cache(maxsize=64)
+def _patient_and_study_keywords(sop_class: str) -> frozenset[str] | None:
+    """The root attributes of the Patient and Study modules of a SOP class's IOD (what highdicom copies from
+    an SR's first evidence instance), or None for a SOP class highdicom does not know."""
+    try:  # highdicom's tables of the standard (a private module: without it, the whole header is kept)
+        from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+    except ImportError:
+        return None
+    iod = get_sop_class_iod_map().get(sop_class)
+    if iod is None:
+        return None
+    attributes = get_module_attribute_map()
+    return frozenset(str(item["keyword"]) for module in get_iod_module_map()[iod] if module["ie"] in ("Patient", "Study")
+                     for item in attributes[module["key"]] if not item["path"])
+
+
+def sr_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """What an SR takes from a source header: its UIDs and character set, its Patient and Study modules' root
+    attributes and its equipment (a series' history keeps these, not the whole header: serialising 100+
+    elements per instance cost about 3 ms). The whole header for a SOP class highdicom does not know."""
+    keep = _patient_and_study_keywords(str(getattr(ds, "SOPClassUID", "")))
+    if keep is None:
+        return ds
+    out = pydicom.Dataset()
+    for elem in ds:  # in tag order, as read
+        if elem.keyword in keep or elem.keyword in _ALSO:
+            out.add(elem)
+    return out
 
 
 def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:

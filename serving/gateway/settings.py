@@ -121,6 +121,9 @@ class GatewaySettings:
     quiet_seconds: float = 5.0  # a series (or study) is processed once no instance of it arrived for this long
     trigger: str = "series"  # what one batch and its SR cover: a series, or a whole study (quiet per study)
     batch_size: int = 32  # images per inference call
+    # processes that run batches (decode, model, SR writing) beside the one that receives and sends, so that
+    # receiving never waits for them (serving.gateway.workers); 0: in the gateway's own thread
+    workers: int = 2
     secondary_capture: bool = False  # also send a Secondary Capture with the result burned in
     institution: str = ""  # written into results' Institution Name when set
     uid_root: str = ""  # the organisation's UID root for the results' derived UIDs (e.g. "1.2.826.0.1.3680043.10.123."); "" = pydicom's
@@ -150,8 +153,9 @@ class GatewaySettings:
             raise ConfigError(f"destination.kind: {self.destination.kind!r} is not one of none, dimse, stow")
         if self.destination.kind == "stow" and not self.destination.url:
             raise ConfigError("destination.url: needed for kind stow")
-        if self.quiet_seconds < 0 or self.batch_size < 1:
-            raise ConfigError("quiet_seconds must be >= 0 and batch_size >= 1")
+        if self.quiet_seconds < 0 or self.batch_size < 1 or not 0 <= self.workers <= 64:
+            raise ConfigError("quiet_seconds must be >= 0, batch_size >= 1 and workers 0 (batches in the gateway's own "
+                              "thread) to 64 processes")
         if self.retry.initial_s <= 0 or self.retry.max_s < self.retry.initial_s:
             raise ConfigError("retry: need 0 < initial_s <= max_s")
         if self.spool_min_free_mb < 0 or self.retention_days < 0:
