@@ -60,7 +60,7 @@ def measure(args) -> dict:
     from serving.gateway.settings import load_gateway_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size)
+    model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size, arch=args.arch)
     source = ct_files(SHARED, 1)[0]
     per_series = max(1, args.instances // args.series)
     studies = [study_from(source, per_series, series=1, size=args.size) for _ in range(args.series)]
@@ -98,6 +98,7 @@ def measure(args) -> dict:
     assert statuses == [0] * len(instances), sorted(set(statuses))
     config = {
         "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,
+        "workers": args.workers,
         "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False},
         "destination": {"kind": "dimse", "port": orthanc.dicom, "ae_title": "ORTHANC"}}
     settings = load_gateway_settings(None, config)
@@ -134,7 +135,8 @@ def measure(args) -> dict:
     slower = min(service_ips, orthanc_ips)
     return {
         "benchmark": "gateway", "environment": environment(), "instances": len(instances), "series": args.series,
-        "image_size": args.size, "model_size": args.model_size, "batch_size": args.batch_size, "quiet_seconds": args.quiet,
+        "image_size": args.size, "model_size": args.model_size, "arch": args.arch, "workers": args.workers,
+        "batch_size": args.batch_size, "quiet_seconds": args.quiet,
         "figures": [
             fig("service images/s (in process, same files)", service_ips, "images/s"),
             fig("Orthanc receiving the same instances (C-STORE, 4 associations)", orthanc_ips, "instances/s"),
@@ -280,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--series", type=int, default=12)
     p.add_argument("--size", type=int, default=256, help="source pixels (cropped from real CT)")
     p.add_argument("--model-size", type=int, default=64)
+    p.add_argument("--arch", default="resnet18", help="the model's backbone (the issue's large arm: resnet50 at 224)")
+    p.add_argument("--workers", type=int, default=2, help="the gateway's `workers` (0: batches in its own thread)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", type=float, default=0.5, help="the gateway's quiet_seconds")
     p.add_argument("--latency-studies", type=int, default=30)

@@ -22,9 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(folder: Path, ct_files: list[Path] | None = None, size: int = 32) -> Path:
+def make_model(folder: Path, ct_files: list[Path] | None = None, size: int = 32, arch: str = "resnet18") -> Path:
     """A small CT classifier folder: a linear head fitted for a few steps on the given CT images (contrast
-    vs not, from the file names), an input contract and a kNN OOD detector fitted on them."""
+    vs not, from the file names), an input contract and a kNN OOD detector fitted on them (`arch`: any
+    backbone of the registry, e.g. resnet50 for the benchmarks' large arm)."""
     from remedis.adapt.model import AdaptedModel
     from remedis.adapt.ood import fit_ood_detector
     from remedis.data.contract import InputContract, describe_file
@@ -34,7 +35,7 @@ def make_model(folder: Path, ct_files: list[Path] | None = None, size: int = 32)
 
     torch.manual_seed(0)
     pre = Preprocessing(image_size=size)
-    model = AdaptedModel(Classifier("resnet18", 2, in_chans=1), ["no_contrast", "contrast"], pre, temperature=1.3)
+    model = AdaptedModel(Classifier(arch, 2, in_chans=1), ["no_contrast", "contrast"], pre, temperature=1.3)
     if ct_files:
         images = [read_image(f) for f in ct_files]
         pixels = torch.stack([pre.resize(img) for img in images])
