@@ -78,8 +78,10 @@ def test_remedis_monitor_report_writes_json_and_html_without_identifiers(tmp_pat
     rng = np.random.default_rng(2)
     now = dt.datetime.now(dt.timezone.utc)
     rows = _rows(rng, 0, 60) + _rows(rng, 1, 60, ood=0.5)
-    for i, r in enumerate(rows):  # into the last two days
-        r["time"] = (now - dt.timedelta(hours=47) + dt.timedelta(minutes=i * 40)).isoformat(timespec="milliseconds")
+    # The day before yesterday (the reference window, 00:00 UTC on) and yesterday, whatever the time of day now.
+    first_day = (now - dt.timedelta(days=2)).replace(hour=0, minute=0, second=0, microsecond=0)
+    for i, r in enumerate(rows):
+        r["time"] = (first_day + dt.timedelta(days=i // 60, minutes=20 * (i % 60))).isoformat(timespec="milliseconds")
     url = f"sqlite:///{tmp_path / 'log.db'}"
     store = PredictionStore(url)
     store.append(rows)

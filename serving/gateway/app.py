@@ -465,9 +465,9 @@ class Gateway:
                     log.debug("results %s", out.name, exc_info=True)
                     continue
                 self.backoff.succeeded(out.name)
-                self.spool.delivered(out)
-                if sent:
+                if sent:  # counted before the outbox empties: whoever sees it drained sees the count
                     self.spool.count("sent", sent)
+                self.spool.delivered(out)
             self._purge_when_due()
             self._stop.wait(0.2)
 

@@ -273,7 +273,9 @@ def test_orthanc_over_dicom_tls_both_ways(tmp_path):
             assert r.status_code == 200, r.text
             src = pydicom.dcmread(f, stop_before_pixels=True)
             srs = wait_for(lambda: orthanc.srs(src.StudyInstanceUID), what="the SR in Orthanc over TLS")
-            assert len(srs) == 1 and gw.status()["sent"] == 1
+            # Orthanc shows the SR as soon as it stored it; the gateway counts it once the C-STORE was answered
+            wait_for(lambda: gw.status()["sent"] == 1, what="the SR counted as sent")
+            assert len(srs) == 1
         events = [json.loads(x) for x in (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()]
         accepted = [e for e in events if e["event"] == "association-accepted"]
         assert accepted and "client certificate orthanc" in accepted[0]["detail"]
