@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from gateway_support import ct_files, free_port, make_model, study_from  # noqa: E402
+from gateway_support import ct_files, free_port, make_model, study_from, wait_until  # noqa: E402
 from netns.orthanc_gateway import Orthanc  # noqa: E402
 
 from benchmarks._common import environment, fig  # noqa: E402
@@ -113,7 +113,7 @@ def measure(args) -> dict:
                 statuses = [s for r in pool.map(send, chunks) for s in r]
             t_sent = time.perf_counter() - t0
             assert statuses == [0] * len(instances)
-            _poll(lambda: status()["processed"] >= len(instances) and status()["results_unsent"] == 0,
+            wait_until(lambda: status()["processed"] >= len(instances) and status()["results_unsent"] == 0,
                   timeout=3600, what="all results delivered")
             gateway_s = time.perf_counter() - t0
             gateway_ms = 1000 * (cpu_s() - c0) / len(instances)
@@ -125,7 +125,7 @@ def measure(args) -> dict:
                 ds = study_from(source, 1, size=args.size)[0]
                 t0 = time.perf_counter()
                 assert send([ds]) == [0]
-                _poll(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
+                wait_until(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
                       timeout=120, what="the SR in Orthanc")
                 latencies.append(time.perf_counter() - t0)
             final = status()
@@ -157,16 +157,6 @@ def measure(args) -> dict:
         "gateway_status": {k: final[k] for k in ("received", "processed", "sent", "failed", "refused")},
         "profile": profile,
     }
-
-
-def _poll(predicate, timeout: float, what: str, every: float = 0.05):
-    """Wait for `predicate()` to be true, polling every `every` seconds up to `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 @contextlib.contextmanager
@@ -208,7 +198,7 @@ def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | 
         return ok
 
     try:
-        _poll(echo, timeout=120, what="the gateway answering C-ECHO", every=0.2)
+        wait_until(echo, timeout=120, what="the gateway answering C-ECHO", every=0.2)
         yield (lambda: Spool(settings.spool).status()), lambda: _cpu_seconds(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT if py_spy else signal.SIGTERM)  # py-spy writes its file on SIGINT

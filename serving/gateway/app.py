@@ -348,6 +348,7 @@ class Gateway:
         """Claim quiet series; run the pending batches (in the worker processes, several series at once, or here),
         and apply what each gave."""
         running: dict[str, tuple[str, Path, Future]] = {}  # batch name -> (its group, folder, future) in the workers
+        groups: dict[str, str] = {}  # batch name -> its series (or study), read once per batch
         while not self._stop.is_set():
             try:
                 for d in self.spool.quiet_series(self.settings.quiet_seconds):
@@ -363,23 +364,28 @@ class Gateway:
                 if self._workers is None:
                     self._attempt(batch, lambda b=batch: self.process(b))
                     continue
-                group = _group_of(batch, self.settings.trigger)
+                if batch.name not in groups:
+                    groups[batch.name] = _group_of(batch, self.settings.trigger)
+                group = groups[batch.name]
                 if any(group == g for g, _, _ in running.values()):
                     continue  # a series' next batch waits for its last: its SR supersedes that one
                 running[batch.name] = (group, batch, self._workers.submit(batch))
             if running:
                 futures.wait([f for _, _, f in running.values()], timeout=0.2, return_when=futures.FIRST_COMPLETED)
-                self._collect(running, block=False)
+                for name in self._collect(running, block=False):
+                    groups.pop(name, None)
             else:
                 self._stop.wait(0.2)
         self._collect(running, block=True)  # stopping: what is running finishes and is applied
 
-    def _collect(self, running: dict[str, tuple[str, Path, Future]], block: bool) -> None:
-        """Apply the outcome of every finished batch in `running` (all of them when `block`) and forget it."""
-        for name, (_, batch, future) in list(running.items()):
-            if block or future.done():
-                del running[name]
-                self._attempt(batch, lambda b=batch, f=future: self.apply(b, f.result()))
+    def _collect(self, running: dict[str, tuple[str, Path, Future]], block: bool) -> list[str]:
+        """Apply the outcome of every finished batch in `running` (all of them when `block`), forget it, and
+        return the names of those applied."""
+        done = [name for name, (_, _, future) in running.items() if block or future.done()]
+        for name in done:
+            _, batch, future = running.pop(name)
+            self._attempt(batch, lambda b=batch, f=future: self.apply(b, f.result()))
+        return done
 
     def _attempt(self, batch: Path, step) -> None:
         """Run one batch step; a failure leaves the batch in work/, retried with back-off, and after

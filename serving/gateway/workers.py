@@ -107,10 +107,9 @@ class BatchWorkers:
     def __init__(self, settings: GatewaySettings, model_wait_s: float = 0.0):
         self.settings, self.model_wait_s = settings, model_wait_s
         self.size = max(1, settings.workers)
-        self.restarts = 0
         self._pool = self._start()
         try:
-            self.infos = self._pool.submit(_infos).result()
+            self._pool.submit(_infos).result()  # the models opened there, or what opening them raised
         except BaseException:
             self._pool.shutdown(wait=True)
             raise
@@ -130,7 +129,6 @@ class BatchWorkers:
             return self._pool.submit(_run, str(batch))
         except BrokenProcessPool:
             self._pool.shutdown(wait=False)
-            self.restarts += 1
             log.error("a batch worker died; starting new workers")
             self._pool = self._start()
             return self._pool.submit(_run, str(batch))
