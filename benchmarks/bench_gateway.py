@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,12 +34,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from gateway_support import ct_files, free_port, make_model, study_from, wait_until  # noqa: E402
+from gateway_support import ct_files, dcmtk_tool, free_port, make_model, study_from, wait_until  # noqa: E402
 from netns.orthanc_gateway import Orthanc  # noqa: E402
 
 from benchmarks._common import environment, fig  # noqa: E402
@@ -88,14 +90,41 @@ def measure(args) -> dict:
             a.release()
 
     chunks = [instances[i::4] for i in range(4)]
+    storescu = dcmtk_tool("storescu") if args.sender == "dcmtk" else None
+    if args.sender == "dcmtk" and storescu is None:
+        raise RuntimeError("--sender dcmtk needs dcmtk's storescu (apt install dcmtk), or use --sender pynetdicom")
+    files = []  # for dcmtk: each association's instances as files, written before any clock starts
+    for k, chunk in enumerate(chunks if storescu else []):
+        folder = tmp / "send" / str(k)
+        folder.mkdir(parents=True)
+        for i, ds in enumerate(chunk):
+            ds.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
+        files.append(sorted(str(f) for f in folder.iterdir()))
+
+    def send_all(port: int, ae_title: str) -> tuple[float, float]:
+        """Every instance over 4 parallel associations: (wall seconds, sender CPU ms per instance)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with ThreadPoolExecutor(4) as pool:
+            if storescu:  # one storescu process per association, as a modality or a PACS's forwarding job sends
+                codes = list(pool.map(lambda f: subprocess.run(
+                    [storescu, "-aet", "BENCH", "-aec", ae_title, "-to", "60", "-ta", "60", "-td", "60",
+                     "127.0.0.1", str(port), *f], capture_output=True).returncode, files))
+                assert codes == [0] * len(files), f"storescu exit codes {codes}"
+            else:
+                statuses = [s for r in pool.map(lambda c: send_to(port, ae_title, c), chunks) for s in r]
+                assert statuses == [0] * len(instances), sorted(set(statuses))
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        return wall, 1000 * (time.process_time() - c0 + children) / len(instances)
+
     # The PACS-side anchor: Orthanc (C++) receiving the same instances over the same 4 associations, each
     # acknowledged once stored (its index and storage on this machine's disk).
-    t0, c0 = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(4) as pool:
-        statuses = [s for r in pool.map(lambda c: send_to(orthanc.dicom, "ORTHANC", c), chunks) for s in r]
-    orthanc_ips = len(instances) / (time.perf_counter() - t0)
-    sender_ms = 1000 * (time.process_time() - c0) / len(instances)
-    assert statuses == [0] * len(instances), sorted(set(statuses))
+    orthanc_s, sender_ms = send_all(orthanc.dicom, "ORTHANC")
+    orthanc_ips = len(instances) / orthanc_s
+    stored = httpx.get(f"{orthanc.url}/statistics", timeout=30).json()["CountInstances"]
+    assert stored == len(instances), f"Orthanc stored {stored} of {len(instances)} instances"
     config = {
         "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,
         "workers": args.workers,
@@ -104,19 +133,18 @@ def measure(args) -> dict:
     settings = load_gateway_settings(None, config)
     try:
         with _gateway(settings, config, tmp, args.in_process, args.py_spy) as (status, cpu_s):
-            def send(chunk):
+            def send(chunk):  # the latency studies: one instance at a time, from this process
                 return send_to(settings.port, settings.ae_title, chunk)
 
             profiler = _start_profile() if args.profile else None
             t0, c0 = time.perf_counter(), cpu_s()
-            with ThreadPoolExecutor(4) as pool:
-                statuses = [s for r in pool.map(send, chunks) for s in r]
-            t_sent = time.perf_counter() - t0
-            assert statuses == [0] * len(instances)
+            t_sent, _ = send_all(settings.port, settings.ae_title)
+            counts = status()
+            assert counts["received"] == len(instances) and counts["refused"] == 0, counts
             wait_until(lambda: status()["processed"] >= len(instances) and status()["results_unsent"] == 0,
                   timeout=3600, what="all results delivered")
             gateway_s = time.perf_counter() - t0
-            gateway_ms = 1000 * (cpu_s() - c0) / len(instances)
+            gateway_ms, receiving_ms = (1000 * (c - c_0) / len(instances) for c, c_0 in zip(cpu_s(), c0))
             gateway_ips = len(instances) / gateway_s
             profile = _stop_profile(profiler, gateway_s) if profiler else None
 
@@ -136,7 +164,7 @@ def measure(args) -> dict:
     return {
         "benchmark": "gateway", "environment": environment(), "instances": len(instances), "series": args.series,
         "image_size": args.size, "model_size": args.model_size, "arch": args.arch, "workers": args.workers,
-        "batch_size": args.batch_size, "quiet_seconds": args.quiet,
+        "batch_size": args.batch_size, "quiet_seconds": args.quiet, "sender": args.sender,
         "figures": [
             fig("service images/s (in process, same files)", service_ips, "images/s"),
             fig("Orthanc receiving the same instances (C-STORE, 4 associations)", orthanc_ips, "instances/s"),
@@ -147,9 +175,11 @@ def measure(args) -> dict:
             fig("gateway / Orthanc receiving", gateway_ips, "instances/s", reference=orthanc_ips,
                 reference_name="Orthanc receiving"),
             fig("C-STORE accepted (4 associations)", len(instances) / t_sent, "instances/s"),
-            fig("sender CPU per instance (pynetdicom, to Orthanc)", sender_ms, "ms"),
+            fig(f"sender CPU per instance ({args.sender}, to Orthanc)", sender_ms, "ms"),
             fig("gateway CPU per instance, all its processes" + (" (and the sender's)" if args.in_process else ""),
                 gateway_ms, "ms"),
+            *([] if args.in_process else [fig("gateway CPU per instance, the receiving process (not its workers)",
+                                              receiving_ms, "ms")]),
             fig("C-STORE to SR in Orthanc p50", float(np.percentile(lat, 50)), "s", quiet_seconds=args.quiet),
             fig("C-STORE to SR in Orthanc p99", float(np.percentile(lat, 99)), "s", quiet_seconds=args.quiet),
         ],
@@ -168,7 +198,7 @@ def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | 
         from serving.gateway.app import Gateway
 
         with Gateway(settings) as gw:
-            yield gw.status, time.process_time
+            yield gw.status, lambda: (time.process_time(), time.process_time())
         return
     import yaml
     from pynetdicom import AE
@@ -199,7 +229,7 @@ def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | 
 
     try:
         wait_until(echo, timeout=120, what="the gateway answering C-ECHO", every=0.2)
-        yield (lambda: Spool(settings.spool).status()), lambda: _cpu_seconds(proc.pid)
+        yield (lambda: Spool(settings.spool).status()), lambda: (_cpu_seconds(proc.pid), _cpu_seconds(proc.pid, False))
     finally:
         proc.send_signal(signal.SIGINT if py_spy else signal.SIGTERM)  # py-spy writes its file on SIGINT
         try:
@@ -209,19 +239,21 @@ def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | 
         log.close()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of a process, its threads and its waited-for children (/proc)."""
+def _cpu_seconds(pid: int, children: bool = True) -> float:
+    """User and system CPU seconds of a process and its threads (/proc), with its children's (`children`: its
+    live child processes, recursively, and those it waited for)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    own = sum(int(v) for v in fields[11:15]) / ticks  # utime, stime, cutime, cstime
-    children = 0.0
+    if not children:
+        return sum(int(v) for v in fields[11:13]) / ticks  # utime, stime
+    total = sum(int(v) for v in fields[11:15]) / ticks  # utime, stime, cutime, cstime
     kids = {c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
     for child in kids:
         try:
-            children += _cpu_seconds(int(child))
+            total += _cpu_seconds(int(child))
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return own + children
+    return total
 
 
 def _start_profile():
@@ -275,6 +307,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="resnet18", help="the model's backbone (the issue's large arm: resnet50 at 224)")
     p.add_argument("--workers", type=int, default=2, help="the gateway's `workers` (0: batches in its own thread)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sender", choices=["dcmtk", "pynetdicom"], default="dcmtk",
+                   help="what sends the instances, to Orthanc and to the gateway alike: dcmtk's storescu, one "
+                   "process per association (C++, as modalities and PACS send; default), or pynetdicom threads "
+                   "in this process (stalled now and then with ResNet-50 on 2 cores: see docs/gateway.md)")
     p.add_argument("--quiet", type=float, default=0.5, help="the gateway's quiet_seconds")
     p.add_argument("--latency-studies", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)

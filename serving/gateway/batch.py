@@ -161,7 +161,7 @@ def _write_results(spool: Spool, r: int, items: list[tuple[Path, pydicom.Dataset
         for writer in enabled_writers(settings):
             made.update({res.name: res.data for res in writer.write(answers)})
         outcome.results.update(made)
-        outcome.histories.append((r, series_uid, _grown(history, earlier + pairs, made)))
+        outcome.histories.append((r, series_uid, _grown(history, pairs, made)))
 
 
 def _earlier(history: dict, now: set[str]) -> tuple[list[tuple[pydicom.Dataset, Answer]], list[pydicom.Dataset]]:
@@ -182,10 +182,12 @@ def _earlier(history: dict, now: set[str]) -> tuple[list[tuple[pydicom.Dataset, 
 
 
 def _grown(history: dict, pairs: list[tuple[pydicom.Dataset, Answer]], made: dict[str, bytes]) -> dict:
-    """The series history after this batch: every answered instance (what an SR needs of its header), and the
-    SR just written."""
-    instances = [{"sop": ds.SOPInstanceUID, "header": sr_header(ds).to_json_dict(bulk_data_threshold=1 << 20),
-                  "answer": a.to_dict()} for ds, a in pairs]
+    """The series history after this batch: every answered instance (what an SR needs of its header; the earlier
+    ones as recorded, this batch's added), and the SR just written."""
+    now = {ds.SOPInstanceUID for ds, _ in pairs}
+    instances = [h for h in history["instances"] if h["sop"] not in now]
+    instances += [{"sop": ds.SOPInstanceUID, "header": sr_header(ds).to_json_dict(bulk_data_threshold=1 << 20),
+                   "answer": a.to_dict()} for ds, a in pairs]
     srs = list(history["srs"])
     for name, data in made.items():
         if name.startswith("sr-"):

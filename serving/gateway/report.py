@@ -63,12 +63,16 @@ SCHEME_NAME = "remedis private codes"
 SCHEME_ORGANISATION = "remedis"
 
 
+# The coded concepts below are made once per name and shared by every group that uses them, as the module's
+# constants are (highdicom puts them into the content items as they are; nothing changes them afterwards).
+@functools.lru_cache(maxsize=256)
 def class_code(name: str) -> hd.sr.CodedConcept:
     """A class name as a coded concept of the private scheme (value: the name made code-safe, 16 characters)."""
     value = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:16] or "class"
     return hd.sr.CodedConcept(value, SCHEME, name[:64])
 
 
+@functools.lru_cache(maxsize=256)
 def probability_code(name: str) -> hd.sr.CodedConcept:
     """The coded concept of one class's probability measurement."""
     value = ("p-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))[:16]
@@ -128,9 +132,10 @@ _ALSO = frozenset(("SpecificCharacterSet", "StudyInstanceUID", "SeriesInstanceUI
 
 
 @functools.lru_cache(maxsize=64)
-def _patient_and_study_keywords(sop_class: str) -> frozenset[str] | None:
-    """The root attributes of the Patient and Study modules of a SOP class's IOD (what highdicom copies from
-    an SR's first evidence instance), or None for a SOP class highdicom does not know."""
+def _sr_header_tags(sop_class: str) -> frozenset[int] | None:
+    """The tags an SR takes from a source of this SOP class: the root attributes of its IOD's Patient and Study
+    modules (what highdicom copies from an SR's first evidence instance) and `_ALSO`; None for a SOP class
+    highdicom does not know."""
     try:  # highdicom's tables of the standard (a private module: without it, the whole header is kept)
         from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
     except ImportError:
@@ -139,21 +144,23 @@ def _patient_and_study_keywords(sop_class: str) -> frozenset[str] | None:
     if iod is None:
         return None
     attributes = get_module_attribute_map()
-    return frozenset(str(item["keyword"]) for module in get_iod_module_map()[iod] if module["ie"] in ("Patient", "Study")
-                     for item in attributes[module["key"]] if not item["path"])
+    keywords = {str(item["keyword"]) for module in get_iod_module_map()[iod] if module["ie"] in ("Patient", "Study")
+                for item in attributes[module["key"]] if not item["path"]} | _ALSO
+    return frozenset(int(t) for t in map(pydicom.datadict.tag_for_keyword, keywords) if t is not None)
 
 
 def sr_header(ds: pydicom.Dataset) -> pydicom.Dataset:
     """What an SR takes from a source header: its UIDs and character set, its Patient and Study modules' root
     attributes and its equipment (a series' history keeps these, not the whole header: serialising 100+
-    elements per instance cost about 3 ms). The whole header for a SOP class highdicom does not know."""
-    keep = _patient_and_study_keywords(str(getattr(ds, "SOPClassUID", "")))
+    elements per instance cost about 3 ms). The whole header for a SOP class highdicom does not know.
+
+    Only the chosen elements are read (a header's other raw elements are never decoded)."""
+    keep = _sr_header_tags(str(ds.get("SOPClassUID", "")))
     if keep is None:
         return ds
     out = pydicom.Dataset()
-    for elem in ds:  # in tag order, as read
-        if elem.keyword in keep or elem.keyword in _ALSO:
-            out.add(elem)
+    for tag in sorted(keep.intersection(ds.keys())):
+        out.add(ds[tag])
     return out
 
 
@@ -162,9 +169,21 @@ def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
     return sanitised_header(ds)[0]
 
 
+@functools.lru_cache(maxsize=8)
+def method_code(method: str) -> hd.sr.CodedConcept:
+    """How the finding was decided ("operating point" or "argmax") as a coded concept."""
+    return hd.sr.CodedConcept(method.replace(" ", "-"), SCHEME, f"Decision by {method}")
+
+
+@functools.lru_cache(maxsize=16)
+def _algorithm(name: str, version: str, weights_sha256: str) -> hd.sr.AlgorithmIdentification:
+    """The model as TID 4019 Algorithm Identification (the same items in every group of the model)."""
+    return hd.sr.AlgorithmIdentification(name=name[:64], version=(version or "unknown")[:64],
+                                         parameters=[f"weights_sha256={weights_sha256}"] if weights_sha256 else None)
+
+
 def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    algorithm = hd.sr.AlgorithmIdentification(name=info.name[:64], version=(info.version or "unknown")[:64],
-                                              parameters=[f"weights_sha256={info.weights_sha256}"] if info.weights_sha256 else None)
+    algorithm = _algorithm(info.name, info.version, info.weights_sha256)
     probs: dict[str, float] = answer.probabilities
     # The algorithm is identified once, on the group (TID 1501); repeating it on every measurement
     # made each group about a third larger and slower to write.
@@ -180,7 +199,7 @@ def _group(ds: pydicom.Dataset, answer: Answer, info: ModelInfo) -> hd.sr.Measur
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("group", ds.SOPInstanceUID, info.weights_sha256),
                                                      identifier=f"remedis {info.name}"[:64]),
         finding_type=CODE_NOT_VALID if answer.ood else class_code(answer.label),
-        method=hd.sr.CodedConcept(method.replace(" ", "-"), SCHEME, f"Decision by {method}"),
+        method=method_code(method),
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
