@@ -109,6 +109,13 @@ def test_sr_is_tid1500_reproducible_and_parsed_by_dcmtk(tmp_path, model, shared_
     fast, ref = (build_sr(many, answers[:1] * 4, local.info, assemble=a) for a in (True, False))
     assert fast.ContentSequence == ref.ContentSequence and fast.SOPInstanceUID == ref.SOPInstanceUID
     assert fast.CurrentRequestedProcedureEvidenceSequence == ref.CurrentRequestedProcedureEvidenceSequence
+    # The gateway's writer (ambiguous VRs corrected once for the tree) gives exactly pydicom's bytes.
+    from serving.gateway.dicom_bytes import encode
+
+    for ds in (fast, pydicom.dcmread(files[0]), pydicom.dcmread(files[1], stop_before_pixels=True)):
+        plain = io.BytesIO()
+        ds.save_as(plain, enforce_file_format=True)
+        assert encode(ds) == plain.getvalue()
     # What a series' history keeps of a header (sr_header) makes the same SR as the whole header.
     lean = build_sr([sr_header(ds) for ds in many], answers[:1] * 4, local.info)
     assert len(sr_header(many[0])) < len(many[0]) / 3
@@ -130,6 +137,33 @@ def test_sr_is_tid1500_reproducible_and_parsed_by_dcmtk(tmp_path, model, shared_
         sr.save_as(path, enforce_file_format=True)
         dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0 and "Probability of contrast" in dump.stdout, dump.stderr
+
+
+def test_the_accepted_contexts_copy_per_association_with_their_own_lists():
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom.presentation import negotiate_as_acceptor
+
+    from serving.gateway.contexts import shared_syntax_contexts
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    plain = ae.supported_contexts
+    shared = shared_syntax_contexts(plain)
+    copied = copy.deepcopy(shared)  # what pynetdicom does for each association
+    fields = lambda c: (c.abstract_syntax, c.transfer_syntax, c.context_id, c.scu_role, c.scp_role, c.as_scu, c.as_scp)  # noqa: E731
+    assert [fields(c) for c in copied] == [fields(c) for c in plain]
+    copied[0].add_transfer_syntax("1.2.840.10008.1.2.4.999")
+    assert "1.2.840.10008.1.2.4.999" not in shared[0].transfer_syntax + plain[0].transfer_syntax
+    requestor = AE()
+    for i, cx in enumerate(AllStoragePresentationContexts[:40]):
+        requestor.add_requested_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES[i % 5:i % 5 + 2])
+    requested = requestor.requested_contexts
+    for k, cx in enumerate(requested):
+        cx.context_id = 2 * k + 1
+    got = [fields(c) + (c.result,) for c in negotiate_as_acceptor(requested, copy.deepcopy(shared))[0]]
+    want = [fields(c) + (c.result,) for c in negotiate_as_acceptor(requested, copy.deepcopy(plain))[0]]
+    assert got == want and len(got) == 40
 
 
 def test_local_inference_equals_the_offline_model(model, shared_data):

@@ -45,6 +45,7 @@ from serving.gateway.codes import (
     STATUS_SUCCESS,
     Refused,
 )
+from serving.gateway.contexts import shared_syntax_contexts
 from serving.gateway.inference import Inference, open_model
 from serving.gateway.report import MANUFACTURER
 from serving.gateway.security import caller_refusal, peer_subject_cn, server_context
@@ -174,7 +175,7 @@ class Gateway:
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected)]
         tls = server_context(self.settings.tls)
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-                                       ssl_context=tls)
+                                       ssl_context=tls, contexts=shared_syntax_contexts(ae.supported_contexts))
         self.audit.record("configuration-loaded", detail=f"DICOM {'TLS' if tls else 'plain TCP'} on {self.settings.host}:"
                           f"{self.settings.port}; {len(self.settings.callers)} caller rule(s), "
                           f"{len(self.settings.allowed_aets)} allowed AE title(s); {len(self.settings.routes)} route(s)")
