@@ -24,7 +24,7 @@ import pydicom
 
 from serving.answer import Answer
 from serving.gateway.frames import combine, frame_count, frames_to_read, split_frames
-from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable
+from serving.gateway.inference import Inference, InferenceRejected, InferenceUnavailable, ModelInfo
 from serving.gateway.report import sanitised_header, sr_header
 from serving.gateway.settings import GatewaySettings, Route
 from serving.gateway.spool import Spool
@@ -95,6 +95,29 @@ def run_batch(batch: Path, settings: GatewaySettings, models: dict[int, Inferenc
         outcome.answered += len(good)
         _write_results(spool, r, items, good, models[r].info, settings, outcome)
     return outcome
+
+
+def warm_up(info: ModelInfo) -> None:
+    """Write and read back the SR of one made-up CT image for `info`'s model, so that the first batch does not pay
+    for what Python loads on first use (highdicom's SR templates and tables of the standard, pydicom's code
+    dictionary and writers): about a second of a worker's CPU. Nothing is kept or sent."""
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from serving.gateway.dicom_bytes import encode
+    from serving.gateway.report import build_sr
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID, ds.StudyDate, ds.StudyTime = "CT", "WARM^UP", "0", "20000101", "000000"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    names = info.class_names or ["positive"]
+    answer = Answer({c: 1.0 / len(names) for c in names}, names[0], "argmax", False, 0.0, [])
+    header = pydicom.dcmread(io.BytesIO(encode(ds)), stop_before_pixels=True)
+    sr = build_sr([sr_header(header)], [answer], info)
+    pydicom.dcmread(io.BytesIO(encode(sr)), stop_before_pixels=True)
 
 
 def _routes_of(files: list[Path], routes: list[Route]) -> tuple[dict[int, list[tuple[Path, pydicom.Dataset]]], list[tuple[Path, str]]]:

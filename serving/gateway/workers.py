@@ -24,7 +24,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from serving.gateway.batch import BatchOutcome, run_batch
+from serving.gateway.batch import BatchOutcome, run_batch, warm_up
 from serving.gateway.inference import ModelInfo, open_model
 from serving.gateway.settings import GatewaySettings
 
@@ -60,6 +60,11 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
             Finalize(None, monitor.close, exitpriority=10)  # what is queued is written when the worker ends
     except Exception as exc:  # raised again by `_infos` in the gateway, which refuses to start
         _failure = exc
+    for model in _models.values():
+        try:
+            warm_up(model.info)  # the first batch then runs as fast as the next ones
+        except Exception as exc:  # a made-up image's SR: never a reason not to serve
+            log.warning("worker warm-up failed (%s); the first batch will be slower", type(exc).__name__)
     for model in _models.values():
         if hasattr(model, "close"):
             Finalize(None, model.close, exitpriority=5)
