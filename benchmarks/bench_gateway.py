@@ -65,20 +65,22 @@ def measure(args) -> dict:
     model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size, arch=args.arch)
     source = ct_files(SHARED, 1)[0]
     per_series = max(1, args.instances // args.series)
-    studies = [study_from(source, per_series, series=1, size=args.size) for _ in range(args.series)]
-    instances = [ds for s in studies for ds in s]
-    blobs = [_bytes(ds) for ds in instances]
+    storescu = dcmtk_tool("storescu") if args.sender == "dcmtk" else None
+    if args.sender == "dcmtk" and storescu is None:
+        raise RuntimeError("--sender dcmtk needs dcmtk's storescu (apt install dcmtk), or use --sender pynetdicom")
 
-    local = LocalInference(model, threads=args.threads)
-    local.predict(blobs[:args.batch_size])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(blobs), args.batch_size):
-        local.predict(blobs[i:i + args.batch_size])
-    service_ips = len(blobs) / (time.perf_counter() - t0)
-    del local
-
-    orthanc = Orthanc(tmp / "orthanc", free_port()).start()  # its "gw" modality is unused here
-    tcp_nodelay()
+    def make_round(k: int) -> dict:
+        """New studies (new UIDs) for one round: the datasets, their bytes and, for dcmtk, 4 folders of files."""
+        instances = [ds for _ in range(args.series) for ds in study_from(source, per_series, series=1, size=args.size)]
+        chunks = [instances[i::4] for i in range(4)]
+        files = []  # written before any clock starts
+        for j, chunk in enumerate(chunks if storescu else []):
+            folder = tmp / "send" / f"{k}-{j}"
+            folder.mkdir(parents=True)
+            for i, ds in enumerate(chunk):
+                ds.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
+            files.append(sorted(str(f) for f in folder.iterdir()))
+        return {"instances": instances, "blobs": [_bytes(ds) for ds in instances], "chunks": chunks, "files": files}
 
     def send_to(port: int, ae_title: str, chunk) -> list[int]:
         ae = AE(ae_title="BENCH")
@@ -89,64 +91,71 @@ def measure(args) -> dict:
         finally:
             a.release()
 
-    chunks = [instances[i::4] for i in range(4)]
-    storescu = dcmtk_tool("storescu") if args.sender == "dcmtk" else None
-    if args.sender == "dcmtk" and storescu is None:
-        raise RuntimeError("--sender dcmtk needs dcmtk's storescu (apt install dcmtk), or use --sender pynetdicom")
-    files = []  # for dcmtk: each association's instances as files, written before any clock starts
-    for k, chunk in enumerate(chunks if storescu else []):
-        folder = tmp / "send" / str(k)
-        folder.mkdir(parents=True)
-        for i, ds in enumerate(chunk):
-            ds.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
-        files.append(sorted(str(f) for f in folder.iterdir()))
-
-    def send_all(port: int, ae_title: str) -> tuple[float, float]:
-        """Every instance over 4 parallel associations: (wall seconds, sender CPU ms per instance)."""
+    def send_all(r: dict, port: int, ae_title: str) -> tuple[float, float]:
+        """A round's instances over 4 parallel associations: (wall seconds, sender CPU ms per instance)."""
         t0, c0 = time.perf_counter(), time.process_time()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with ThreadPoolExecutor(4) as pool:
             if storescu:  # one storescu process per association, as a modality or a PACS's forwarding job sends
                 codes = list(pool.map(lambda f: subprocess.run(
                     [storescu, "-aet", "BENCH", "-aec", ae_title, "-to", "60", "-ta", "60", "-td", "60",
-                     "127.0.0.1", str(port), *f], capture_output=True).returncode, files))
-                assert codes == [0] * len(files), f"storescu exit codes {codes}"
+                     "127.0.0.1", str(port), *f], capture_output=True).returncode, r["files"]))
+                assert codes == [0] * len(codes), f"storescu exit codes {codes}"
             else:
-                statuses = [s for r in pool.map(lambda c: send_to(port, ae_title, c), chunks) for s in r]
-                assert statuses == [0] * len(instances), sorted(set(statuses))
+                statuses = [s for c in pool.map(lambda c: send_to(port, ae_title, c), r["chunks"]) for s in c]
+                assert statuses == [0] * len(statuses), sorted(set(statuses))
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         children = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-        return wall, 1000 * (time.process_time() - c0 + children) / len(instances)
+        return wall, 1000 * (time.process_time() - c0 + children) / len(r["instances"])
 
-    # The PACS-side anchor: Orthanc (C++) receiving the same instances over the same 4 associations, each
-    # acknowledged once stored (its index and storage on this machine's disk).
-    orthanc_s, sender_ms = send_all(orthanc.dicom, "ORTHANC")
-    orthanc_ips = len(instances) / orthanc_s
-    stored = httpx.get(f"{orthanc.url}/statistics", timeout=30).json()["CountInstances"]
-    assert stored == len(instances), f"Orthanc stored {stored} of {len(instances)} instances"
+    local = LocalInference(model, threads=args.threads)
+    orthanc = Orthanc(tmp / "orthanc", free_port()).start()  # its "gw" modality is unused here
+    tcp_nodelay()
     config = {
         "port": free_port(), "spool": str(tmp / "spool"), "quiet_seconds": args.quiet, "batch_size": args.batch_size,
         "workers": args.workers,
         "routes": [{"model": str(model), "modalities": ["CT"]}], "stow": {"enabled": False},
         "destination": {"kind": "dimse", "port": orthanc.dicom, "ae_title": "ORTHANC"}}
     settings = load_gateway_settings(None, config)
+    rounds, received = [], 0
     try:
         with _gateway(settings, config, tmp, args.in_process, args.py_spy) as (status, cpu_s):
             def send(chunk):  # the latency studies: one instance at a time, from this process
                 return send_to(settings.port, settings.ae_title, chunk)
 
-            profiler = _start_profile() if args.profile else None
-            t0, c0 = time.perf_counter(), cpu_s()
-            t_sent, _ = send_all(settings.port, settings.ae_title)
-            counts = status()
-            assert counts["received"] == len(instances) and counts["refused"] == 0, counts
-            wait_until(lambda: status()["processed"] >= len(instances) and status()["results_unsent"] == 0,
-                  timeout=3600, what="all results delivered")
-            gateway_s = time.perf_counter() - t0
-            gateway_ms, receiving_ms = (1000 * (c - c_0) / len(instances) for c, c_0 in zip(cpu_s(), c0))
-            gateway_ips = len(instances) / gateway_s
-            profile = _stop_profile(profiler, gateway_s) if profiler else None
+            for k in range(args.rounds):  # each round: both references, then the gateway, on new studies
+                r = make_round(k)
+                n, blobs = len(r["instances"]), r["blobs"]
+                local.predict(blobs[:args.batch_size])  # warm-up
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(0, n, args.batch_size):
+                    local.predict(blobs[i:i + args.batch_size])
+                service = {"ips": n / (time.perf_counter() - t0), "cpu_ms": 1000 * (time.process_time() - c0) / n}
+                # The PACS-side anchor: Orthanc (C++) receiving the same instances over the same 4 associations,
+                # each acknowledged once stored (its index and storage on this machine's disk).
+                before = httpx.get(f"{orthanc.url}/statistics", timeout=30).json()["CountInstances"]
+                orthanc_s, sender_ms = send_all(r, orthanc.dicom, "ORTHANC")
+                stored = httpx.get(f"{orthanc.url}/statistics", timeout=30).json()["CountInstances"] - before
+                assert stored == n, f"Orthanc stored {stored} of {n} instances"
+
+                profiler = _start_profile() if args.profile else None
+                t0, c0 = time.perf_counter(), cpu_s()
+                t_sent, _ = send_all(r, settings.port, settings.ae_title)
+                received += n
+                counts = status()
+                assert counts["received"] == received and counts["refused"] == 0, counts
+                wait_until(lambda: status()["processed"] >= received and status()["results_unsent"] == 0,
+                           timeout=3600, what="all results delivered")
+                gateway_s = time.perf_counter() - t0
+                gateway_ms, receiving_ms = (1000 * (c - c_0) / n for c, c_0 in zip(cpu_s(), c0))
+                rounds.append({"service_ips": service["ips"], "service_cpu_ms": service["cpu_ms"],
+                               "orthanc_ips": n / orthanc_s, "sender_cpu_ms": sender_ms, "gateway_ips": n / gateway_s,
+                               "accepted_ips": n / t_sent, "gateway_cpu_ms": gateway_ms, "receiving_cpu_ms": receiving_ms,
+                               "profile": _stop_profile(profiler, gateway_s) if profiler else None})
+                rounds[-1]["ratio"] = rounds[-1]["gateway_ips"] / min(service["ips"], n / orthanc_s)
+                print(f"round {k + 1}: gateway {rounds[-1]['gateway_ips']:.1f}/s, service {service['ips']:.1f}/s, "
+                      f"Orthanc {n / orthanc_s:.1f}/s, ratio {rounds[-1]['ratio']:.3f}", flush=True)
 
             latencies = []
             for _ in range(args.latency_studies):
@@ -154,7 +163,7 @@ def measure(args) -> dict:
                 t0 = time.perf_counter()
                 assert send([ds]) == [0]
                 wait_until(lambda: orthanc.dicomweb().search_for_series(ds.StudyInstanceUID, search_filters={"Modality": "SR"}),
-                      timeout=120, what="the SR in Orthanc")
+                           timeout=120, what="the SR in Orthanc")
                 latencies.append(time.perf_counter() - t0)
             setup = []  # a modality often sends each study on an association of its own
             for _ in range(20):
@@ -165,34 +174,41 @@ def measure(args) -> dict:
     finally:
         orthanc.stop()
     lat = np.array(latencies)
-    slower = min(service_ips, orthanc_ips)
+    med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if k != "profile"}
+    slower = min(med["service_ips"], med["orthanc_ips"])
+    per_round = {"per_round": [round(r["ratio"], 4) for r in rounds]}
     return {
-        "benchmark": "gateway", "environment": environment(), "instances": len(instances), "series": args.series,
-        "image_size": args.size, "model_size": args.model_size, "arch": args.arch, "workers": args.workers,
-        "batch_size": args.batch_size, "quiet_seconds": args.quiet, "sender": args.sender,
+        "benchmark": "gateway", "environment": environment(), "instances": len(rounds) and received // len(rounds),
+        "rounds": len(rounds), "series": args.series, "image_size": args.size, "model_size": args.model_size,
+        "arch": args.arch, "workers": args.workers, "batch_size": args.batch_size, "quiet_seconds": args.quiet,
+        "sender": args.sender, "summary": "figures are medians over the rounds; each round measured both references "
+        "and the gateway on new studies, one after another",
         "figures": [
-            fig("service images/s (in process, same files)", service_ips, "images/s"),
-            fig("Orthanc receiving the same instances (C-STORE, 4 associations)", orthanc_ips, "instances/s"),
-            fig("gateway instances/s (C-STORE in to SR acknowledged by Orthanc)", gateway_ips, "instances/s",
+            fig("service images/s (in process, same files)", med["service_ips"], "images/s"),
+            fig("service CPU per image (in process, its threads)", med["service_cpu_ms"], "ms"),
+            fig("Orthanc receiving the same instances (C-STORE, 4 associations)", med["orthanc_ips"], "instances/s"),
+            fig("gateway instances/s (C-STORE in to SR acknowledged by Orthanc)", med["gateway_ips"], "instances/s",
                 reference=slower, reference_name="the slower of: service images/s, Orthanc receiving", goal=">= 0.8x"),
-            fig("gateway / service in process", gateway_ips, "instances/s", reference=service_ips,
+            fig("gateway / the slower reference, median of the rounds' ratios", med["ratio"], "ratio", **per_round),
+            fig("gateway / service in process", med["gateway_ips"], "instances/s", reference=med["service_ips"],
                 reference_name="service images/s"),
-            fig("gateway / Orthanc receiving", gateway_ips, "instances/s", reference=orthanc_ips,
+            fig("gateway / Orthanc receiving", med["gateway_ips"], "instances/s", reference=med["orthanc_ips"],
                 reference_name="Orthanc receiving"),
-            fig("C-STORE accepted (4 associations)", len(instances) / t_sent, "instances/s"),
-            fig(f"sender CPU per instance ({args.sender}, to Orthanc)", sender_ms, "ms"),
+            fig("C-STORE accepted (4 associations)", med["accepted_ips"], "instances/s"),
+            fig(f"sender CPU per instance ({args.sender}, to Orthanc)", med["sender_cpu_ms"], "ms"),
             fig("gateway CPU per instance, all its processes" + (" (and the sender's)" if args.in_process else ""),
-                gateway_ms, "ms"),
+                med["gateway_cpu_ms"], "ms"),
             *([] if args.in_process else [fig("gateway CPU per instance, the receiving process (not its workers)",
-                                              receiving_ms, "ms")]),
+                                              med["receiving_cpu_ms"], "ms")]),
             fig("C-STORE to SR in Orthanc p50", float(np.percentile(lat, 50)), "s", quiet_seconds=args.quiet),
             fig("C-STORE to SR in Orthanc p99", float(np.percentile(lat, 99)), "s", quiet_seconds=args.quiet),
             fig("association set-up and release (128 storage contexts proposed), median of 20",
                 1000 * float(np.median(setup)), "ms"),
         ],
+        "round_figures": [{k: v for k, v in r.items() if k != "profile"} for r in rounds],
         "gateway": "in the benchmark's process" if args.in_process else "its own process (remedis-gateway serve), as deployed",
         "gateway_status": {k: final[k] for k in ("received", "processed", "sent", "failed", "refused")},
-        "profile": profile,
+        "profile": rounds[-1]["profile"],
     }
 
 
@@ -219,7 +235,7 @@ def _gateway(settings, config: dict, tmp: Path, in_process: bool, py_spy: str | 
     cmd = [sys.executable, "-m", "serving.gateway.cli", "serve", "--config", str(cfg)]
     if py_spy:  # sampled stacks of every thread and worker process, as collapsed stacks (flame graph input)
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--threads", "--subprocesses",
-               "--rate", "250", "--output", py_spy, "--", *cmd]
+               "--rate", "100", "--output", py_spy, "--", *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def echo() -> bool:
@@ -299,7 +315,7 @@ def _stop_profile(yappi, wall_s: float, top: int = 30) -> dict:
 def run(reduced: bool) -> dict:
     """For `benchmarks/run.py`: this benchmark in its own network namespace (reduced: 120 instances)."""
     out = Path(tempfile.mkdtemp(prefix="bench-gateway-out-")) / "gateway.json"
-    sizes = ["--instances", "120", "--latency-studies", "10"] if reduced else []
+    sizes = ["--instances", "120", "--rounds", "1", "--latency-studies", "10"] if reduced else []
     if main([*sizes, "--out", str(out)]) != 0 or not out.is_file():
         raise RuntimeError("bench_gateway failed (it needs root, unshare, Orthanc and ../shared/data)")
     return json.loads(out.read_text())
@@ -307,7 +323,9 @@ def run(reduced: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--instances", type=int, default=600)
+    p.add_argument("--instances", type=int, default=600, help="instances per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (service, Orthanc, gateway) on new studies; "
+                   "figures are their medians (this machine's speed drifts by 15%% between minutes)")
     p.add_argument("--series", type=int, default=12)
     p.add_argument("--size", type=int, default=256, help="source pixels (cropped from real CT)")
     p.add_argument("--model-size", type=int, default=64)

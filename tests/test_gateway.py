@@ -185,6 +185,7 @@ def test_500_instances_in_one_and_in_parallel_associations_all_get_results(tmp_p
     one = study_from(source, 250, series=5)
     parallel = [study_from(source, 50, series=1) for _ in range(5)]
     with Gateway(_settings(tmp_path, model)) as gw:
+        assert len(gw._workers.pids()) == gw.settings.workers == 2  # every batch worker up before any traffic
         assoc = _assoc(gw.settings.port)
         assert assoc.is_established
         statuses = [assoc.send_c_store(ds).Status for ds in one]

@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 from serving.gateway.batch import BatchOutcome, run_batch, warm_up
 from serving.gateway.inference import ModelInfo, open_model
@@ -39,10 +41,12 @@ _models: dict = {}
 _failure: Exception | None = None
 
 
-def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, threads: int, environ: dict[str, str]) -> None:
+def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, threads: int, environ: dict[str, str],
+          started: Any) -> None:
     """In the worker: open every route's model once (and its prediction log), with `threads` compute threads
-    (the cores shared among the workers); remember a failure to report. `environ` is the gateway's environment
-    now (API keys, the monitor's secret): the fork server's copy is the one it had when it started."""
+    (the cores shared among the workers); remember a failure to report; then release `started`. `environ` is the
+    gateway's environment now (API keys, the monitor's secret): the fork server's copy is the one it had when it
+    started."""
     global _settings, _failure
     from multiprocessing.util import Finalize
 
@@ -65,6 +69,7 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
             warm_up(model.info)  # the first batch then runs as fast as the next ones
         except Exception as exc:  # a made-up image's SR: never a reason not to serve
             log.warning("worker warm-up failed (%s); the first batch will be slower", type(exc).__name__)
+    started.release()
     for model in _models.values():
         if hasattr(model, "close"):
             Finalize(None, model.close, exitpriority=5)
@@ -114,7 +119,14 @@ class BatchWorkers:
         self.size = max(1, settings.workers)
         self._pool = self._start()
         try:
-            self._pool.submit(_infos).result()  # the models opened there, or what opening them raised
+            # Every worker starts now, not when traffic first runs two batches at once (the pool starts a process
+            # per task submitted while none is idle): each opens the models, or `_infos` raises what that raised.
+            for f in [self._pool.submit(_infos) for _ in range(self.size)]:
+                f.result()
+            deadline = time.monotonic() + max(600.0, model_wait_s + 600.0)
+            for _ in range(self.size):
+                if not self._started.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("a batch worker did not open the models in time")
         except BaseException:
             self._pool.shutdown(wait=True)
             raise
@@ -124,8 +136,10 @@ class BatchWorkers:
         ctx.set_forkserver_preload(PRELOAD)
         threads = max(1, (os.cpu_count() or 1) // self.size)  # workers that each take every core only contend
         level = logging.getLogger("remedis.gateway").getEffectiveLevel()
+        self._started = ctx.Semaphore(0)  # released by each worker once its models are open
         return ProcessPoolExecutor(self.size, mp_context=ctx, initializer=_open,
-                                   initargs=(self.settings, self.model_wait_s, level, threads, dict(os.environ)))
+                                   initargs=(self.settings, self.model_wait_s, level, threads, dict(os.environ),
+                                             self._started))
 
     def submit(self, batch: Path) -> Future:
         """Start one claimed batch in a worker; its future gives the `BatchOutcome`, or raises what the batch raised
@@ -137,6 +151,10 @@ class BatchWorkers:
             log.error("a batch worker died; starting new workers")
             self._pool = self._start()
             return self._pool.submit(_run, str(batch))
+
+    def pids(self) -> list[int]:
+        """The process ids of the workers now running."""
+        return [proc.pid for proc in dict(self._pool._processes or {}).values() if proc.is_alive()]
 
     def close(self) -> None:
         """End the workers (what their prediction logs queued is written first)."""
