@@ -74,6 +74,23 @@ def _wait(predicate, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Is `pid` a live process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def _drained(gw) -> bool:
     """Nothing left to process or send: no instance queued, no result waiting in the outbox."""
     s = gw.status()
@@ -399,8 +416,12 @@ def test_sigkill_mid_study_then_restart_every_instance_gets_exactly_one_sr(tmp_p
     try:
         assoc = up()
         assert [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths[:7]] == [0] * 7
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-study: no release, nothing flushed on purpose
+        started = _descendants(proc.pid)
+        assert len(started) >= 3, started  # the fork server and the 2 batch workers (and a resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-study, the gateway alone (as the OOM killer would): nothing flushed
         proc.wait(timeout=30)
+        # Its workers notice and end (they would otherwise wait on their task queue forever, models loaded).
+        _wait(lambda: not [p for p in started if _running(p)], 60, "the gateway's workers and fork server to end")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

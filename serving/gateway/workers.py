@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -39,14 +40,15 @@ PRELOAD = ["serving.gateway.batch", "serving.gateway.workers", "serving.runtime"
 _settings: GatewaySettings | None = None
 _models: dict = {}
 _failure: Exception | None = None
+_closers: list = []  # what the worker closes at its end (prediction logs first, then models)
 
 
 def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, threads: int, environ: dict[str, str],
-          started: Any) -> None:
+          started: Any, gateway_alive: Any) -> None:
     """In the worker: open every route's model once (and its prediction log), with `threads` compute threads
     (the cores shared among the workers); remember a failure to report; then release `started`. `environ` is the
     gateway's environment now (API keys, the monitor's secret): the fork server's copy is the one it had when it
-    started."""
+    started. `gateway_alive`: the read end of a pipe whose write end only the gateway holds (`_end_with`)."""
     global _settings, _failure
     from multiprocessing.util import Finalize
 
@@ -62,6 +64,7 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
                                     ca=settings.tls.ca)
         for monitor in log_in_process_routes(settings, _models):
             Finalize(None, monitor.close, exitpriority=10)  # what is queued is written when the worker ends
+            _closers.append(monitor.close)
     except Exception as exc:  # raised again by `_infos` in the gateway, which refuses to start
         _failure = exc
     for model in _models.values():
@@ -69,10 +72,28 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
             warm_up(model.info)  # the first batch then runs as fast as the next ones
         except Exception as exc:  # a made-up image's SR: never a reason not to serve
             log.warning("worker warm-up failed (%s); the first batch will be slower", type(exc).__name__)
-    started.release()
     for model in _models.values():
         if hasattr(model, "close"):
             Finalize(None, model.close, exitpriority=5)
+            _closers.append(model.close)
+    threading.Thread(target=_end_with, args=(gateway_alive,), daemon=True, name="gateway-watch").start()
+    started.release()
+
+
+def _end_with(gateway_alive: Any) -> None:
+    """End this worker when the gateway ends, however it ends (SIGKILL included): a process pool's worker
+    otherwise waits on its task queue forever (it holds that pipe's write end itself), its models loaded, and
+    keeps the fork server alive. The pipe reads end-of-file once the gateway's write end is closed."""
+    try:
+        gateway_alive.recv()
+    except (EOFError, OSError):
+        pass
+    for close in _closers:  # what the prediction logs queued is written, as at a normal end
+        try:
+            close()
+        except Exception as exc:
+            log.warning("closing on the gateway's end failed (%s)", type(exc).__name__)
+    os._exit(0)
 
 
 def log_in_process_routes(settings: GatewaySettings, models: dict) -> list:
@@ -129,6 +150,7 @@ class BatchWorkers:
                     raise RuntimeError("a batch worker did not open the models in time")
         except BaseException:
             self._pool.shutdown(wait=True)
+            self._alive.close()
             raise
 
     def _start(self) -> ProcessPoolExecutor:
@@ -137,9 +159,11 @@ class BatchWorkers:
         threads = max(1, (os.cpu_count() or 1) // self.size)  # workers that each take every core only contend
         level = logging.getLogger("remedis.gateway").getEffectiveLevel()
         self._started = ctx.Semaphore(0)  # released by each worker once its models are open
+        # The workers end when this write end closes: with `close`, or when the gateway's process ends.
+        alive_r, self._alive = ctx.Pipe(duplex=False)
         return ProcessPoolExecutor(self.size, mp_context=ctx, initializer=_open,
                                    initargs=(self.settings, self.model_wait_s, level, threads, dict(os.environ),
-                                             self._started))
+                                             self._started, alive_r))
 
     def submit(self, batch: Path) -> Future:
         """Start one claimed batch in a worker; its future gives the `BatchOutcome`, or raises what the batch raised
@@ -148,6 +172,7 @@ class BatchWorkers:
             return self._pool.submit(_run, str(batch))
         except BrokenProcessPool:
             self._pool.shutdown(wait=False)
+            self._alive.close()  # the broken pool's other workers end too
             log.error("a batch worker died; starting new workers")
             self._pool = self._start()
             return self._pool.submit(_run, str(batch))
@@ -159,3 +184,4 @@ class BatchWorkers:
     def close(self) -> None:
         """End the workers (what their prediction logs queued is written first)."""
         self._pool.shutdown(wait=True)
+        self._alive.close()
