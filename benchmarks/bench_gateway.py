@@ -26,6 +26,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def measure(args) -> dict:
     from serving.gateway.send import tcp_nodelay
     from serving.gateway.settings import load_gateway_settings
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))  # removed after a run that succeeds (it holds a few
+    args.tmp = tmp                                         # hundred MB: Orthanc's storage, the spool, the files sent)
     model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size, arch=args.arch)
     source = ct_files(SHARED, 1)[0]
     per_series = max(1, args.instances // args.series)
@@ -354,7 +356,8 @@ def main(argv=None) -> int:
             return 2
         cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} --inner " + " ".join(argv or sys.argv[1:])
         return subprocess.run(["unshare", "--net", "sh", "-c", cmd]).returncode
-    result = measure(args)
+    result = measure(args)  # on failure its folder stays, with the gateway's and Orthanc's logs
+    shutil.rmtree(args.tmp, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["figures"], indent=1))
