@@ -62,8 +62,7 @@ def measure(args) -> dict:
     from serving.gateway.send import tcp_nodelay
     from serving.gateway.settings import load_gateway_settings
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))  # removed after a run that succeeds (it holds a few
-    args.tmp = tmp                                         # hundred MB: Orthanc's storage, the spool, the files sent)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     model = make_model(tmp / "model", ct_files(SHARED, 12), size=args.model_size, arch=args.arch)
     source = ct_files(SHARED, 1)[0]
     per_series = max(1, args.instances // args.series)
@@ -74,15 +73,15 @@ def measure(args) -> dict:
     def make_round(k: int) -> dict:
         """New studies (new UIDs) for one round: the datasets, their bytes and, for dcmtk, 4 folders of files."""
         instances = [ds for _ in range(args.series) for ds in study_from(source, per_series, series=1, size=args.size)]
-        chunks = [instances[i::4] for i in range(4)]
+        blobs = [_bytes(ds) for ds in instances]
         files = []  # written before any clock starts
-        for j, chunk in enumerate(chunks if storescu else []):
+        for j in range(4 if storescu else 0):
             folder = tmp / "send" / f"{k}-{j}"
             folder.mkdir(parents=True)
-            for i, ds in enumerate(chunk):
-                ds.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
+            for i, data in enumerate(blobs[j::4]):
+                (folder / f"{i:05d}.dcm").write_bytes(data)
             files.append(sorted(str(f) for f in folder.iterdir()))
-        return {"instances": instances, "blobs": [_bytes(ds) for ds in instances], "chunks": chunks, "files": files}
+        return {"instances": instances, "blobs": blobs, "chunks": [instances[j::4] for j in range(4)], "files": files}
 
     def send_to(port: int, ae_title: str, chunk) -> list[int]:
         ae = AE(ae_title="BENCH")
@@ -175,6 +174,9 @@ def measure(args) -> dict:
             final = status()
     finally:
         orthanc.stop()
+    # A run that succeeded leaves nothing behind (Orthanc's storage, the spool, the files sent: a few hundred MB);
+    # a failed one keeps the folder, with the gateway's and Orthanc's logs.
+    shutil.rmtree(tmp, ignore_errors=True)
     lat = np.array(latencies)
     med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if k != "profile"}
     slower = min(med["service_ips"], med["orthanc_ips"])
@@ -356,8 +358,7 @@ def main(argv=None) -> int:
             return 2
         cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} --inner " + " ".join(argv or sys.argv[1:])
         return subprocess.run(["unshare", "--net", "sh", "-c", cmd]).returncode
-    result = measure(args)  # on failure its folder stays, with the gateway's and Orthanc's logs
-    shutil.rmtree(args.tmp, ignore_errors=True)
+    result = measure(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["figures"], indent=1))

@@ -7,6 +7,7 @@ for every study a modality sends on an association of its own. A context here co
 syntaxes and shares the UIDs in it (immutable strings), which is all an association's copy needs.
 
 Example:
+    >>> import copy
     >>> from pynetdicom import AE
     >>> ae = AE()
     >>> ae.add_supported_context("1.2.840.10008.1.1")
@@ -17,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-
 from pynetdicom.presentation import PresentationContext
 
 
@@ -26,18 +25,17 @@ class SharedSyntaxContext(PresentationContext):
     """A presentation context whose copies share its UIDs; a copy gets its own list of transfer syntaxes."""
 
     def __deepcopy__(self, memo: dict) -> SharedSyntaxContext:
-        new = SharedSyntaxContext.__new__(SharedSyntaxContext)
-        new.__dict__.update(self.__dict__)
-        new._transfer_syntax = list(self._transfer_syntax)
-        return new
+        return _shared(self)
 
 
 def shared_syntax_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
     """`contexts` (an AE's supported contexts) as `SharedSyntaxContext`s with the same attributes."""
-    return [copy.deepcopy(_as_shared(cx)) for cx in contexts]
+    return [_shared(cx) for cx in contexts]
 
 
-def _as_shared(cx: PresentationContext) -> SharedSyntaxContext:
+def _shared(cx: PresentationContext) -> SharedSyntaxContext:
+    """A `SharedSyntaxContext` with `cx`'s attributes and a list of transfer syntaxes of its own."""
     new = SharedSyntaxContext.__new__(SharedSyntaxContext)
     new.__dict__.update(cx.__dict__)
+    new._transfer_syntax = list(cx._transfer_syntax)
     return new

@@ -62,9 +62,7 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
         for i, r in enumerate(settings.routes):
             _models[i] = open_model(r.model, r.api_key_env, r.timeout_s, threads=threads, wait_s=model_wait_s,
                                     ca=settings.tls.ca)
-        for monitor in log_in_process_routes(settings, _models):
-            Finalize(None, monitor.close, exitpriority=10)  # what is queued is written when the worker ends
-            _closers.append(monitor.close)
+        _closers.extend(monitor.close for monitor in log_in_process_routes(settings, _models))
     except Exception as exc:  # raised again by `_infos` in the gateway, which refuses to start
         _failure = exc
     for model in _models.values():
@@ -72,10 +70,8 @@ def _open(settings: GatewaySettings, model_wait_s: float, log_level: int, thread
             warm_up(model.info)  # the first batch then runs as fast as the next ones
         except Exception as exc:  # a made-up image's SR: never a reason not to serve
             log.warning("worker warm-up failed (%s); the first batch will be slower", type(exc).__name__)
-    for model in _models.values():
-        if hasattr(model, "close"):
-            Finalize(None, model.close, exitpriority=5)
-            _closers.append(model.close)
+    _closers.extend(model.close for model in _models.values() if hasattr(model, "close"))
+    Finalize(None, _close_all, exitpriority=10)  # at a normal end; `_end_with` when the gateway is gone
     threading.Thread(target=_end_with, args=(gateway_alive,), daemon=True, name="gateway-watch").start()
     started.release()
 
@@ -88,12 +84,17 @@ def _end_with(gateway_alive: Any) -> None:
         gateway_alive.recv()
     except (EOFError, OSError):
         pass
-    for close in _closers:  # what the prediction logs queued is written, as at a normal end
+    _close_all()
+    os._exit(0)
+
+
+def _close_all() -> None:
+    """Close the prediction logs (what they queued is written), then the models."""
+    for close in _closers:
         try:
             close()
         except Exception as exc:
-            log.warning("closing on the gateway's end failed (%s)", type(exc).__name__)
-    os._exit(0)
+            log.warning("closing %s failed (%s)", getattr(close, "__qualname__", "a resource"), type(exc).__name__)
 
 
 def log_in_process_routes(settings: GatewaySettings, models: dict) -> list:
